@@ -1,0 +1,1 @@
+"""llm_service: an LLM inference service on llama.cpp."""

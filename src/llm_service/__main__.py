@@ -1,0 +1,3 @@
+from llm_service.cli import main
+
+raise SystemExit(main())

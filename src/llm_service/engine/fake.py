@@ -1,0 +1,159 @@
+"""A fake backend: scripted output, recorded calls, no model. For tests and ``--backend fake``.
+
+Its tokenizer is byte-level (token id = byte value), so multi-byte characters span several
+tokens just as they do with a real BPE vocabulary, and the engine's UTF-8 handling is exercised.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from llm_service.engine.backend import ContextResetError, GenerationAborted, ModelInfo
+from llm_service.engine.types import ChatMessage, SamplingParams
+from llm_service.errors import InvalidRequestError
+
+__all__ = ["FakeBackend", "FakeCall", "FakeContext"]
+
+EOS = 256
+BOS = 257
+
+
+@dataclass
+class FakeCall:
+    """One prompt the backend was asked to evaluate, and on which context."""
+
+    context: int
+    prompt: str
+
+
+@dataclass
+class FakeSampler:
+    params: SamplingParams
+    script: collections.deque[int] = field(default_factory=collections.deque)
+    closed: bool = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeContext:
+    """A context whose "KV cache" is the list of tokens it was fed."""
+
+    def __init__(self, backend: FakeBackend, index: int) -> None:
+        self.index = index
+        self._backend = backend
+        self.kv: list[int] = []
+        self.closed = False
+
+    def prefill(self, tokens: Sequence[int], should_abort: Callable[[], bool]) -> None:
+        with self._backend._lock:
+            self._backend.history.append(FakeCall(self.index, self._backend.detokenize(tokens)))
+        for t in tokens:
+            if should_abort():
+                raise GenerationAborted()
+            if self._backend.prefill_delay_s:
+                time.sleep(self._backend.prefill_delay_s)
+            self.kv.append(t)
+
+    def sample(self, sampler: FakeSampler) -> int:  # type: ignore[override]
+        if self._backend.token_delay_s:
+            time.sleep(self._backend.token_delay_s)
+        return sampler.script.popleft() if sampler.script else EOS
+
+    def append(self, token: int, should_abort: Callable[[], bool]) -> None:
+        if should_abort():
+            raise GenerationAborted()
+        self.kv.append(token)
+
+    def reset(self) -> None:
+        if self._backend.fail_resets > 0:
+            self._backend.fail_resets -= 1
+            raise ContextResetError(f"fake context {self.index} refused to clear")
+        self.kv.clear()
+        self._backend.resets += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeBackend:
+    """Scripted backend. ``enqueue(text)`` sets the next reply; ``history`` records prompts and
+    ``samplers`` the sampling parameters of each request, in order.
+
+    Args:
+        n_ctx: context size to report and enforce.
+        token_delay_s: sleep per generated token (to hold a context busy).
+        prefill_delay_s: sleep per prompt token (to test cancellation during prefill).
+        default_reply: the reply when nothing is enqueued.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_ctx: int = 512,
+        token_delay_s: float = 0.0,
+        prefill_delay_s: float = 0.0,
+        default_reply: str = "Hello from the fake backend.",
+    ) -> None:
+        self.token_delay_s = token_delay_s
+        self.prefill_delay_s = prefill_delay_s
+        self.default_reply = default_reply
+        self.history: list[FakeCall] = []
+        self.contexts: list[FakeContext] = []
+        self.samplers: list[FakeSampler] = []
+        self.resets = 0
+        self.fail_resets = 0  # make this many resets fail (to test replacement)
+        self._replies: collections.deque[str] = collections.deque()
+        self._lock = threading.Lock()
+        self.info = ModelInfo(
+            name="fake",
+            path="(fake)",
+            size_bytes=0,
+            n_params=0,
+            n_ctx=n_ctx,
+            n_ctx_train=n_ctx,
+            n_vocab=258,
+            description="scripted fake backend",
+            chat_template="(fake)",
+            llama_cpp_commit="(none)",
+        )
+
+    def enqueue(self, *replies: str) -> None:
+        """Script the replies of the next requests, in order."""
+        self._replies.extend(replies)
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        return ([BOS] if special else []) + list(text.encode("utf-8"))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return bytes(t for t in tokens if t < 256).decode("utf-8", "replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token]) if token < 256 else b""
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return token == EOS
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
+        return "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"
+
+    def create_sampler(self, params: SamplingParams) -> FakeSampler:
+        if params.grammar is not None and "root" not in params.grammar:
+            raise InvalidRequestError("sampling.grammar", "invalid grammar: no root rule")
+        with self._lock:
+            reply = self._replies.popleft() if self._replies else self.default_reply
+        sampler = FakeSampler(params, collections.deque(reply.encode("utf-8")))
+        self.samplers.append(sampler)
+        return sampler
+
+    def create_context(self, index: int) -> FakeContext:
+        context = FakeContext(self, index)
+        self.contexts.append(context)
+        return context
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,402 @@
+"""The llama.cpp backend: the only module that imports ``llama_cpp``.
+
+It uses the pinned bindings' low-level C API directly: one ``llama_model`` loaded once, one
+``llama_context`` per pool slot, a fresh sampler chain per request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+from llm_service.engine.backend import ContextResetError, GenerationAborted, ModelInfo
+from llm_service.engine.types import ChatMessage, SamplingParams
+from llm_service.errors import EngineError, InvalidRequestError, ModelLoadError
+
+__all__ = ["LLAMA_CPP_COMMIT", "LlamaBackend", "LlamaContext", "LlamaSampler"]
+
+logger = logging.getLogger(__name__)
+native_logger = logging.getLogger("llm_service.llama_cpp")
+
+PINNED_BINDINGS = "0.3.36"
+LLAMA_CPP_COMMIT = (
+    "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+    if llama_cpp.__version__ == PINNED_BINDINGS
+    else f"unknown (llama-cpp-python {llama_cpp.__version__}, pinned is {PINNED_BINDINGS})"
+)
+GGUF_MAGIC = b"GGUF"
+
+# enum ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the last line).
+_NATIVE_LEVELS = {0: logging.INFO, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_GGML_LOG_CONT = 5
+
+
+class _NativeLog:
+    """Forwards llama.cpp's log (a process-wide C callback) to Python logging.
+
+    llama.cpp logs in fragments (level CONT continues the previous line), so lines are assembled
+    per thread. Errors logged on a thread inside ``capture_errors()`` are also collected, so that
+    a grammar parse failure can be reported to the caller with llama.cpp's own explanation.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        # Referenced for the life of the process: llama.cpp keeps calling it, and a collected
+        # ctypes callback crashes the process at its next call.
+        self.callback = llama_cpp.llama_log_callback(self._on_log)
+
+    def _on_log(self, level: int, text: bytes | None, _user_data: Any) -> None:
+        try:
+            local = self._local
+            if level != _GGML_LOG_CONT:
+                local.level = _NATIVE_LEVELS.get(level, logging.DEBUG)
+            local.buffer = getattr(local, "buffer", "") + (text or b"").decode("utf-8", "replace")
+            while "\n" in local.buffer:
+                line, local.buffer = local.buffer.split("\n", 1)
+                lvl = getattr(local, "level", logging.DEBUG)
+                if line.strip():
+                    native_logger.log(lvl, "%s", line.rstrip())
+                    captured = getattr(local, "captured", None)
+                    if captured is not None and lvl >= logging.WARNING:
+                        captured.append(line.strip())
+        except Exception:  # never raise into C
+            pass
+
+    @contextlib.contextmanager
+    def capture_errors(self) -> Iterator[list[str]]:
+        self._local.captured = captured = []
+        try:
+            yield captured
+        finally:
+            self._local.captured = None
+
+
+_NATIVE_LOG = _NativeLog()
+llama_cpp.llama_log_set(_NATIVE_LOG.callback, ctypes.c_void_p(0))
+llama_cpp.llama_backend_init()
+
+
+class LlamaSampler:
+    """A llama.cpp sampler chain built for one request."""
+
+    def __init__(self, chain: Any) -> None:
+        self.chain = chain
+
+    def close(self) -> None:
+        if self.chain:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
+
+
+class LlamaContext:
+    """One ``llama_context`` on the shared model (one sequence, ``n_ctx`` positions)."""
+
+    def __init__(self, backend: LlamaBackend, index: int) -> None:
+        self.index = index
+        self._backend = backend
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = backend.n_ctx
+        params.n_batch = backend.n_batch
+        params.n_ubatch = min(backend.n_batch, 512)
+        params.n_seq_max = 1
+        params.n_threads = backend.n_threads
+        params.n_threads_batch = backend.n_threads
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(backend.model, params)
+        if not self._ctx:
+            raise EngineError(f"llama.cpp could not create context {index} (n_ctx={backend.n_ctx})")
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._should_abort: Callable[[], bool] = _never
+        # Referenced by this object for as long as the context lives (see _NativeLog).
+        self._abort_callback = llama_cpp.ggml_abort_callback(self._check_abort)
+        llama_cpp.llama_set_abort_callback(self._ctx, self._abort_callback, None)
+
+    def _check_abort(self, _data: Any) -> bool:
+        try:
+            return self._should_abort()
+        except Exception:
+            return True
+
+    def _decode(self, tokens: Sequence[int], should_abort: Callable[[], bool]) -> None:
+        array = (llama_cpp.llama_token * len(tokens))(*tokens)
+        batch = llama_cpp.llama_batch_get_one(array, len(tokens))
+        self._should_abort = should_abort
+        try:
+            rc = llama_cpp.llama_decode(self._ctx, batch)
+        finally:
+            self._should_abort = _never
+        if rc == 2:
+            raise GenerationAborted()
+        if rc != 0:
+            raise EngineError(f"llama_decode failed with code {rc} on context {self.index}")
+
+    def prefill(self, tokens: Sequence[int], should_abort: Callable[[], bool]) -> None:
+        step = self._backend.n_batch
+        for start in range(0, len(tokens), step):
+            if should_abort():
+                raise GenerationAborted()
+            self._decode(tokens[start : start + step], should_abort)
+
+    def append(self, token: int, should_abort: Callable[[], bool]) -> None:
+        self._decode((token,), should_abort)
+
+    def sample(self, sampler: LlamaSampler) -> int:
+        return int(llama_cpp.llama_sampler_sample(sampler.chain, self._ctx, -1))
+
+    def reset(self) -> None:
+        """Clear the whole KV cache (every sequence) and verify nothing is left."""
+        if not llama_cpp.llama_memory_seq_rm(self._memory, -1, 0, -1):
+            raise ContextResetError(f"llama_memory_seq_rm refused to clear context {self.index}")
+        for seq in range(llama_cpp.llama_n_seq_max(self._ctx)):
+            pos_max = llama_cpp.llama_memory_seq_pos_max(self._memory, seq)
+            if pos_max != -1:
+                raise ContextResetError(
+                    f"context {self.index} sequence {seq} still holds positions up to {pos_max}"
+                )
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+
+def _never() -> bool:
+    return False
+
+
+class LlamaBackend:
+    """A GGUF model loaded once through llama.cpp; makes contexts and samplers on it.
+
+    Use ``LlamaBackend.load(...)``.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        path: Path,
+        *,
+        n_ctx: int,
+        n_batch: int,
+        n_threads: int,
+    ) -> None:
+        self.model = model
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.n_threads = n_threads
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        template_ptr = llama_cpp.llama_model_chat_template(model, None)
+        template = template_ptr.decode("utf-8") if template_ptr else None
+        self._chat_formatter = (
+            Jinja2ChatFormatter(
+                template,
+                eos_token=self._special_text(llama_cpp.llama_vocab_eos(self._vocab)),
+                bos_token=self._special_text(llama_cpp.llama_vocab_bos(self._vocab)),
+            )
+            if template
+            else None
+        )
+        self.info = ModelInfo(
+            name=self._meta("general.name") or path.stem,
+            path=str(path),
+            size_bytes=path.stat().st_size,
+            n_params=int(llama_cpp.llama_model_n_params(model)),
+            n_ctx=n_ctx,
+            n_ctx_train=int(llama_cpp.llama_model_n_ctx_train(model)),
+            n_vocab=self._n_vocab,
+            description=self._desc(),
+            chat_template=template,
+            llama_cpp_commit=LLAMA_CPP_COMMIT,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        *,
+        n_ctx: int,
+        n_batch: int = 512,
+        n_threads: int = 2,
+        n_gpu_layers: int = 0,
+        progress: Callable[[float], None] | None = None,
+    ) -> LlamaBackend:
+        """Load a GGUF model file.
+
+        Raises:
+            ModelLoadError: the file is missing, unreadable, not GGUF, or rejected by llama.cpp.
+        """
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path}")
+        try:
+            with path.open("rb") as f:
+                magic = f.read(4)
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read model file {path}: {exc}") from None
+        if magic != GGUF_MAGIC:
+            raise ModelLoadError(
+                f"{path} is not a GGUF model file (it starts with {magic!r}, not {GGUF_MAGIC!r})"
+            )
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+
+        def on_progress(fraction: float, _data: Any) -> bool:
+            if progress is not None:
+                with contextlib.suppress(Exception):
+                    progress(fraction)
+            return True
+
+        callback = llama_cpp.llama_progress_callback(on_progress)  # referenced until load returns
+        params.progress_callback = callback
+        started = time.monotonic()
+        with _NATIVE_LOG.capture_errors() as errors:
+            model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            why = "; ".join(errors[-3:]) or "no reason given"
+            raise ModelLoadError(f"llama.cpp could not load {path}: {why}")
+        logger.info("loaded model %s in %.2f s", path, time.monotonic() - started)
+        return cls(model, path, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads)
+
+    def create_context(self, index: int) -> LlamaContext:
+        return LlamaContext(self, index)
+
+    def close(self) -> None:
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    # -- text ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, capacity, special, special)
+            if n >= 0:
+                return list(buf[:n])
+            capacity = -n
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        array = (llama_cpp.llama_token * len(tokens))(*tokens)
+        capacity = max(64, len(tokens) * 8)
+        while True:
+            buf = ctypes.create_string_buffer(capacity)
+            n = llama_cpp.llama_detokenize(
+                self._vocab, array, len(tokens), buf, capacity, False, False
+            )
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", "replace")
+            capacity = -n
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._piece(token, special=False)
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
+        if self._chat_formatter is None:
+            raise InvalidRequestError("messages", "this model has no chat template; send a prompt")
+        try:
+            rendered = self._chat_formatter(
+                messages=[{"role": m.role, "content": m.content} for m in messages]  # type: ignore[misc]
+            )
+        except Exception as exc:  # the template's raise_exception() and Jinja errors
+            raise InvalidRequestError("messages", f"the chat template rejected them: {exc}") from None
+        return str(rendered.prompt)
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def create_sampler(self, params: SamplingParams) -> LlamaSampler:
+        grammar = params.grammar
+        if params.json_schema is not None:
+            try:
+                grammar = json_schema_to_gbnf(params.json_schema)
+            except RecursionError:
+                raise InvalidRequestError(
+                    "sampling.json_schema", "is nested too deeply or refers to itself"
+                ) from None
+            except Exception as exc:
+                raise InvalidRequestError(
+                    "sampling.json_schema", f"cannot be turned into a grammar: {exc}"
+                ) from None
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        sampler = LlamaSampler(chain)
+        try:
+            if grammar is not None:
+                with _NATIVE_LOG.capture_errors() as errors:
+                    g = llama_cpp.llama_sampler_init_grammar(
+                        self._vocab, grammar.encode("utf-8"), b"root"
+                    )
+                if not g:
+                    field = "sampling.json_schema" if params.json_schema else "sampling.grammar"
+                    why = "; ".join(errors[-2:]) or "llama.cpp rejected it"
+                    raise InvalidRequestError(field, f"invalid grammar: {why}")
+                llama_cpp.llama_sampler_chain_add(chain, g)
+            if (
+                params.repeat_penalty != 1.0
+                or params.presence_penalty != 0.0
+                or params.frequency_penalty != 0.0
+            ):
+                last_n = self.n_ctx if params.penalty_last_n == -1 else params.penalty_last_n
+                llama_cpp.llama_sampler_chain_add(
+                    chain,
+                    llama_cpp.llama_sampler_init_penalties(
+                        last_n,
+                        params.repeat_penalty,
+                        params.frequency_penalty,
+                        params.presence_penalty,
+                    ),
+                )
+            if params.greedy:
+                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            else:
+                add = llama_cpp.llama_sampler_chain_add
+                if params.top_k > 0:
+                    add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+                add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+                add(chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1))
+                add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+                seed = llama_cpp.LLAMA_DEFAULT_SEED if params.seed is None else params.seed
+                add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        except BaseException:
+            sampler.close()
+            raise
+        return sampler
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _piece(self, token: int, *, special: bool) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self._piece(token, special=True).decode("utf-8", "replace")
+
+    def _meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(512)
+        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def _desc(self) -> str:
+        buf = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self.model, buf, len(buf))
+        return buf.value.decode("utf-8", "replace")

