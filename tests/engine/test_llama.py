@@ -258,7 +258,7 @@ async def test_bad_input_leaves_the_pool_whole(engine: Engine) -> None:
             "sampling.max_tokens",
         ),
         (
-            GenerationRequest(prompt="hi", sampling=SamplingParams(grammar='root ::= "a" | ')),
+            GenerationRequest(prompt="hi", sampling=SamplingParams(grammar='root ::= "a" (')),
             InvalidRequestError,
             "sampling.grammar",
         ),
@@ -345,11 +345,14 @@ async def test_json_schema_output_validates(engine: Engine) -> None:
 
 async def test_long_prefill_stops_on_cancel(engine: Engine) -> None:
     request = GenerationRequest(
-        prompt="lorem ipsum dolor sit amet " * 150, sampling=SamplingParams(max_tokens=1)
-    )
+        prompt="lorem ipsum dolor sit amet " * 90, sampling=SamplingParams(max_tokens=1)
+    )  # about 900 prompt tokens: seconds of prefill on 2 cores
     task = asyncio.create_task(collect(engine, request))
-    while engine.pool_state().leased == 0:
+    for _ in range(200):
+        if engine.pool_state().leased:
+            break
         await asyncio.sleep(0.005)
+    assert engine.pool_state().leased == 1
     await asyncio.sleep(0.1)
     t0 = time.monotonic()
     task.cancel()
@@ -362,7 +365,9 @@ async def test_long_prefill_stops_on_cancel(engine: Engine) -> None:
 
 async def test_deadline_ends_generation(engine: Engine) -> None:
     request = GenerationRequest(
-        prompt=LONG_PROMPTS[0], sampling=SamplingParams(max_tokens=500), deadline=time.monotonic() + 0.5
+        prompt="1, 2, 3, 4, 5, 6, 7, 8,",  # greedy: counts on for hundreds of tokens
+        sampling=SamplingParams(temperature=0, max_tokens=900),
+        deadline=time.monotonic() + 0.5,
     )
     done = final(await collect(engine, request))
     assert done.finish_reason is FinishReason.DEADLINE
