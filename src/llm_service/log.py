@@ -29,7 +29,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(level: str = "INFO", *, json_lines: bool = False, llama_level: str = "WARNING") -> None:
+def configure_logging(
+    level: str = "INFO", *, json_lines: bool = False, llama_level: str = "WARNING"
+) -> None:
     """Send logs to stderr at ``level``; llama.cpp's native log at ``llama_level``."""
     handler = logging.StreamHandler(sys.stderr)
     if json_lines:

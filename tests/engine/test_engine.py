@@ -16,19 +16,18 @@ from llm_service.engine import (
     FakeBackend,
     Finished,
     FinishReason,
-    GenerationEvent,
     GenerationRequest,
     SamplingParams,
     Started,
     TokenDelta,
 )
-from tests.support import collect
 from llm_service.errors import (
     DeadlineExceededError,
     InvalidRequestError,
     OverloadedError,
     PromptTooLongError,
 )
+from tests.support import collect
 
 
 @pytest.fixture

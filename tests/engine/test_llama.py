@@ -82,7 +82,7 @@ async def probe_each_context(engine: Engine) -> list[str]:
         leased: asyncio.Queue[int] = asyncio.Queue()
         holders: dict[int, tuple[asyncio.Event, asyncio.Task[None]]] = {}
 
-        async def hold(release: asyncio.Event) -> None:
+        async def hold(release: asyncio.Event, leased: asyncio.Queue[int] = leased) -> None:
             async with engine.pool.lease() as lease:
                 await leased.put(lease.context.index)
                 await release.wait()
@@ -150,8 +150,12 @@ async def test_isolation_check_fails_when_the_cache_is_not_cleared(
     """Proves the isolation tests can fail: skip the KV clear and the probe output changes."""
     before = await probe_each_context(engine)
     monkeypatch.setattr(LlamaContext, "reset", lambda self: None)
-    await collect(engine, GenerationRequest(prompt=LONG_PROMPTS[0], sampling=SamplingParams(max_tokens=40)))
-    await collect(engine, GenerationRequest(prompt=LONG_PROMPTS[1], sampling=SamplingParams(max_tokens=40)))
+    await collect(
+        engine, GenerationRequest(prompt=LONG_PROMPTS[0], sampling=SamplingParams(max_tokens=40))
+    )
+    await collect(
+        engine, GenerationRequest(prompt=LONG_PROMPTS[1], sampling=SamplingParams(max_tokens=40))
+    )
     leaked = [final(await collect(engine, PROBE)).text for _ in range(2)]
     assert any(out != before[0] for out in leaked)
     # Put things right for the fixture's teardown.
@@ -204,8 +208,12 @@ async def test_200_requests_with_cancellations_and_errors_leak_nothing(engine: E
             bad = rng.choice(
                 [
                     lambda: GenerationRequest(prompt="x " * 2000),
-                    lambda: GenerationRequest(prompt="hi", sampling=SamplingParams(grammar="root ::= (")),
-                    lambda: GenerationRequest(prompt="hi", sampling=SamplingParams(max_tokens=5000)),
+                    lambda: GenerationRequest(
+                        prompt="hi", sampling=SamplingParams(grammar="root ::= (")
+                    ),
+                    lambda: GenerationRequest(
+                        prompt="hi", sampling=SamplingParams(max_tokens=5000)
+                    ),
                 ]
             )
             with pytest.raises(InvalidRequestError):
@@ -263,7 +271,9 @@ async def test_bad_input_leaves_the_pool_whole(engine: Engine) -> None:
             "sampling.grammar",
         ),
         (
-            GenerationRequest(prompt="hi", sampling=SamplingParams(grammar="root ::= undefined-rule")),
+            GenerationRequest(
+                prompt="hi", sampling=SamplingParams(grammar="root ::= undefined-rule")
+            ),
             InvalidRequestError,
             "sampling.grammar",
         ),
@@ -277,7 +287,8 @@ async def test_bad_input_leaves_the_pool_whole(engine: Engine) -> None:
         ),
         (
             GenerationRequest(
-                prompt="hi", sampling=SamplingParams(json_schema=json.dumps({"type": "no-such-type"}))
+                prompt="hi",
+                sampling=SamplingParams(json_schema=json.dumps({"type": "no-such-type"})),
             ),
             InvalidRequestError,
             "sampling.json_schema",
@@ -308,7 +319,10 @@ async def test_multibyte_grammar_streams_valid_utf8(engine: Engine) -> None:
     request = GenerationRequest(
         prompt="Some emoji and Japanese:",
         sampling=SamplingParams(
-            temperature=0.9, seed=3, max_tokens=24, grammar='root ::= ("🙂" | "🚀" | "日本" | "語")+'
+            temperature=0.9,
+            seed=3,
+            max_tokens=24,
+            grammar='root ::= ("🙂" | "🚀" | "日本" | "語")+',
         ),
     )
     events = await collect(engine, request)

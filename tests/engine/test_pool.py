@@ -42,7 +42,7 @@ async def test_lease_resets_context_on_return(backend_pool) -> None:  # type: ig
 
 
 async def test_reset_even_when_body_raises(backend_pool) -> None:  # type: ignore[no-untyped-def]
-    backend, pool = backend_pool
+    _, pool = backend_pool
     with pytest.raises(RuntimeError):
         async with pool.lease() as lease:
             lease.context.kv.append(7)
@@ -80,7 +80,7 @@ async def test_third_waits_fourth_refused_at_once(backend_pool) -> None:  # type
 async def test_wait_times_out_with_overload(backend_pool) -> None:  # type: ignore[no-untyped-def]
     _, pool = backend_pool
     async with pool.lease(), pool.lease():
-        with pytest.raises(OverloadedError, match="within 0.05 s"):
+        with pytest.raises(OverloadedError, match=r"within 0\.05 s"):
             async with pool.lease(timeout_s=0.05):
                 pass
         assert pool.state().waiting == 0

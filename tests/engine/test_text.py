@@ -52,7 +52,9 @@ def test_earliest_of_several_stop_strings_wins() -> None:
     assert d.push(b"hello world") == "hel"
 
 
-@pytest.mark.parametrize("text", ["plain ascii", "naïve café", "日本語のテキスト", "emoji 🙂🚀 mix"])
+@pytest.mark.parametrize(
+    "text", ["plain ascii", "naïve café", "日本語のテキスト", "emoji 🙂🚀 mix"]
+)
 def test_byte_by_byte_roundtrip(text: str) -> None:
     d = StreamDecoder(["zzz"])
     out = "".join(feed(d, [bytes([b]) for b in text.encode()])) + d.finish()

@@ -16,8 +16,8 @@ from llm_service.engine.fake import FakeBackend
 from llm_service.engine.pool import LlamaContextPool, PoolState
 from llm_service.engine.types import (
     ChatMessage,
-    FinishReason,
     Finished,
+    FinishReason,
     GenerationEvent,
     GenerationRequest,
     SamplingParams,

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from llm_service.engine.backend import Backend, Context, GenerationAborted, ModelInfo, Sampler
 from llm_service.engine.pool import LlamaContextPool, PoolState
 from llm_service.engine.text import StreamDecoder
 from llm_service.engine.types import (
     ChatMessage,
-    FinishReason,
     Finished,
+    FinishReason,
     GenerationEvent,
     GenerationRequest,
     Started,
@@ -35,6 +37,8 @@ from llm_service.errors import (
 __all__ = ["Engine", "EngineConfig"]
 
 logger = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +141,7 @@ class Engine:
 
     # -- generation ----------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Run one request.
 
         Yields:
@@ -240,9 +244,10 @@ class Engine:
         remaining = max(0.0, request.deadline - time.monotonic())
         return min(remaining, self.pool.acquire_timeout_s)
 
-    async def _run(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+    async def _run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a blocking backend call in the engine's threads, off the event loop."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
 
 class _RequestLog(logging.LoggerAdapter[logging.Logger]):
@@ -344,7 +349,11 @@ class _Generation:
         if tail:
             text_parts.append(tail)
             self._emit(TokenDelta((), tail))
-        self._emit(self._finished(reason, "".join(text_parts), n_generated, prefill_s, first_token_at, error))
+        self._emit(
+            self._finished(
+                reason, "".join(text_parts), n_generated, prefill_s, first_token_at, error
+            )
+        )
 
     def _finished(
         self,

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from llm_service.engine.backend import ContextResetError, GenerationAborted, ModelInfo
+from llm_service.engine.backend import ContextResetError, GenerationAborted, ModelInfo, Sampler
 from llm_service.engine.types import ChatMessage, SamplingParams
 from llm_service.errors import InvalidRequestError
 
@@ -59,7 +59,8 @@ class FakeContext:
                 time.sleep(self._backend.prefill_delay_s)
             self.kv.append(t)
 
-    def sample(self, sampler: FakeSampler) -> int:  # type: ignore[override]
+    def sample(self, sampler: Sampler) -> int:
+        assert isinstance(sampler, FakeSampler)
         if self._backend.token_delay_s:
             time.sleep(self._backend.token_delay_s)
         return sampler.script.popleft() if sampler.script else EOS

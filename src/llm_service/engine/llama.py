@@ -19,7 +19,7 @@ import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from llm_service.engine.backend import ContextResetError, GenerationAborted, ModelInfo
+from llm_service.engine.backend import ContextResetError, GenerationAborted, ModelInfo, Sampler
 from llm_service.engine.types import ChatMessage, SamplingParams
 from llm_service.errors import EngineError, InvalidRequestError, ModelLoadError
 
@@ -37,7 +37,13 @@ LLAMA_CPP_COMMIT = (
 GGUF_MAGIC = b"GGUF"
 
 # enum ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the last line).
-_NATIVE_LEVELS = {0: logging.INFO, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_NATIVE_LEVELS = {
+    0: logging.INFO,
+    1: logging.DEBUG,
+    2: logging.INFO,
+    3: logging.WARNING,
+    4: logging.ERROR,
+}
 _GGML_LOG_CONT = 5
 
 
@@ -74,7 +80,8 @@ class _NativeLog:
 
     @contextlib.contextmanager
     def capture_errors(self) -> Iterator[list[str]]:
-        self._local.captured = captured = []
+        captured: list[str] = []
+        self._local.captured = captured
         try:
             yield captured
         finally:
@@ -151,7 +158,8 @@ class LlamaContext:
     def append(self, token: int, should_abort: Callable[[], bool]) -> None:
         self._decode((token,), should_abort)
 
-    def sample(self, sampler: LlamaSampler) -> int:
+    def sample(self, sampler: Sampler) -> int:
+        assert isinstance(sampler, LlamaSampler)
         return int(llama_cpp.llama_sampler_sample(sampler.chain, self._ctx, -1))
 
     def reset(self) -> None:
@@ -283,7 +291,9 @@ class LlamaBackend:
         capacity = len(data) + 8
         while True:
             buf = (llama_cpp.llama_token * capacity)()
-            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, capacity, special, special)
+            n = llama_cpp.llama_tokenize(
+                self._vocab, data, len(data), buf, capacity, special, special
+            )
             if n >= 0:
                 return list(buf[:n])
             capacity = -n
@@ -314,7 +324,9 @@ class LlamaBackend:
                 messages=[{"role": m.role, "content": m.content} for m in messages]  # type: ignore[misc]
             )
         except Exception as exc:  # the template's raise_exception() and Jinja errors
-            raise InvalidRequestError("messages", f"the chat template rejected them: {exc}") from None
+            raise InvalidRequestError(
+                "messages", f"the chat template rejected them: {exc}"
+            ) from None
         return str(rendered.prompt)
 
     # -- sampling --------------------------------------------------------------------------

@@ -224,4 +224,3 @@ class LlamaContextPool(Generic[C]):
                     raise EngineError("every context of the pool is broken") from exc
                 return
         self._hand_over(context, counted=True)
-

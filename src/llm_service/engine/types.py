@@ -128,7 +128,9 @@ class SamplingParams:
         )
         if self.seed is not None:
             _require(
-                0 <= self.seed <= MAX_SEED, p + "seed", f"must be in [0, {MAX_SEED}], got {self.seed}"
+                0 <= self.seed <= MAX_SEED,
+                p + "seed",
+                f"must be in [0, {MAX_SEED}], got {self.seed}",
             )
         _require(
             len(self.stop) <= MAX_STOP_STRINGS,
