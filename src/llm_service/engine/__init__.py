@@ -67,9 +67,9 @@ def load_backend(settings: ServiceSettings, *, progress: bool = True) -> Backend
     """Load the configured model through llama.cpp (blocking: call it off the event loop)."""
     from llm_service.engine.llama import LlamaBackend
 
-    path = resolve_model_path(settings, progress=progress)
-    logger.info("loading model %s", path)
     show = progress and sys.stderr.isatty()
+    path = resolve_model_path(settings, progress=show)
+    logger.info("loading model %s", path)
 
     def report(fraction: float) -> None:
         if show:

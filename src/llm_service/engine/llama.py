@@ -51,8 +51,9 @@ class _NativeLog:
     """Forwards llama.cpp's log (a process-wide C callback) to Python logging.
 
     llama.cpp logs in fragments (level CONT continues the previous line), so lines are assembled
-    per thread. Errors logged on a thread inside ``capture_errors()`` are also collected, so that
-    a grammar parse failure can be reported to the caller with llama.cpp's own explanation.
+    per thread. Inside ``held()``, a thread's warnings and errors are collected instead of logged,
+    for the caller to judge: an aborted decode or a user's bad grammar is an expected outcome
+    that is reported to the caller, not an error in the service's log.
     """
 
     def __init__(self) -> None:
@@ -70,22 +71,31 @@ class _NativeLog:
             while "\n" in local.buffer:
                 line, local.buffer = local.buffer.split("\n", 1)
                 lvl = getattr(local, "level", logging.DEBUG)
-                if line.strip():
+                held = getattr(local, "held", None)
+                if not line.strip():
+                    continue
+                if held is not None and lvl >= logging.WARNING:
+                    held.append((lvl, line.strip()))
+                else:
                     native_logger.log(lvl, "%s", line.rstrip())
-                    captured = getattr(local, "captured", None)
-                    if captured is not None and lvl >= logging.WARNING:
-                        captured.append(line.strip())
         except Exception:  # never raise into C
             pass
 
     @contextlib.contextmanager
-    def capture_errors(self) -> Iterator[list[str]]:
-        captured: list[str] = []
-        self._local.captured = captured
+    def held(self) -> Iterator[list[tuple[int, str]]]:
+        """Collect this thread's llama.cpp warnings and errors instead of logging them."""
+        held: list[tuple[int, str]] = []
+        self._local.held = held
         try:
-            yield captured
+            yield held
         finally:
-            self._local.captured = None
+            self._local.held = None
+
+    @staticmethod
+    def emit(held: list[tuple[int, str]], level: int | None = None) -> None:
+        """Log held lines, at their own level or at ``level``."""
+        for lvl, line in held:
+            native_logger.log(lvl if level is None else level, "%s", line)
 
 
 _NATIVE_LOG = _NativeLog()
@@ -140,9 +150,12 @@ class LlamaContext:
         batch = llama_cpp.llama_batch_get_one(array, len(tokens))
         self._should_abort = should_abort
         try:
-            rc = llama_cpp.llama_decode(self._ctx, batch)
+            with _NATIVE_LOG.held() as held:
+                rc = llama_cpp.llama_decode(self._ctx, batch)
         finally:
             self._should_abort = _never
+        # An abort we asked for makes llama.cpp log three errors: expected, so debug only.
+        _NATIVE_LOG.emit(held, logging.DEBUG if rc == 2 else None)
         if rc == 2:
             raise GenerationAborted()
         if rc != 0:
@@ -268,10 +281,11 @@ class LlamaBackend:
         callback = llama_cpp.llama_progress_callback(on_progress)  # referenced until load returns
         params.progress_callback = callback
         started = time.monotonic()
-        with _NATIVE_LOG.capture_errors() as errors:
+        with _NATIVE_LOG.held() as held:
             model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        _NATIVE_LOG.emit(held, None if model else logging.DEBUG)
         if not model:
-            why = "; ".join(errors[-3:]) or "no reason given"
+            why = "; ".join(line for _, line in held[-3:]) or "no reason given"
             raise ModelLoadError(f"llama.cpp could not load {path}: {why}")
         logger.info("loaded model %s in %.2f s", path, time.monotonic() - started)
         return cls(model, path, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads)
@@ -348,13 +362,15 @@ class LlamaBackend:
         sampler = LlamaSampler(chain)
         try:
             if grammar is not None:
-                with _NATIVE_LOG.capture_errors() as errors:
+                with _NATIVE_LOG.held() as held:
                     g = llama_cpp.llama_sampler_init_grammar(
                         self._vocab, grammar.encode("utf-8"), b"root"
                     )
+                # A bad grammar is the caller's error, reported to them: not a service error.
+                _NATIVE_LOG.emit(held, None if g else logging.DEBUG)
                 if not g:
                     field = "sampling.json_schema" if params.json_schema else "sampling.grammar"
-                    why = "; ".join(errors[-2:]) or "llama.cpp rejected it"
+                    why = "; ".join(line for _, line in held[-2:]) or "llama.cpp rejected it"
                     raise InvalidRequestError(field, f"invalid grammar: {why}")
                 llama_cpp.llama_sampler_chain_add(chain, g)
             if (
