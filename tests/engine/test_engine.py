@@ -23,6 +23,7 @@ from llm_service.engine import (
 )
 from llm_service.errors import (
     DeadlineExceededError,
+    EngineError,
     InvalidRequestError,
     OverloadedError,
     PromptTooLongError,
@@ -194,3 +195,49 @@ async def test_bad_grammar_refused_before_lease(fake) -> None:  # type: ignore[n
         await collect(engine, req(grammar="nonsense"))
     assert info.value.field == "sampling.grammar"
     assert backend.history == [] and engine.pool_state().free == 2
+
+
+async def test_sampler_outlives_the_worker_even_when_cancelled_twice(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = fake
+    backend.token_delay_s = 0.05
+    backend.enqueue("w" * 40)
+    task = asyncio.create_task(collect(engine, req(max_tokens=40)))
+    await asyncio.sleep(0.12)
+    task.cancel()
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(engine.pool.wait_idle(), 1)
+    assert backend.misuse == []
+    assert backend.samplers[-1].closed
+
+
+async def test_chat_prompt_gets_no_extra_bos(fake) -> None:  # type: ignore[no-untyped-def]
+    _, engine = fake
+    request = GenerationRequest(
+        messages=(ChatMessage("user", "hi"),), sampling=SamplingParams(max_tokens=1)
+    )
+    started = (await collect(engine, request))[0]
+    assert isinstance(started, Started)
+    assert started.prompt_tokens == len(b"<user>hi\n<assistant>")
+
+
+async def test_aclose_refuses_new_requests_and_lets_running_ones_finish() -> None:
+    backend = FakeBackend(token_delay_s=0.01)
+    engine = await Engine.start(backend, EngineConfig(pool_size=1, max_queue=4))
+    backend.enqueue("r" * 20)
+    running = asyncio.create_task(collect(engine, req(max_tokens=20)))
+    await asyncio.sleep(0.05)
+    waiting = asyncio.create_task(collect(engine, req(max_tokens=2)))
+    await asyncio.sleep(0.02)
+    closing = asyncio.create_task(engine.aclose())
+    await asyncio.sleep(0.01)
+    with pytest.raises(EngineError, match="shutting down"):
+        await waiting
+    with pytest.raises(EngineError, match="shutting down"):
+        await collect(engine, req())
+    events = await running
+    assert isinstance(events[-1], Finished) and events[-1].text == "r" * 20
+    await asyncio.wait_for(closing, 2)
+    assert all(c.closed for c in backend.contexts)

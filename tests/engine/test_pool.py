@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from llm_service.engine.fake import FakeBackend, FakeContext
-from llm_service.engine.pool import LlamaContextPool
-from llm_service.errors import OverloadedError
+from llm_service.engine.pool import LlamaContextPool, PoolState
+from llm_service.errors import EngineError, OverloadedError
 
 
 @pytest.fixture
@@ -135,3 +135,33 @@ async def test_failed_reset_replaces_the_context(backend_pool) -> None:  # type:
     assert len(backend.contexts) == 3  # the two originals and one replacement
     async with pool.lease() as a, pool.lease() as b:
         assert broken not in (a.context, b.context)
+
+
+async def test_failed_replacement_shrinks_the_pool_and_stays_drainable(  # type: ignore[no-untyped-def]
+    backend_pool,
+) -> None:
+    backend, pool = backend_pool
+    backend.fail_resets = 1
+
+    def broken_factory(index: int) -> FakeContext:
+        raise RuntimeError("no memory for a new context")
+
+    pool._factory = broken_factory
+    async with pool.lease():
+        pass
+    await asyncio.wait_for(pool.wait_idle(), 1)
+    assert pool.state() == PoolState(size=1, free=1, leased=0, waiting=0, replaced=0)
+
+
+async def test_refusing_fails_waiters_and_new_leases(backend_pool) -> None:  # type: ignore[no-untyped-def]
+    _, pool = backend_pool
+    async with pool.lease(), pool.lease():
+        waiter = asyncio.create_task(pool.lease().__aenter__())
+        await asyncio.sleep(0.02)
+        pool.refuse_new_leases()
+        with pytest.raises(EngineError, match="shutting down"):
+            await waiter
+        with pytest.raises(EngineError, match="shutting down"):
+            async with pool.lease():
+                pass
+    assert pool.state().free == 2

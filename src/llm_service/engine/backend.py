@@ -81,8 +81,13 @@ class Backend(Protocol):
 
     info: ModelInfo
 
-    def tokenize(self, text: str, *, special: bool) -> list[int]:
-        """Tokenize; ``special`` adds BOS as the model wants and parses special-token text."""
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        """Tokenize.
+
+        Args:
+            add_special: add BOS (and EOS) where the model's vocabulary asks for them.
+            parse_special: turn special-token text (``<|im_start|>``) into its token.
+        """
         ...
 
     def detokenize(self, tokens: Sequence[int]) -> str: ...

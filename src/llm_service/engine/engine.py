@@ -72,40 +72,50 @@ class Engine:
         self,
         backend: Backend,
         pool: LlamaContextPool[Context],
-        executor: concurrent.futures.ThreadPoolExecutor,
+        *,
+        workers: concurrent.futures.ThreadPoolExecutor,
+        prep: concurrent.futures.ThreadPoolExecutor,
+        pool_executor: concurrent.futures.ThreadPoolExecutor,
     ) -> None:
         self.backend = backend
         self.pool = pool
-        self._executor = executor
+        self._workers = workers
+        self._prep = prep
+        self._pool_executor = pool_executor
+        self._closing = False
         self._closed = False
 
     @classmethod
     async def start(cls, backend: Backend, config: EngineConfig) -> Engine:
         """Create the pool's contexts on ``backend`` and return a ready engine."""
-        # Generation workers, plus as many again for resets and small jobs, so that a reset
-        # never waits behind a generation.
-        executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=2 * config.pool_size + 2, thread_name_prefix="llm-engine"
-        )
+        # Three executors, so that no kind of work waits behind another: one token-loop thread
+        # per context; tokenizing, templates and grammar compilation for requests not yet
+        # admitted; and the pool's resets and replacements.
+        workers = concurrent.futures.ThreadPoolExecutor(config.pool_size, "llm-generate")
+        prep = concurrent.futures.ThreadPoolExecutor(4, "llm-prepare")
+        pool_executor = concurrent.futures.ThreadPoolExecutor(2, "llm-pool")
         loop = asyncio.get_running_loop()
         contexts: list[Context] = []
         try:
             for i in range(config.pool_size):
-                contexts.append(await loop.run_in_executor(executor, backend.create_context, i))
+                contexts.append(
+                    await loop.run_in_executor(pool_executor, backend.create_context, i)
+                )
                 logger.info("context %d/%d ready", i + 1, config.pool_size)
         except BaseException:
             for c in contexts:
                 c.close()
-            executor.shutdown(wait=False)
+            for executor in (workers, prep, pool_executor):
+                executor.shutdown(wait=False)
             raise
         pool: LlamaContextPool[Context] = LlamaContextPool(
             contexts,
             factory=backend.create_context,
-            executor=executor,
+            executor=pool_executor,
             max_queue=config.max_queue,
             acquire_timeout_s=config.queue_timeout_s,
         )
-        return cls(backend, pool, executor)
+        return cls(backend, pool, workers=workers, prep=prep, pool_executor=pool_executor)
 
     @property
     def info(self) -> ModelInfo:
@@ -115,19 +125,34 @@ class Engine:
         return self.pool.state()
 
     async def aclose(self) -> None:
-        """Wait for running requests to give their contexts back, then free contexts and model."""
+        """Refuse new requests, wait for running ones to end, then free contexts and model.
+
+        Requests still waiting for a context are refused with EngineError. Cancel the tasks of
+        running requests first if they must not run to their end.
+        """
+        self._closing = True
+        self.pool.refuse_new_leases()
+        await self.pool.wait_idle()
         if self._closed:
             return
         self._closed = True
-        await self.pool.wait_idle()
-        self.pool.close()
-        self._executor.shutdown(wait=True)
-        self.backend.close()
+
+        def free_everything() -> None:
+            self.pool.close()
+            for executor in (self._workers, self._prep, self._pool_executor):
+                executor.shutdown(wait=True)
+            self.backend.close()
+
+        await asyncio.to_thread(free_everything)
 
     # -- text utilities ------------------------------------------------------------------
 
-    async def tokenize(self, text: str, *, special: bool = True) -> list[int]:
-        return await self._run(self.backend.tokenize, text, special=special)
+    async def tokenize(
+        self, text: str, *, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        return await self._run(
+            self.backend.tokenize, text, add_special=add_special, parse_special=parse_special
+        )
 
     async def detokenize(self, tokens: Sequence[int]) -> str:
         n_vocab = self.backend.info.n_vocab
@@ -154,11 +179,14 @@ class Engine:
             OverloadedError: no context became free (queue full, or wait timed out).
             DeadlineExceededError: the deadline passed while waiting for a context.
         """
+        if self._closing:
+            raise EngineError("the engine is shutting down")
         arrived = time.monotonic()
         log = _RequestLog(request.request_id)
         prompt_tokens = await self._run(self._prompt_tokens, request)
         max_tokens = self._check_fits(request, len(prompt_tokens))
-        sampler = await self._run(self.backend.create_sampler, request.sampling)
+        sampler = await self._create_sampler(request)
+        handed_over = False  # once the worker thread has the sampler, it closes it
         try:
             async with self.pool.lease(self._lease_timeout(request)) as lease:
                 context = lease.context
@@ -182,7 +210,8 @@ class Engine:
                     lease.queue_wait_s,
                     asyncio.get_running_loop(),
                 )
-                lease.hold(self._executor.submit(run.execute, context))
+                lease.hold(self._workers.submit(run.execute, context))
+                handed_over = True
                 try:
                     while True:
                         event = await run.events.get()
@@ -204,18 +233,27 @@ class Engine:
                 ) from None
             raise
         finally:
-            # The lease has ended, and with it the worker thread: the sampler is free to go.
-            sampler.close()
+            if not handed_over:
+                sampler.close()
+
+    async def _create_sampler(self, request: GenerationRequest) -> Sampler:
+        """Build the request's sampler; never leak it, even if cancelled while it is built."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._prep, self.backend.create_sampler, request.sampling)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_close_result)
+            raise
 
     def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
             text = self.backend.apply_chat_template(request.messages)
-            # The template wrote the special tokens (BOS, turn markers) itself.
-            return self.backend.tokenize(text, special=True)
+            # The template wrote BOS and the turn markers itself: parse them, add nothing.
+            return self.backend.tokenize(text, add_special=False, parse_special=True)
         assert request.prompt is not None
-        tokens = self.backend.tokenize(request.prompt, special=False)
-        bos = self.backend.tokenize("", special=True)
-        return bos + tokens
+        # A raw prompt gets BOS if the model wants it; special-token text in it stays text.
+        return self.backend.tokenize(request.prompt, add_special=True, parse_special=False)
 
     def _check_fits(self, request: GenerationRequest, n_prompt: int) -> int:
         n_ctx = self.backend.info.n_ctx
@@ -247,7 +285,12 @@ class Engine:
     async def _run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a blocking backend call in the engine's threads, off the event loop."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        return await loop.run_in_executor(self._prep, functools.partial(fn, *args, **kwargs))
+
+
+def _close_result(future: asyncio.Future[Sampler]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()
 
 
 class _RequestLog(logging.LoggerAdapter[logging.Logger]):
@@ -305,76 +348,70 @@ class _Generation:
         return FinishReason.CANCELLED if self._cancelled.is_set() else FinishReason.DEADLINE
 
     def execute(self, context: Context) -> None:
-        decoder = StreamDecoder(self._request.sampling.stop)
-        text_parts: list[str] = []
-        n_generated = 0
-        first_token_at: float | None = None
-        prefill_s = 0.0
+        """The token loop. Always ends by emitting exactly one Finished; closes the sampler."""
+        self._text_parts: list[str] = []
+        self._n_generated = 0
+        self._first_token_at: float | None = None
+        self._prefill_s = 0.0
         error: str | None = None
-        reason = FinishReason.LENGTH
         try:
-            t0 = time.monotonic()
-            context.prefill(self._prompt_tokens, self._should_abort)
-            prefill_s = time.monotonic() - t0
-            while True:
-                if self._should_abort():
-                    reason = self._abort_reason()
-                    break
-                token = context.sample(self._sampler)
-                if self._backend.is_end_of_generation(token):
-                    reason = FinishReason.STOP
-                    break
-                n_generated += 1
-                if first_token_at is None:
-                    first_token_at = time.monotonic()
-                text = decoder.push(self._backend.token_bytes(token))
-                text_parts.append(text)
-                self._emit(TokenDelta((token,), text))
-                if decoder.stopped:
-                    reason = FinishReason.STOP_SEQUENCE
-                    break
-                if n_generated >= self._max_tokens:
-                    reason = FinishReason.LENGTH
-                    break
-                context.append(token, self._should_abort)
+            reason = self._loop_tokens(context)
         except GenerationAborted:
             reason = self._abort_reason()
         except EngineError as exc:
             reason, error = FinishReason.ERROR, str(exc)
             logger.error("[%s] generation failed: %s", self._request.request_id, exc)
-        except Exception:
+        except BaseException:
             reason, error = FinishReason.ERROR, "internal engine error"
             logger.exception("[%s] generation failed", self._request.request_id)
-        tail = decoder.finish()
-        if tail:
-            text_parts.append(tail)
-            self._emit(TokenDelta((), tail))
-        self._emit(
-            self._finished(
-                reason, "".join(text_parts), n_generated, prefill_s, first_token_at, error
-            )
-        )
+        finally:
+            self._sampler.close()
+        self._emit(self._finished(reason, error))
 
-    def _finished(
-        self,
-        reason: FinishReason,
-        text: str,
-        n_generated: int,
-        prefill_s: float,
-        first_token_at: float | None,
-        error: str | None,
-    ) -> Finished:
+    def _loop_tokens(self, context: Context) -> FinishReason:
+        decoder = StreamDecoder(self._request.sampling.stop)
+        try:
+            t0 = time.monotonic()
+            context.prefill(self._prompt_tokens, self._should_abort)
+            self._prefill_s = time.monotonic() - t0
+            while True:
+                if self._should_abort():
+                    return self._abort_reason()
+                token = context.sample(self._sampler)
+                if self._backend.is_end_of_generation(token):
+                    return FinishReason.STOP
+                self._n_generated += 1
+                if self._first_token_at is None:
+                    self._first_token_at = time.monotonic()
+                text = decoder.push(self._backend.token_bytes(token))
+                self._text_parts.append(text)
+                self._emit(TokenDelta((token,), text))
+                if decoder.stopped:
+                    return FinishReason.STOP_SEQUENCE
+                if self._n_generated >= self._max_tokens:
+                    return FinishReason.LENGTH
+                context.append(token, self._should_abort)
+        finally:
+            # Whatever ended the loop, text held back (a partial character, a possible start of
+            # a stop string that never completed) belongs to the output.
+            tail = decoder.finish()
+            if tail:
+                self._text_parts.append(tail)
+                self._emit(TokenDelta((), tail))
+
+    def _finished(self, reason: FinishReason, error: str | None) -> Finished:
+        n_generated, first_token_at = self._n_generated, self._first_token_at
         now = time.monotonic()
         decode_s = now - first_token_at if first_token_at is not None else 0.0
         rate = (n_generated - 1) / decode_s if n_generated > 1 and decode_s > 0 else 0.0
         return Finished(
             request_id=self._request.request_id,
             finish_reason=reason,
-            text=text,
+            text="".join(self._text_parts),
             usage=Usage(len(self._prompt_tokens), n_generated),
             timings=Timings(
                 queue_wait_ms=self._queue_wait_s * 1000,
-                prefill_ms=prefill_s * 1000,
+                prefill_ms=self._prefill_s * 1000,
                 time_to_first_token_ms=(
                     (first_token_at - self._arrived) * 1000 if first_token_at is not None else None
                 ),

@@ -61,6 +61,8 @@ class FakeContext:
 
     def sample(self, sampler: Sampler) -> int:
         assert isinstance(sampler, FakeSampler)
+        if sampler.closed:
+            self._backend.misuse.append(f"context {self.index} sampled with a closed sampler")
         if self._backend.token_delay_s:
             time.sleep(self._backend.token_delay_s)
         return sampler.script.popleft() if sampler.script else EOS
@@ -107,6 +109,7 @@ class FakeBackend:
         self.contexts: list[FakeContext] = []
         self.samplers: list[FakeSampler] = []
         self.resets = 0
+        self.misuse: list[str] = []  # what a real backend would crash on (use after close)
         self.fail_resets = 0  # make this many resets fail (to test replacement)
         self._replies: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
@@ -127,8 +130,8 @@ class FakeBackend:
         """Script the replies of the next requests, in order."""
         self._replies.extend(replies)
 
-    def tokenize(self, text: str, *, special: bool) -> list[int]:
-        return ([BOS] if special else []) + list(text.encode("utf-8"))
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        return ([BOS] if add_special else []) + list(text.encode("utf-8"))
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return bytes(t for t in tokens if t < 256).decode("utf-8", "replace")

@@ -11,6 +11,7 @@ import ctypes
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,20 +100,21 @@ class _NativeLog:
 
 
 _NATIVE_LOG = _NativeLog()
+_NO_ABORT_CALLBACK = llama_cpp.ggml_abort_callback()  # a NULL function pointer
 llama_cpp.llama_log_set(_NATIVE_LOG.callback, ctypes.c_void_p(0))
 llama_cpp.llama_backend_init()
 
 
 class LlamaSampler:
-    """A llama.cpp sampler chain built for one request."""
+    """A llama.cpp sampler chain built for one request (freed by ``close``, or when collected)."""
 
     def __init__(self, chain: Any) -> None:
         self.chain = chain
+        self._free = weakref.finalize(self, llama_cpp.llama_sampler_free, chain)
 
     def close(self) -> None:
-        if self.chain:
-            llama_cpp.llama_sampler_free(self.chain)
-            self.chain = None
+        self._free()
+        self.chain = None
 
 
 class LlamaContext:
@@ -137,7 +139,6 @@ class LlamaContext:
         self._should_abort: Callable[[], bool] = _never
         # Referenced by this object for as long as the context lives (see _NativeLog).
         self._abort_callback = llama_cpp.ggml_abort_callback(self._check_abort)
-        llama_cpp.llama_set_abort_callback(self._ctx, self._abort_callback, None)
 
     def _check_abort(self, _data: Any) -> bool:
         try:
@@ -145,15 +146,22 @@ class LlamaContext:
         except Exception:
             return True
 
-    def _decode(self, tokens: Sequence[int], should_abort: Callable[[], bool]) -> None:
+    def _decode(self, tokens: Sequence[int], should_abort: Callable[[], bool] | None) -> None:
+        """One llama_decode; with ``should_abort``, llama.cpp checks it between graph nodes."""
         array = (llama_cpp.llama_token * len(tokens))(*tokens)
         batch = llama_cpp.llama_batch_get_one(array, len(tokens))
-        self._should_abort = should_abort
+        if should_abort is not None:
+            # ggml calls the abort callback after every graph node (hundreds per decode), each
+            # call taking the GIL: worth it inside a long prefill, far too costly per token.
+            self._should_abort = should_abort
+            llama_cpp.llama_set_abort_callback(self._ctx, self._abort_callback, None)
         try:
             with _NATIVE_LOG.held() as held:
                 rc = llama_cpp.llama_decode(self._ctx, batch)
         finally:
-            self._should_abort = _never
+            if should_abort is not None:
+                llama_cpp.llama_set_abort_callback(self._ctx, _NO_ABORT_CALLBACK, None)
+                self._should_abort = _never
         # An abort we asked for makes llama.cpp log three errors: expected, so debug only.
         _NATIVE_LOG.emit(held, logging.DEBUG if rc == 2 else None)
         if rc == 2:
@@ -169,7 +177,8 @@ class LlamaContext:
             self._decode(tokens[start : start + step], should_abort)
 
     def append(self, token: int, should_abort: Callable[[], bool]) -> None:
-        self._decode((token,), should_abort)
+        # One token decodes in milliseconds; the engine checks for cancellation between tokens.
+        self._decode((token,), None)
 
     def sample(self, sampler: Sampler) -> int:
         assert isinstance(sampler, LlamaSampler)
@@ -300,13 +309,13 @@ class LlamaBackend:
 
     # -- text ------------------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, special: bool) -> list[int]:
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         data = text.encode("utf-8")
         capacity = len(data) + 8
         while True:
             buf = (llama_cpp.llama_token * capacity)()
             n = llama_cpp.llama_tokenize(
-                self._vocab, data, len(data), buf, capacity, special, special
+                self._vocab, data, len(data), buf, capacity, add_special, parse_special
             )
             if n >= 0:
                 return list(buf[:n])

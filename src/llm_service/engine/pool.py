@@ -38,7 +38,7 @@ class PoolState:
         free: contexts ready to lease.
         leased: contexts in use (including ones being scrubbed).
         waiting: requests queued for a context.
-        replaced: contexts discarded because they failed their reset check.
+        replaced: contexts discarded because they failed their reset check, and replaced.
     """
 
     size: int
@@ -101,6 +101,7 @@ class LlamaContextPool(Generic[C]):
         self._acquire_timeout_s = acquire_timeout_s
         self._leased = 0
         self._replaced = 0
+        self._refusing = False
         self._recycling: set[asyncio.Task[None]] = set()
         self._all_free = asyncio.Event()
         self._all_free.set()
@@ -151,14 +152,23 @@ class LlamaContextPool(Generic[C]):
         """Wait until every context is back in the pool."""
         await self._all_free.wait()
 
+    def refuse_new_leases(self) -> None:
+        """Start shutting down: waiting and future lease requests fail with EngineError."""
+        self._refusing = True
+        self._fail_waiters(EngineError("the engine is shutting down"))
+
     def close(self) -> None:
-        """Close the free contexts. Call after every lease has ended."""
+        """Close the free contexts. Call after every lease has ended (see ``wait_idle``)."""
         if self._leased:
             logger.warning("closing the pool with %d contexts still leased", self._leased)
         while self._free:
             self._free.popleft().close()
 
     async def _acquire(self, timeout_s: float) -> C:
+        if self._refusing:
+            raise EngineError("the engine is shutting down")
+        if self._size == 0:
+            raise EngineError("every context of the pool is broken")
         if self._free and not self._waiters:
             return self._take(self._free.popleft())
         if self.state().waiting >= self._max_queue:
@@ -173,7 +183,7 @@ class LlamaContextPool(Generic[C]):
             async with asyncio.timeout(timeout_s):
                 return await asyncio.shield(waiter)
         except BaseException as exc:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Handed a context in the same instant we gave up: pass it straight on.
                 self._hand_over(waiter.result(), counted=True)
             waiter.cancel()
@@ -212,15 +222,23 @@ class LlamaContextPool(Generic[C]):
             await loop.run_in_executor(self._executor, context.reset)
         except Exception:
             logger.exception("context %d failed its reset check; replacing it", context.index)
-            self._replaced += 1
             try:
                 await loop.run_in_executor(self._executor, context.close)
                 context = await loop.run_in_executor(self._executor, self._factory, context.index)
-            except Exception as exc:
-                self._leased -= 1
+            except Exception:
+                logger.critical("could not replace context %d", context.index, exc_info=True)
                 self._size -= 1
-                logger.critical("could not replace context %d: %s", context.index, exc)
+                self._leased -= 1
                 if self._size == 0:
-                    raise EngineError("every context of the pool is broken") from exc
+                    self._fail_waiters(EngineError("every context of the pool is broken"))
+                if self._leased == 0:
+                    self._all_free.set()
                 return
+            self._replaced += 1
         self._hand_over(context, counted=True)
+
+    def _fail_waiters(self, error: Exception) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(error)
