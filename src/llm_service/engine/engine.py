@@ -108,6 +108,13 @@ class Engine:
             for executor in (workers, prep, pool_executor):
                 executor.shutdown(wait=False)
             raise
+        logger.info(
+            "pool ready: %d contexts of %d tokens each (queue %d, wait at most %g s)",
+            config.pool_size,
+            backend.info.n_ctx,
+            config.max_queue,
+            config.queue_timeout_s,
+        )
         pool: LlamaContextPool[Context] = LlamaContextPool(
             contexts,
             factory=backend.create_context,
