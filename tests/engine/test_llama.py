@@ -333,8 +333,8 @@ async def test_multibyte_grammar_streams_valid_utf8(engine: Engine) -> None:
     for chunk in chunks:
         chunk.encode("utf-8")  # a lone surrogate or partial character would fail here
         assert "\ufffd" not in chunk
-    # Some tokens carried only part of a character: their delta text was held back (empty).
-    assert any(d.text == "" for d in deltas(events)) or len(chunks) < done.usage.completion_tokens
+    # Some tokens carried only part of a character: their text was held back (empty delta).
+    assert any(d.text == "" for d in deltas(events))
 
 
 async def test_json_schema_output_validates(engine: Engine) -> None:
