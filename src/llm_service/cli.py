@@ -16,7 +16,6 @@ import contextlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -143,6 +142,7 @@ def fetch_model(settings: ServiceSettings) -> int:
 
 async def generate(args: argparse.Namespace, settings: ServiceSettings) -> int:
     from llm_service.engine import (
+        Backend,
         ChatMessage,
         FakeBackend,
         Finished,
@@ -178,8 +178,9 @@ async def generate(args: argparse.Namespace, settings: ServiceSettings) -> int:
         request = GenerationRequest(prompt=prompt, sampling=sampling)
 
     settings = settings.model_copy(update={"llama_service_threads": 1})
+    backend: Backend
     if args.backend == "fake":
-        backend: Any = FakeBackend()
+        backend = FakeBackend()
     else:
         backend = await asyncio.to_thread(load_backend, settings)
     engine = await start_engine(backend, settings)

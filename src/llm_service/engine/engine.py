@@ -59,7 +59,7 @@ class EngineConfig:
 class Engine:
     """Generation over a pool of contexts on one backend (llama.cpp, or the fake).
 
-    Build one with ``Engine.start(backend, config)`` (or ``llm_service.engine.load_engine``),
+    Build one with ``Engine.start(backend, config)`` (or ``llm_service.engine.start_engine``),
     use ``generate()``, and ``await engine.aclose()`` at the end.
 
     Example:
@@ -397,7 +397,7 @@ class _Generation:
                     return FinishReason.STOP_SEQUENCE
                 if self._n_generated >= self._max_tokens:
                     return FinishReason.LENGTH
-                context.append(token, self._should_abort)
+                context.append(token)
         finally:
             # Whatever ended the loop, text held back (a partial character, a possible start of
             # a stop string that never completed) belongs to the output.

@@ -67,9 +67,7 @@ class FakeContext:
             time.sleep(self._backend.token_delay_s)
         return sampler.script.popleft() if sampler.script else EOS
 
-    def append(self, token: int, should_abort: Callable[[], bool]) -> None:
-        if should_abort():
-            raise GenerationAborted()
+    def append(self, token: int) -> None:
         self.kv.append(token)
 
     def reset(self) -> None:

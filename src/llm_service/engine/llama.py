@@ -176,7 +176,7 @@ class LlamaContext:
                 raise GenerationAborted()
             self._decode(tokens[start : start + step], should_abort)
 
-    def append(self, token: int, should_abort: Callable[[], bool]) -> None:
+    def append(self, token: int) -> None:
         # One token decodes in milliseconds; the engine checks for cancellation between tokens.
         self._decode((token,), None)
 

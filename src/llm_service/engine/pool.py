@@ -185,7 +185,7 @@ class LlamaContextPool(Generic[C]):
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 # Handed a context in the same instant we gave up: pass it straight on.
-                self._hand_over(waiter.result(), counted=True)
+                self._hand_over(waiter.result())
             waiter.cancel()
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
@@ -200,10 +200,9 @@ class LlamaContextPool(Generic[C]):
         self._all_free.clear()
         return context
 
-    def _hand_over(self, context: C, *, counted: bool = False) -> None:
-        """Give a clean context to the first live waiter, or put it back as free."""
-        if counted:
-            self._leased -= 1
+    def _hand_over(self, context: C) -> None:
+        """End a lease: give the clean context to the first live waiter, or put it back."""
+        self._leased -= 1
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -235,7 +234,7 @@ class LlamaContextPool(Generic[C]):
                     self._all_free.set()
                 return
             self._replaced += 1
-        self._hand_over(context, counted=True)
+        self._hand_over(context)
 
     def _fail_waiters(self, error: Exception) -> None:
         while self._waiters:
