@@ -1,6 +1,8 @@
 """``llm_service``: the service's command line.
 
 Commands:
+    serve         run the gRPC service (mutual TLS) and its HTTP health/metrics port
+    certs         write a development CA, server and client certificate for mutual TLS
     fetch-model   download, verify and cache the default model; print its path (last line)
     generate      stream a completion from the engine directly (no server), a quick demo
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from llm_service.errors import InvalidRequestError, LLMServiceError
+from llm_service.errors import ConfigurationError, InvalidRequestError, LLMServiceError
 from llm_service.log import configure_logging
 from llm_service.settings import ServiceSettings
 
@@ -63,6 +65,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="LLM inference service on llama.cpp.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC service and its HTTP health/metrics port",
+        description="Load the model, create LLM_LLAMA_SERVICE_THREADS contexts and serve"
+        " llm.v1.Inference over gRPC with mutual TLS, plus /livez, /readyz and /metrics over"
+        " plain HTTP. SIGTERM/SIGINT drain (LLM_SHUTDOWN_GRACE), SIGHUP re-reads the TLS files.",
+    )
+    add_settings_flags(serve, list(ServiceSettings.model_fields))
+
+    certs = commands.add_parser(
+        "certs",
+        help="write development certificates for mutual TLS",
+        description="Write a development CA (ca.crt, ca.key), a server certificate (server.crt,"
+        " server.key; SANs localhost, 127.0.0.1, ::1 and each --san) and a client certificate"
+        " (client.crt, client.key) into DIR. Keys are readable by their owner only.",
+    )
+    certs.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write")
+    certs.add_argument(
+        "--san", action="append", default=[], metavar="NAME",
+        help="extra DNS name or IP address for the server certificate (repeatable)",
+    )  # fmt: skip
+    certs.add_argument("--client-name", default="llm-client", help="client certificate's CN")
 
     fetch = commands.add_parser(
         "fetch-model",
@@ -124,13 +149,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "fetch-model":
             return fetch_model(settings)
+        if args.command == "certs":
+            return write_certs(args)
+        if args.command == "serve":
+            from llm_service.server import serve
+
+            return asyncio.run(serve(settings))
         return asyncio.run(generate(args, settings))
     except LLMServiceError as exc:
         print(f"llm_service: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE if isinstance(exc, InvalidRequestError) else EXIT_ERROR
+        usage = isinstance(exc, InvalidRequestError | ConfigurationError)
+        return EXIT_USAGE if usage else EXIT_ERROR
     except KeyboardInterrupt:
         print("\nllm_service: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def write_certs(args: argparse.Namespace) -> int:
+    from llm_service.certs import write_dev_certs
+
+    written = write_dev_certs(args.out, sans=args.san, client_name=args.client_name)
+    for path in written.values():
+        print(path)
+    print(
+        f"llm_service: serve with --tls-cert {written['server.crt']} --tls-key"
+        f" {written['server.key']} --tls-ca {written['ca.crt']}",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def fetch_model(settings: ServiceSettings) -> int:

@@ -10,6 +10,9 @@ LLMServiceError
  ├── OverloadedError            no context free: the waiting queue is full, or the wait timed out
  ├── DeadlineExceededError      the request's deadline passed before it could finish
  ├── RequestCancelledError      the client went away
+ ├── UnavailableError           the service is not serving now (loading, draining); try elsewhere
+ ├── PermissionDeniedError      the client's certificate is not on the allow-list
+ ├── ConfigurationError         a setting is missing or wrong (TLS material, addresses)
  ├── ModelLoadError             the model file is missing, not GGUF, or llama.cpp refused it
  ├── ModelFetchError            the default model could not be fetched or failed its checksum
  └── EngineError                the engine itself failed (decode error, broken context)
@@ -19,6 +22,7 @@ LLMServiceError
 from __future__ import annotations
 
 __all__ = [
+    "ConfigurationError",
     "DeadlineExceededError",
     "EngineError",
     "InvalidRequestError",
@@ -26,8 +30,10 @@ __all__ = [
     "ModelFetchError",
     "ModelLoadError",
     "OverloadedError",
+    "PermissionDeniedError",
     "PromptTooLongError",
     "RequestCancelledError",
+    "UnavailableError",
 ]
 
 
@@ -99,6 +105,18 @@ class DeadlineExceededError(LLMServiceError):
 
 class RequestCancelledError(LLMServiceError):
     """The caller cancelled the request."""
+
+
+class UnavailableError(LLMServiceError):
+    """The service is not serving right now (still loading, or draining); try another replica."""
+
+
+class PermissionDeniedError(LLMServiceError):
+    """The client is authenticated but not allowed (its certificate is not on the allow-list)."""
+
+
+class ConfigurationError(LLMServiceError):
+    """A setting is missing or wrong; the message says which and how to fix it."""
 
 
 class ModelLoadError(LLMServiceError):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import platformdirs
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["ServiceSettings"]
 
@@ -57,6 +57,32 @@ class ServiceSettings(BaseSettings):
     queue_timeout: float = Field(
         30.0, gt=0, description="Seconds a request may wait for a free context before refusal."
     )
+    grpc_addr: str = Field(
+        "127.0.0.1:50051", description="Address the gRPC API listens on (HOST:PORT; port 0 = any)."
+    )
+    http_addr: str = Field(
+        "127.0.0.1:8080",
+        description="Address of the plain-HTTP port for /livez, /readyz and /metrics (HOST:PORT).",
+    )
+    tls_cert: Path | None = Field(None, description="Server certificate (PEM) for the gRPC port.")
+    tls_key: Path | None = Field(None, description="Private key (PEM) of the server certificate.")
+    tls_ca: Path | None = Field(
+        None, description="CA (PEM) that client certificates must be signed by (mutual TLS)."
+    )
+    tls_allowed_clients: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Comma-separated client certificate names (subject CN or a SAN) allowed in;"
+        " others get PERMISSION_DENIED. Empty: any certificate signed by the CA.",
+    )
+    insecure: bool = Field(
+        False, description="Serve gRPC in plaintext, without TLS (development only)."
+    )
+    shutdown_grace: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM/SIGINT, seconds running streams get to finish before they are"
+        " cancelled.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of llm_service."
     )
@@ -64,3 +90,10 @@ class ServiceSettings(BaseSettings):
     llama_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "WARNING", description="Level of llama.cpp's own log, forwarded to Python logging."
     )
+
+    @field_validator("tls_allowed_clients", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value

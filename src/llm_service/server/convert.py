@@ -1,0 +1,170 @@
+"""Protobuf <-> engine types. The only module where ``llm.v1`` messages meet the engine's types."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from llm_service import __version__
+from llm_service.api.v1 import llm_pb2 as pb
+from llm_service.engine import (
+    ChatMessage,
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    GenerationRequest,
+    ModelInfo,
+    PoolState,
+    SamplingParams,
+    Started,
+    TokenDelta,
+)
+from llm_service.errors import InvalidRequestError
+
+__all__ = [
+    "FINISH_REASONS",
+    "event_message",
+    "generation_request",
+    "messages",
+    "model_info_message",
+    "pool_message",
+]
+
+MAX_REQUEST_ID_CHARS = 128
+
+# Finish reasons that end a stream with `done`; the others end it with a status.
+FINISH_REASONS = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+}
+
+# SamplingParams fields carried by `optional` proto fields of the same name.
+_OPTIONAL_SAMPLING_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "penalty_last_n",
+    "seed",
+)
+
+
+def check_request_id(request_id: str, field: str = "request_id") -> str:
+    """``request_id`` if it is 1-128 printable ASCII characters; else InvalidRequestError."""
+    if not (0 < len(request_id) <= MAX_REQUEST_ID_CHARS and request_id.isprintable()) or (
+        not request_id.isascii()
+    ):
+        raise InvalidRequestError(
+            field, f"must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters"
+        )
+    return request_id
+
+
+def messages(items: Sequence[pb.ChatMessage]) -> tuple[ChatMessage, ...]:
+    """Chat messages from their protobuf form (validated; at least one)."""
+    if not items:
+        raise InvalidRequestError("messages", "must not be empty")
+    return tuple(ChatMessage(m.role, m.content) for m in items)
+
+
+def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
+    """Sampling parameters: set fields override the engine's defaults."""
+    given: dict[str, object] = {
+        name: getattr(msg, name)
+        for name in _OPTIONAL_SAMPLING_FIELDS
+        if msg.HasField(name)  # type: ignore[arg-type]
+    }
+    if msg.stop:
+        given["stop"] = tuple(msg.stop)
+    constraint = msg.WhichOneof("constraint")
+    if constraint is not None:
+        given[constraint] = getattr(msg, constraint)
+    return SamplingParams(**given)  # type: ignore[arg-type]
+
+
+def generation_request(
+    msg: pb.GenerateRequest, *, request_id: str, deadline: float | None
+) -> GenerationRequest:
+    """The engine request for a GenerateRequest (InvalidRequestError names the bad field)."""
+    sampling = sampling_params(msg.sampling)
+    which = msg.WhichOneof("input")
+    if which == "prompt":
+        return GenerationRequest(
+            prompt=msg.prompt, sampling=sampling, request_id=request_id, deadline=deadline
+        )
+    if which == "chat":
+        return GenerationRequest(
+            messages=messages(msg.chat.messages),
+            sampling=sampling,
+            request_id=request_id,
+            deadline=deadline,
+        )
+    raise InvalidRequestError("input", "give a prompt or chat messages")
+
+
+def event_message(event: GenerationEvent) -> pb.GenerateResponse:
+    """The stream message for an engine event (a Finished must have a success reason)."""
+    if isinstance(event, Started):
+        return pb.GenerateResponse(
+            started=pb.Started(
+                request_id=event.request_id,
+                prompt_tokens=event.prompt_tokens,
+                queue_wait_ms=event.queue_wait_ms,
+                slot=event.slot,
+            )
+        )
+    if isinstance(event, TokenDelta):
+        return pb.GenerateResponse(delta=pb.Delta(token_ids=event.token_ids, text=event.text))
+    assert isinstance(event, Finished)
+    usage, t = event.usage, event.timings
+    timings = pb.Timings(
+        queue_wait_ms=t.queue_wait_ms,
+        prefill_ms=t.prefill_ms,
+        decode_tokens_per_s=t.decode_tokens_per_s,
+        total_ms=t.total_ms,
+    )
+    if t.time_to_first_token_ms is not None:
+        timings.time_to_first_token_ms = t.time_to_first_token_ms
+    return pb.GenerateResponse(
+        done=pb.Done(
+            finish_reason=FINISH_REASONS[event.finish_reason],
+            usage=pb.Usage(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                total_tokens=usage.total_tokens,
+            ),
+            timings=timings,
+            text=event.text,
+        )
+    )
+
+
+def pool_message(state: PoolState) -> pb.PoolStatus:
+    return pb.PoolStatus(
+        size=state.size,
+        free=state.free,
+        leased=state.leased,
+        waiting=state.waiting,
+        replaced=state.replaced,
+    )
+
+
+def model_info_message(info: ModelInfo, *, pool_size: int) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=info.name,
+        path=info.path,
+        size_bytes=info.size_bytes,
+        n_params=info.n_params,
+        context_per_slot=info.n_ctx,
+        n_ctx_train=info.n_ctx_train,
+        n_vocab=info.n_vocab,
+        pool_size=pool_size,
+        llama_cpp_commit=info.llama_cpp_commit,
+        description=info.description,
+        has_chat_template=info.chat_template is not None,
+        server_version=__version__,
+    )

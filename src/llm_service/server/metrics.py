@@ -1,0 +1,104 @@
+"""Prometheus metrics of one llm_service process (served on the HTTP port at ``/metrics``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from llm_service.engine import Finished, PoolState
+
+__all__ = ["ServiceMetrics"]
+
+# Seconds. Time to first token spans queueing and prefill; inter-token is one decode step.
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1)
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class ServiceMetrics:
+    """Counters, gauges and histograms, in a registry of their own (one per service)."""
+
+    def __init__(self, pool_state: Callable[[], PoolState | None]) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only add noise to every scrape
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "llm_requests",
+            "Generate calls ended, by finish reason (stop, length, stop_sequence, cancelled,"
+            " deadline, error, rejected)",
+            ["finish_reason"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "llm_requests_rejected",
+            "Generate calls refused before they started, by gRPC status code",
+            ["code"],
+            registry=r,
+        )
+        self.cancelled = Counter(
+            "llm_requests_cancelled", "Generate calls cancelled by the client", registry=r
+        )
+        self.in_flight = Gauge(
+            "llm_requests_in_flight", "Generate calls being served or waiting", registry=r
+        )
+        self.prompt_tokens = Counter("llm_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generated_tokens = Counter(
+            "llm_generated_tokens", "Completion tokens generated", registry=r
+        )
+        self.ttft = Histogram(
+            "llm_time_to_first_token_seconds",
+            "From arrival of a Generate call to its first token",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "llm_inter_token_seconds",
+            "Between two consecutive tokens of one stream",
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "llm_request_duration_seconds",
+            "From arrival of a Generate call to its end",
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+
+        def pool_value(name: str) -> Callable[[], float]:
+            def read() -> float:
+                state = pool_state()
+                return float(getattr(state, name)) if state is not None else 0.0
+
+            return read
+
+        Gauge("llm_queue_depth", "Requests waiting for a free context", registry=r).set_function(
+            pool_value("waiting")
+        )
+        for name, doc in (
+            ("size", "Contexts in the pool"),
+            ("free", "Contexts free to lease"),
+            ("leased", "Contexts in use"),
+            ("replaced", "Contexts replaced since start after a failed reset check"),
+        ):
+            Gauge(f"llm_pool_{name}", doc, registry=r).set_function(pool_value(name))
+
+    def finished(self, event: Finished) -> None:
+        """Account a stream that ended with ``event``."""
+        self.requests.labels(event.finish_reason.value).inc()
+        self.prompt_tokens.inc(event.usage.prompt_tokens)
+        self.generated_tokens.inc(event.usage.completion_tokens)
+        self.e2e.observe(event.timings.total_ms / 1000)
+        if event.timings.time_to_first_token_ms is not None:
+            self.ttft.observe(event.timings.time_to_first_token_ms / 1000)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)

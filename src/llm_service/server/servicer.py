@@ -1,0 +1,268 @@
+"""The ``llm.v1.Inference`` servicer: converts protobuf to engine calls and errors to statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from typing import Any, NoReturn
+
+import grpc
+
+from llm_service.api.v1 import llm_pb2 as pb
+from llm_service.api.v1 import llm_pb2_grpc
+from llm_service.engine import Engine, Finished, FinishReason, PoolState, Started, TokenDelta
+from llm_service.engine.types import new_request_id
+from llm_service.errors import (
+    DeadlineExceededError,
+    EngineError,
+    LLMServiceError,
+    RequestCancelledError,
+    UnavailableError,
+)
+from llm_service.server import convert
+from llm_service.server.metrics import ServiceMetrics
+from llm_service.server.status import status_for
+
+__all__ = ["InferenceServicer", "Phase", "ServerState"]
+
+logger = logging.getLogger(__name__)
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class Phase(enum.Enum):
+    LOADING = pb.SERVING_STATE_LOADING
+    SERVING = pb.SERVING_STATE_SERVING
+    DRAINING = pb.SERVING_STATE_DRAINING
+
+
+class ServerState:
+    """What the service is doing now; shared by the gRPC servicer and the HTTP port."""
+
+    def __init__(self, pool_size: int) -> None:
+        self.phase = Phase.LOADING
+        self.engine: Engine | None = None
+        self.pool_size = pool_size
+        self.started_at = time.monotonic()
+        self.in_flight = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.phase is Phase.SERVING
+
+    def pool_state(self) -> PoolState | None:
+        return self.engine.pool_state() if self.engine is not None else None
+
+    def serving_engine(self) -> Engine:
+        """The engine, if new requests are admitted; else UnavailableError."""
+        if self.phase is Phase.DRAINING:
+            raise UnavailableError("the server is shutting down; send the request to another one")
+        if self.phase is Phase.LOADING or self.engine is None:
+            raise UnavailableError("the server is still loading its model; retry shortly")
+        return self.engine
+
+
+def _request_id(given: str, context: Context) -> str:
+    if given:
+        return convert.check_request_id(given)
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str):
+            return convert.check_request_id(value, "x-request-id")
+    return new_request_id()
+
+
+# Finish reasons that end a started stream with a status instead of `done`.
+_FAILED_FINISH: dict[FinishReason, tuple[type[LLMServiceError], str]] = {
+    FinishReason.DEADLINE: (DeadlineExceededError, "the deadline passed during generation"),
+    FinishReason.CANCELLED: (RequestCancelledError, "generation was cancelled"),
+}
+
+
+class InferenceServicer(llm_pb2_grpc.InferenceServicer):
+    """Serves ``llm.v1.Inference`` on the engine in ``state``.
+
+    Each Generate runs in its own task; ``cancel_all()`` ends the ones still running when the
+    drain period is over, with UNAVAILABLE.
+    """
+
+    def __init__(self, state: ServerState, metrics: ServiceMetrics) -> None:
+        self._state = state
+        self._metrics = metrics
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._shutting_down = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- Generate ------------------------------------------------------------------------
+
+    # Written with context.write rather than as an async generator, so that cancellation (client
+    # gone, deadline, shutdown) is always raised inside this coroutine, never between yields.
+    async def Generate(  # type: ignore[override]
+        self, request: pb.GenerateRequest, context: Context
+    ) -> None:
+        arrived = time.monotonic()
+        request_id = "-"
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._state.in_flight += 1
+        self._metrics.in_flight.inc()
+        self._idle.clear()
+        started = False
+        try:
+            request_id = _request_id(request.request_id, context)
+            await context.send_initial_metadata((("x-request-id", request_id),))
+            engine = self._state.serving_engine()
+            remaining = context.time_remaining()
+            generation = convert.generation_request(
+                request,
+                request_id=request_id,
+                deadline=arrived + remaining if remaining is not None else None,
+            )
+            logger.info("[%s] Generate from %s", request_id, context.peer())
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("[%s] request: %s", request_id, generation)
+            last_token_at: float | None = None
+            async with contextlib.aclosing(engine.generate(generation)) as events:
+                async for event in events:
+                    if isinstance(event, Started):
+                        started = True
+                    elif isinstance(event, TokenDelta) and event.token_ids:
+                        now = time.monotonic()
+                        if last_token_at is not None:
+                            self._metrics.inter_token.observe(now - last_token_at)
+                        last_token_at = now
+                    elif isinstance(event, Finished):
+                        self._metrics.finished(event)
+                        if logger.isEnabledFor(logging.DEBUG):
+                            logger.debug("[%s] output: %r", request_id, event.text)
+                        self._raise_if_failed(event)
+                    await context.write(convert.event_message(event))
+        except asyncio.CancelledError:
+            if not self._shutting_down:
+                self._metrics.cancelled.inc()
+                logger.info("[%s] cancelled by the client", request_id)
+                raise
+            await self._abort(
+                context,
+                UnavailableError("the server shut down before this request finished"),
+                request_id,
+                started,
+            )
+        except Exception as exc:
+            await self._abort(context, exc, request_id, started)
+        finally:
+            self._tasks.discard(task)
+            self._state.in_flight -= 1
+            self._metrics.in_flight.dec()
+            if self._state.in_flight == 0:
+                self._idle.set()
+
+    @staticmethod
+    def _raise_if_failed(event: Finished) -> None:
+        if event.finish_reason is FinishReason.ERROR:
+            raise EngineError(event.error or "generation failed")
+        if event.finish_reason in _FAILED_FINISH:
+            error, message = _FAILED_FINISH[event.finish_reason]
+            raise error(message)
+
+    async def _abort(
+        self, context: Context, exc: BaseException, request_id: str, started: bool
+    ) -> NoReturn:
+        status = status_for(exc, request_id)
+        if not started:
+            self._metrics.rejected.labels(status.code.name).inc()
+        if isinstance(exc, LLMServiceError):
+            logger.info("[%s] ended with %s: %s", request_id, status.code.name, status.message)
+        await context.abort(status.code, status.message, status.trailing_metadata)
+        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+    @property
+    def in_flight(self) -> int:
+        """Generate calls being served or waiting for a context."""
+        return self._state.in_flight
+
+    async def wait_idle(self, grace_s: float) -> bool:
+        """Wait until no Generate call is in flight; False if ``grace_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def cancel_all(self) -> int:
+        """End every Generate still running with UNAVAILABLE; return how many there were."""
+        self._shutting_down = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return len(tasks)
+
+    # -- unary calls ---------------------------------------------------------------------
+
+    async def _unary(self, context: Context, call: Any, *, while_draining: bool = False) -> Any:
+        request_id = "-"
+        try:
+            request_id = _request_id("", context)
+            engine = self._state.engine
+            if engine is None or not while_draining:
+                engine = self._state.serving_engine()
+            return await call(engine)
+        except Exception as exc:
+            status = status_for(exc, request_id)
+            await context.abort(status.code, status.message, status.trailing_metadata)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
+        async def call(engine: Engine) -> pb.TokenizeResponse:
+            tokens = await engine.tokenize(
+                request.text,
+                add_special=request.add_special if request.HasField("add_special") else True,
+                parse_special=request.parse_special,
+            )
+            return pb.TokenizeResponse(tokens=tokens)
+
+        result: pb.TokenizeResponse = await self._unary(context, call)
+        return result
+
+    async def Detokenize(
+        self, request: pb.DetokenizeRequest, context: Context
+    ) -> pb.DetokenizeResponse:
+        async def call(engine: Engine) -> pb.DetokenizeResponse:
+            return pb.DetokenizeResponse(text=await engine.detokenize(list(request.tokens)))
+
+        result: pb.DetokenizeResponse = await self._unary(context, call)
+        return result
+
+    async def ApplyChatTemplate(
+        self, request: pb.ApplyChatTemplateRequest, context: Context
+    ) -> pb.ApplyChatTemplateResponse:
+        async def call(engine: Engine) -> pb.ApplyChatTemplateResponse:
+            text = await engine.apply_chat_template(convert.messages(request.messages))
+            tokens = await engine.tokenize(text, add_special=False, parse_special=True)
+            return pb.ApplyChatTemplateResponse(text=text, prompt_tokens=len(tokens))
+
+        result: pb.ApplyChatTemplateResponse = await self._unary(context, call)
+        return result
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
+        async def call(engine: Engine) -> pb.ModelInfo:
+            return convert.model_info_message(engine.info, pool_size=self._state.pool_size)
+
+        result: pb.ModelInfo = await self._unary(context, call, while_draining=True)
+        return result
+
+    async def GetServerStatus(
+        self, request: pb.GetServerStatusRequest, context: Context
+    ) -> pb.ServerStatus:
+        # Answers in every phase: it is how an operator sees a server loading or draining.
+        state = self._state
+        pool = state.pool_state()
+        return pb.ServerStatus(
+            state=state.phase.value,
+            pool=convert.pool_message(pool) if pool is not None else None,
+            uptime_s=time.monotonic() - state.started_at,
+            requests_in_flight=state.in_flight,
+        )

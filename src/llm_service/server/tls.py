@@ -1,0 +1,162 @@
+"""Mutual TLS for the gRPC port: credentials that re-read their files, and a client allow-list."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+
+from llm_service.errors import ConfigurationError, PermissionDeniedError
+from llm_service.settings import ServiceSettings
+
+__all__ = ["AllowListInterceptor", "ReloadableCredentials", "client_names"]
+
+logger = logging.getLogger(__name__)
+
+HOW_TO_FIX = (
+    "mutual TLS is required: give --tls-cert, --tls-key and --tls-ca (or LLM_TLS_CERT,"
+    " LLM_TLS_KEY, LLM_TLS_CA); `llm_service certs --out DIR` writes a development set. To serve"
+    " plaintext on a trusted network, pass --insecure (LLM_INSECURE=1)."
+)
+
+
+def _read_pem(path: Path, what: str, flag: str) -> bytes:
+    try:
+        data = path.expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"{flag}: cannot read {what} {path}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigurationError(f"{flag}: {path} is not a PEM file ({what})")
+    return data
+
+
+class ReloadableCredentials:
+    """Server credentials requiring client certificates, re-read from disk on ``reload()``.
+
+    gRPC asks for the current certificates at each new TLS handshake; established connections
+    (and the streams on them) keep theirs. A reload that fails keeps the previous files.
+    """
+
+    def __init__(self, cert: Path, key: Path, ca: Path) -> None:
+        self._paths = (cert, key, ca)
+        self._current = self._load()
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self.credentials = grpc.dynamic_ssl_server_credentials(
+            # The stubs say the fetcher must return a configuration; gRPC documents None as
+            # "keep the current one".
+            self._current,
+            self._fetch,  # type: ignore[arg-type]
+            require_client_authentication=True,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings) -> ReloadableCredentials:
+        """Credentials from ``settings``; ConfigurationError says what is missing and how to fix."""
+        missing = [
+            flag
+            for flag, value in (
+                ("--tls-cert", settings.tls_cert),
+                ("--tls-key", settings.tls_key),
+                ("--tls-ca", settings.tls_ca),
+            )
+            if value is None
+        ]
+        if missing:
+            raise ConfigurationError(f"missing {', '.join(missing)}: {HOW_TO_FIX}")
+        assert settings.tls_cert and settings.tls_key and settings.tls_ca
+        return cls(settings.tls_cert, settings.tls_key, settings.tls_ca)
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        cert_path, key_path, ca_path = self._paths
+        cert = _read_pem(cert_path, "server certificate", "--tls-cert")
+        key = _read_pem(key_path, "server key", "--tls-key")
+        ca = _read_pem(ca_path, "client CA", "--tls-ca")
+        try:
+            x509.load_pem_x509_certificate(cert)
+            x509.load_pem_x509_certificates(ca)
+        except ValueError as exc:
+            raise ConfigurationError(f"cannot parse the TLS certificates: {exc}") from None
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def reload(self) -> bool:
+        """Re-read the files; new connections use them. False (logged) if they are unusable."""
+        try:
+            self._pending = self._load()
+        except ConfigurationError as exc:
+            logger.error("TLS reload failed, keeping the previous certificates: %s", exc)
+            return False
+        logger.info("TLS certificates re-read; new connections use them")
+        return True
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by gRPC for each handshake: None keeps the configuration in use.
+        pending, self._pending = self._pending, None
+        return pending
+
+
+def client_names(context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
+    """The peer certificate's subject, common name and subject alternative names."""
+    auth = context.auth_context()
+    names: list[str] = []
+    for key in ("x509_subject", "x509_common_name", "x509_subject_alternative_name"):
+        names.extend(v.decode("utf-8", "replace") for v in auth.get(key, ()))
+    return names
+
+
+Behavior = Callable[..., Any]
+
+
+class AllowListInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses, with PERMISSION_DENIED, clients whose certificate names none of ``allowed``.
+
+    A name matches the certificate's full subject (``CN=...,O=...``), its common name, or one
+    of its subject alternative names. Applies to every service on the port.
+    """
+
+    def __init__(self, allowed: Sequence[str]) -> None:
+        self._allowed = frozenset(allowed)
+
+    async def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        names = client_names(context)
+        if self._allowed.isdisjoint(names):
+            logger.warning("refused client %s: certificate %s not on the allow-list",
+                           context.peer(), names[0] if names else "(none)")  # fmt: skip
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                str(PermissionDeniedError("this client certificate is not allowed")),
+            )
+
+    def _guard(self, behavior: Behavior) -> Behavior:
+        check = self._check
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream(request: Any, context: Any) -> Any:
+                await check(context)
+                async for item in behavior(request, context):
+                    yield item
+
+            return stream
+
+        async def call(request: Any, context: Any) -> Any:
+            await check(context)
+            return await behavior(request, context)
+
+        return call
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+        return handler._replace(
+            **{k: self._guard(getattr(handler, k)) for k in kinds if getattr(handler, k)}
+        )
