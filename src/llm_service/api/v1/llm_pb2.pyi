@@ -44,6 +44,7 @@ class _FinishReason:
 class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishReason.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     FINISH_REASON_UNSPECIFIED: _FinishReason.ValueType  # 0
+    """Never sent."""
     FINISH_REASON_STOP: _FinishReason.ValueType  # 1
     """The model produced an end-of-generation token."""
     FINISH_REASON_LENGTH: _FinishReason.ValueType  # 2
@@ -55,6 +56,7 @@ class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why generation ended successfully."""
 
 FINISH_REASON_UNSPECIFIED: FinishReason.ValueType  # 0
+"""Never sent."""
 FINISH_REASON_STOP: FinishReason.ValueType  # 1
 """The model produced an end-of-generation token."""
 FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
@@ -70,6 +72,7 @@ class _ServingState:
 class _ServingStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServingState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     SERVING_STATE_UNSPECIFIED: _ServingState.ValueType  # 0
+    """Never sent."""
     SERVING_STATE_LOADING: _ServingState.ValueType  # 1
     """Loading the model or warming up; Generate answers UNAVAILABLE."""
     SERVING_STATE_SERVING: _ServingState.ValueType  # 2
@@ -81,6 +84,7 @@ class ServingState(_ServingState, metaclass=_ServingStateEnumTypeWrapper):
     """Lifecycle of the server."""
 
 SERVING_STATE_UNSPECIFIED: ServingState.ValueType  # 0
+"""Never sent."""
 SERVING_STATE_LOADING: ServingState.ValueType  # 1
 """Loading the model or warming up; Generate answers UNAVAILABLE."""
 SERVING_STATE_SERVING: ServingState.ValueType  # 2
@@ -256,6 +260,8 @@ Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
 
 @_typing.final
 class GenerateRequest(_message.Message):
+    """A generation to run."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROMPT_FIELD_NUMBER: _builtins.int
@@ -304,11 +310,17 @@ class GenerateResponse(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def started(self) -> Global___Started: ...
+    def started(self) -> Global___Started:
+        """First event, exactly once."""
+
     @_builtins.property
-    def delta(self) -> Global___Delta: ...
+    def delta(self) -> Global___Delta:
+        """New output, zero or more times."""
+
     @_builtins.property
-    def done(self) -> Global___Done: ...
+    def done(self) -> Global___Done:
+        """Last event of a successful stream, exactly once."""
+
     def __init__(
         self,
         *,
@@ -400,8 +412,11 @@ class Usage(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
     prompt_tokens: _builtins.int
+    """Tokens in the prompt."""
     completion_tokens: _builtins.int
+    """Tokens generated."""
     total_tokens: _builtins.int
+    """prompt_tokens + completion_tokens."""
     def __init__(
         self,
         *,
@@ -468,12 +483,17 @@ class Done(_message.Message):
     TIMINGS_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
+    """Why generation ended."""
     text: _builtins.str
     """The whole output: equal to the concatenated delta texts."""
     @_builtins.property
-    def usage(self) -> Global___Usage: ...
+    def usage(self) -> Global___Usage:
+        """Token counts."""
+
     @_builtins.property
-    def timings(self) -> Global___Timings: ...
+    def timings(self) -> Global___Timings:
+        """Where the time went."""
+
     def __init__(
         self,
         *,
@@ -492,6 +512,8 @@ Global___Done: _TypeAlias = Done  # noqa: Y015
 
 @_typing.final
 class TokenizeRequest(_message.Message):
+    """Text to split into tokens."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
@@ -527,6 +549,8 @@ Global___TokenizeRequest: _TypeAlias = TokenizeRequest  # noqa: Y015
 
 @_typing.final
 class TokenizeResponse(_message.Message):
+    """The tokens of TokenizeRequest.text."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKENS_FIELD_NUMBER: _builtins.int
@@ -549,6 +573,8 @@ Global___TokenizeResponse: _TypeAlias = TokenizeResponse  # noqa: Y015
 
 @_typing.final
 class DetokenizeRequest(_message.Message):
+    """Tokens to turn into text."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TOKENS_FIELD_NUMBER: _builtins.int
@@ -571,6 +597,8 @@ Global___DetokenizeRequest: _TypeAlias = DetokenizeRequest  # noqa: Y015
 
 @_typing.final
 class DetokenizeResponse(_message.Message):
+    """The text of DetokenizeRequest.tokens."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
@@ -591,6 +619,8 @@ Global___DetokenizeResponse: _TypeAlias = DetokenizeResponse  # noqa: Y015
 
 @_typing.final
 class ApplyChatTemplateRequest(_message.Message):
+    """Messages to render with the chat template."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MESSAGES_FIELD_NUMBER: _builtins.int
@@ -613,6 +643,8 @@ Global___ApplyChatTemplateRequest: _TypeAlias = ApplyChatTemplateRequest  # noqa
 
 @_typing.final
 class ApplyChatTemplateResponse(_message.Message):
+    """The rendered prompt."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
@@ -637,6 +669,8 @@ Global___ApplyChatTemplateResponse: _TypeAlias = ApplyChatTemplateResponse  # no
 
 @_typing.final
 class GetModelInfoRequest(_message.Message):
+    """No parameters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -652,6 +686,8 @@ Global___GetModelInfoRequest: _TypeAlias = GetModelInfoRequest  # noqa: Y015
 
 @_typing.final
 class ModelInfo(_message.Message):
+    """The model served, and the server's shape."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -716,6 +752,8 @@ Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
 
 @_typing.final
 class GetServerStatusRequest(_message.Message):
+    """No parameters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -769,6 +807,8 @@ Global___PoolStatus: _TypeAlias = PoolStatus  # noqa: Y015
 
 @_typing.final
 class ServerStatus(_message.Message):
+    """The server right now."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATE_FIELD_NUMBER: _builtins.int
@@ -776,12 +816,15 @@ class ServerStatus(_message.Message):
     UPTIME_S_FIELD_NUMBER: _builtins.int
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     state: Global___ServingState.ValueType
+    """Loading, serving or draining."""
     uptime_s: _builtins.float
     """Seconds since the process started."""
     requests_in_flight: _builtins.int
     """Generate calls being served or waiting."""
     @_builtins.property
-    def pool(self) -> Global___PoolStatus: ...
+    def pool(self) -> Global___PoolStatus:
+        """The context pool; unset while the model is loading."""
+
     def __init__(
         self,
         *,

@@ -1,0 +1,103 @@
+"""Protobuf <-> engine types."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_service.api.v1 import llm_pb2 as pb
+from llm_service.engine import (
+    ChatMessage,
+    Finished,
+    FinishReason,
+    SamplingParams,
+    Started,
+    Timings,
+    TokenDelta,
+    Usage,
+)
+from llm_service.errors import InvalidRequestError
+from llm_service.server import convert
+
+
+def test_unset_sampling_fields_keep_the_engine_defaults() -> None:
+    assert convert.sampling_params(pb.SamplingParams()) == SamplingParams()
+
+
+def test_set_sampling_fields_override_even_when_zero() -> None:
+    msg = pb.SamplingParams(
+        max_tokens=7, temperature=0, top_k=0, seed=0, stop=["\n", "END"], grammar='root ::= "a"'
+    )
+    params = convert.sampling_params(msg)
+    assert params == SamplingParams(
+        max_tokens=7, temperature=0, top_k=0, seed=0, stop=("\n", "END"), grammar='root ::= "a"'
+    )
+    assert convert.sampling_params(pb.SamplingParams(json_schema="{}")).json_schema == "{}"
+
+
+@pytest.mark.parametrize(
+    ("msg", "field"),
+    [
+        (pb.SamplingParams(top_p=float("nan")), "sampling.top_p"),
+        (pb.SamplingParams(max_tokens=-3), "sampling.max_tokens"),
+        (pb.SamplingParams(seed=-1), "sampling.seed"),
+        (pb.SamplingParams(stop=["x"] * 17), "sampling.stop"),
+        (pb.SamplingParams(json_schema="{"), "sampling.json_schema"),
+    ],
+)
+def test_bad_sampling_names_the_field(msg: pb.SamplingParams, field: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        convert.sampling_params(msg)
+    assert info.value.field == field
+
+
+def test_prompt_and_chat_requests() -> None:
+    req = convert.generation_request(pb.GenerateRequest(prompt="Hi"), request_id="r", deadline=5.0)
+    assert (req.prompt, req.request_id, req.deadline) == ("Hi", "r", 5.0)
+    chat = pb.Chat(messages=[pb.ChatMessage(role="user", content="Hello")])
+    req = convert.generation_request(pb.GenerateRequest(chat=chat), request_id="r", deadline=None)
+    assert req.messages == (ChatMessage("user", "Hello"),)
+
+
+@pytest.mark.parametrize(
+    ("msg", "field"),
+    [
+        (pb.GenerateRequest(), "input"),
+        (pb.GenerateRequest(prompt=""), "prompt"),
+        (pb.GenerateRequest(chat=pb.Chat()), "messages"),
+        (
+            pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="robot", content="x")])),
+            "messages.role",
+        ),
+    ],
+)
+def test_bad_input_names_the_field(msg: pb.GenerateRequest, field: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        convert.generation_request(msg, request_id="r", deadline=None)
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("request_id", ["", "x" * 129, "tab\there", "naïve"])
+def test_request_ids_are_short_printable_ascii(request_id: str) -> None:
+    with pytest.raises(InvalidRequestError, match="request_id"):
+        convert.check_request_id(request_id)
+
+
+def test_events() -> None:
+    started = convert.event_message(Started("r", 3, 1.5, 0))
+    assert started.started.request_id == "r" and started.started.prompt_tokens == 3
+    delta = convert.event_message(TokenDelta((5, 6), "ab"))
+    assert list(delta.delta.token_ids) == [5, 6] and delta.delta.text == "ab"
+    timings = Timings(1.0, 2.0, None, 0.0, 4.0)
+    done = convert.event_message(Finished("r", FinishReason.LENGTH, "ab", Usage(3, 2), timings))
+    assert done.done.finish_reason == pb.FINISH_REASON_LENGTH
+    assert done.done.usage.total_tokens == 5
+    assert not done.done.timings.HasField("time_to_first_token_ms")
+
+
+def test_only_successful_finish_reasons_have_a_done_event() -> None:
+    assert set(convert.FINISH_REASONS) == {
+        FinishReason.STOP,
+        FinishReason.LENGTH,
+        FinishReason.STOP_SEQUENCE,
+    }
+    assert len(set(convert.FINISH_REASONS.values())) == 3
