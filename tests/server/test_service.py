@@ -99,7 +99,7 @@ async def test_chat_and_the_text_calls(service: Service) -> None:
         info = await stub.GetModelInfo(pb.GetModelInfoRequest())
         assert info.llama_cpp_commit.startswith("0c1e570")
         assert (info.context_per_slot, info.pool_size) == (1024, 2)
-        assert info.size_bytes == Path(info.path).stat().st_size
+        assert info.size_bytes == os.path.getsize(info.path)
         status = await stub.GetServerStatus(pb.GetServerStatusRequest())
         assert status.state == pb.SERVING_STATE_SERVING
         assert status.pool.size == 2 and status.uptime_s > 0
