@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-__all__ = ["configure_logging"]
+__all__ = ["RequestLogger", "configure_logging"]
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,6 +27,19 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+class RequestLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger for one request: ``[request_id]`` before each message, and ``request_id`` on the
+    record (a field of its own in JSON logs)."""
+
+    def __init__(self, logger: logging.Logger, request_id: str) -> None:
+        super().__init__(logger, {"request_id": request_id})
+        self.request_id = request_id
+
+    def process(self, msg, kwargs):  # type: ignore[no-untyped-def]
+        kwargs["extra"] = self.extra
+        return f"[{self.request_id}] {msg}", kwargs
 
 
 def configure_logging(

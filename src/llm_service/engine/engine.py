@@ -33,6 +33,7 @@ from llm_service.errors import (
     OverloadedError,
     PromptTooLongError,
 )
+from llm_service.log import RequestLogger
 
 __all__ = ["Engine", "EngineConfig"]
 
@@ -189,7 +190,7 @@ class Engine:
         if self._closing:
             raise EngineError("the engine is shutting down")
         arrived = time.monotonic()
-        log = _RequestLog(request.request_id)
+        log = RequestLogger(logger, request.request_id)
         prompt_tokens = await self._run(self._prompt_tokens, request)
         max_tokens = self._check_fits(request, len(prompt_tokens))
         sampler = await self._create_sampler(request)
@@ -300,15 +301,6 @@ def _close_result(future: asyncio.Future[Sampler]) -> None:
         future.result().close()
 
 
-class _RequestLog(logging.LoggerAdapter[logging.Logger]):
-    def __init__(self, request_id: str) -> None:
-        super().__init__(logger, {"request_id": request_id})
-
-    def process(self, msg, kwargs):  # type: ignore[no-untyped-def]
-        kwargs["extra"] = self.extra
-        return f"[{self.extra['request_id']}] {msg}", kwargs  # type: ignore[index]
-
-
 class _Generation:
     """One request's token loop, run in a worker thread on a leased context.
 
@@ -367,10 +359,10 @@ class _Generation:
             reason = self._abort_reason()
         except EngineError as exc:
             reason, error = FinishReason.ERROR, str(exc)
-            logger.error("[%s] generation failed: %s", self._request.request_id, exc)
+            RequestLogger(logger, self._request.request_id).error("generation failed: %s", exc)
         except BaseException:
             reason, error = FinishReason.ERROR, "internal engine error"
-            logger.exception("[%s] generation failed", self._request.request_id)
+            RequestLogger(logger, self._request.request_id).exception("generation failed")
         finally:
             self._sampler.close()
         self._emit(self._finished(reason, error))

@@ -22,6 +22,7 @@ from llm_service.errors import (
     RequestCancelledError,
     UnavailableError,
 )
+from llm_service.log import RequestLogger
 from llm_service.server import convert
 from llm_service.server.metrics import ServiceMetrics
 from llm_service.server.status import status_for
@@ -103,7 +104,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
         self, request: pb.GenerateRequest, context: Context
     ) -> None:
         arrived = time.monotonic()
-        request_id = "-"
+        log = RequestLogger(logger, "-")
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -113,6 +114,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
         started = False
         try:
             request_id = _request_id(request.request_id, context)
+            log = RequestLogger(logger, request_id)
             await context.send_initial_metadata((("x-request-id", request_id),))
             engine = self._state.serving_engine()
             remaining = context.time_remaining()
@@ -121,9 +123,9 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
                 request_id=request_id,
                 deadline=arrived + remaining if remaining is not None else None,
             )
-            logger.info("[%s] Generate from %s", request_id, context.peer())
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug("[%s] request: %s", request_id, generation)
+            log.info("Generate from %s", context.peer())
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request: %s", generation)
             last_token_at: float | None = None
             async with contextlib.aclosing(engine.generate(generation)) as events:
                 async for event in events:
@@ -136,23 +138,23 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
                         last_token_at = now
                     elif isinstance(event, Finished):
                         self._metrics.finished(event)
-                        if logger.isEnabledFor(logging.DEBUG):
-                            logger.debug("[%s] output: %r", request_id, event.text)
+                        if log.isEnabledFor(logging.DEBUG):
+                            log.debug("output: %r", event.text)
                         self._raise_if_failed(event)
                     await context.write(convert.event_message(event))
         except asyncio.CancelledError:
             if not self._shutting_down:
                 self._metrics.cancelled.inc()
-                logger.info("[%s] cancelled by the client", request_id)
+                log.info("cancelled by the client")
                 raise
             await self._abort(
                 context,
                 UnavailableError("the server shut down before this request finished"),
-                request_id,
+                log,
                 started,
             )
         except Exception as exc:
-            await self._abort(context, exc, request_id, started)
+            await self._abort(context, exc, log, started)
         finally:
             self._tasks.discard(task)
             self._state.in_flight -= 1
@@ -169,13 +171,13 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
             raise error(message)
 
     async def _abort(
-        self, context: Context, exc: BaseException, request_id: str, started: bool
+        self, context: Context, exc: BaseException, log: RequestLogger, started: bool
     ) -> NoReturn:
-        status = status_for(exc, request_id)
+        status = status_for(exc, log.request_id)
         if not started:
             self._metrics.rejected.labels(status.code.name).inc()
         if isinstance(exc, LLMServiceError):
-            logger.info("[%s] ended with %s: %s", request_id, status.code.name, status.message)
+            log.info("ended with %s: %s", status.code.name, status.message)
         await context.abort(status.code, status.message, status.trailing_metadata)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
 

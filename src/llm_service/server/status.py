@@ -21,6 +21,7 @@ from llm_service.errors import (
     RequestCancelledError,
     UnavailableError,
 )
+from llm_service.log import RequestLogger
 
 __all__ = ["RETRY_AFTER_MS", "STATUS_CODES", "GrpcStatus", "status_for"]
 
@@ -63,5 +64,5 @@ def status_for(exc: BaseException, request_id: str | None = None) -> GrpcStatus:
         if isinstance(exc, OverloadedError):
             metadata = ((RETRY_AFTER_MS, str(round(exc.retry_after_s * 1000))),)
         return GrpcStatus(code, str(exc), metadata)
-    logger.error("[%s] internal error", request_id or "-", exc_info=exc)
+    RequestLogger(logger, request_id or "-").error("internal error", exc_info=exc)
     return GrpcStatus(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
