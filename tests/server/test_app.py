@@ -1,0 +1,103 @@
+"""The service lifecycle in-process, on the fake backend: loading, serving, draining, exit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+
+import aiohttp
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llm_service.api.v1 import llm_pb2 as pb
+from llm_service.api.v1 import llm_pb2_grpc
+from llm_service.engine import FakeBackend
+from llm_service.errors import ConfigurationError
+from llm_service.server import SERVICE_NAME, app
+from llm_service.settings import ServiceSettings
+from tests.server.service import free_port, greedy, run_stream
+
+
+async def health_of(channel: grpc.aio.Channel) -> set[int]:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return {
+        (await stub.Check(health_pb2.HealthCheckRequest(service=name))).status
+        for name in ("", SERVICE_NAME)
+    }
+
+
+async def readyz(http: aiohttp.ClientSession, port: int) -> tuple[int, str]:
+    async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
+        return response.status, (await response.json())["status"]
+
+
+async def test_not_serving_while_loading_then_serving_then_drained_on_sigterm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loaded = threading.Event()
+
+    def slow_load(settings: ServiceSettings) -> FakeBackend:
+        loaded.wait(30)
+        return FakeBackend()
+
+    monkeypatch.setattr(app, "load_backend", slow_load)
+    grpc_port, http_port = free_port(), free_port()
+    settings = ServiceSettings(
+        insecure=True,
+        grpc_addr=f"127.0.0.1:{grpc_port}",
+        http_addr=f"127.0.0.1:{http_port}",
+        llama_service_threads=1,
+    )
+    serving = asyncio.create_task(app.serve(settings))
+    async with (
+        aiohttp.ClientSession() as http,
+        grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
+    ):
+        while True:  # until the ports are open
+            try:
+                status = await readyz(http, http_port)
+                break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.02)
+        assert status == (503, "loading")
+        assert await health_of(channel) == {health_pb2.HealthCheckResponse.NOT_SERVING}
+        stub = llm_pb2_grpc.InferenceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await run_stream(stub, greedy("x", 1))
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        status_reply = await stub.GetServerStatus(pb.GetServerStatusRequest())
+        assert status_reply.state == pb.SERVING_STATE_LOADING
+
+        loaded.set()
+        while (await readyz(http, http_port))[0] != 200:
+            await asyncio.sleep(0.02)
+        assert await health_of(channel) == {health_pb2.HealthCheckResponse.SERVING}
+        assert (await run_stream(stub, greedy("x", 1)))[-1].HasField("done")
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(serving, 10) == 0
+
+
+async def test_configuration_errors_come_before_anything_starts() -> None:
+    with pytest.raises(ConfigurationError, match="--insecure"):
+        await app.serve(ServiceSettings())
+    with pytest.raises(ConfigurationError, match="--http-addr"):
+        await app.serve(ServiceSettings(insecure=True, http_addr="localhost"))
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [("127.0.0.1:80", ("127.0.0.1", 80)), ("[::1]:50051", ("::1", 50051)),
+     ("0.0.0.0:0", ("0.0.0.0", 0))],
+)  # fmt: skip
+def test_parse_address(address: str, expected: tuple[str, int]) -> None:
+    assert app.parse_address(address, "--x") == expected
+
+
+@pytest.mark.parametrize("address", ["", "host", ":80", "host:", "host:http", "host:70000"])
+def test_parse_address_refuses(address: str) -> None:
+    with pytest.raises(ConfigurationError, match="--x: expected HOST:PORT"):
+        app.parse_address(address, "--x")
