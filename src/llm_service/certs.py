@@ -137,11 +137,12 @@ def issue(
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    # Created with its final mode, so a key is never readable by others, not even briefly.
+    # The mode is set before anything is written (also on a file that already existed), so a
+    # key is never readable by others, not even briefly.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(path, mode)
 
 
 def write_dev_certs(

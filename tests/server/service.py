@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from prometheus_client.parser import text_string_to_metric_families
 
 from llm_service.api.v1 import llm_pb2 as pb
 from llm_service.api.v1 import llm_pb2_grpc
@@ -141,6 +142,14 @@ class Service:
     def readyz(self) -> tuple[int, dict[str, Any]]:
         status, body = self.http_get("/readyz")
         return status, json.loads(body)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample from ``/metrics`` (0 when the series does not exist yet)."""
+        for family in text_string_to_metric_families(self.http_get("/metrics")[1]):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
 
     def wait_ready(self, timeout: float = 90) -> Service:
         end = time.monotonic() + timeout

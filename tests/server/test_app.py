@@ -34,6 +34,14 @@ async def readyz(http: aiohttp.ClientSession, port: int) -> tuple[int, str]:
         return response.status, (await response.json())["status"]
 
 
+@pytest.fixture(autouse=True)
+def no_llm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings here come from the test alone, not from the developer's LLM_* variables."""
+    for name in os.environ:
+        if name.startswith("LLM_"):
+            monkeypatch.delenv(name)
+
+
 async def test_not_serving_while_loading_then_serving_then_drained_on_sigterm(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -56,12 +64,14 @@ async def test_not_serving_while_loading_then_serving_then_drained_on_sigterm(
         aiohttp.ClientSession() as http,
         grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
     ):
-        while True:  # until the ports are open
-            try:
-                status = await readyz(http, http_port)
-                break
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.02)
+        async with asyncio.timeout(10):
+            while True:  # until the ports are open
+                assert not serving.done(), serving.result()
+                try:
+                    status = await readyz(http, http_port)
+                    break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.02)
         assert status == (503, "loading")
         assert await health_of(channel) == {health_pb2.HealthCheckResponse.NOT_SERVING}
         stub = llm_pb2_grpc.InferenceStub(channel)
@@ -72,9 +82,14 @@ async def test_not_serving_while_loading_then_serving_then_drained_on_sigterm(
         assert status_reply.state == pb.SERVING_STATE_LOADING
 
         loaded.set()
-        while (await readyz(http, http_port))[0] != 200:
-            await asyncio.sleep(0.02)
+        async with asyncio.timeout(10):
+            while (await readyz(http, http_port))[0] != 200:
+                await asyncio.sleep(0.02)
         assert await health_of(channel) == {health_pb2.HealthCheckResponse.SERVING}
+        assert (await run_stream(stub, greedy("x", 1)))[-1].HasField("done")
+
+        os.kill(os.getpid(), signal.SIGHUP)  # plaintext: nothing to re-read, and no harm done
+        await asyncio.sleep(0.1)
         assert (await run_stream(stub, greedy("x", 1)))[-1].HasField("done")
 
         os.kill(os.getpid(), signal.SIGTERM)
@@ -101,3 +116,32 @@ def test_parse_address(address: str, expected: tuple[str, int]) -> None:
 def test_parse_address_refuses(address: str) -> None:
     with pytest.raises(ConfigurationError, match="--x: expected HOST:PORT"):
         app.parse_address(address, "--x")
+
+
+async def test_sigterm_while_loading_never_turns_ready_and_frees_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loaded = threading.Event()
+    backend = FakeBackend()
+
+    def slow_load(settings: ServiceSettings) -> FakeBackend:
+        loaded.wait(30)
+        return backend
+
+    monkeypatch.setattr(app, "load_backend", slow_load)
+    grpc_port, http_port = free_port(), free_port()
+    settings = ServiceSettings(
+        insecure=True, grpc_addr=f"127.0.0.1:{grpc_port}", http_addr=f"127.0.0.1:{http_port}"
+    )
+    serving = asyncio.create_task(app.serve(settings))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = llm_pb2_grpc.InferenceStub(channel)
+        status = await stub.GetServerStatus(pb.GetServerStatusRequest(), wait_for_ready=True)
+        assert status.state == pb.SERVING_STATE_LOADING
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        status = await stub.GetServerStatus(pb.GetServerStatusRequest())
+        assert status.state == pb.SERVING_STATE_DRAINING
+        loaded.set()
+        assert await asyncio.wait_for(serving, 10) == 0
+    assert backend.closed and backend.contexts == []

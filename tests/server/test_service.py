@@ -141,6 +141,11 @@ async def test_request_id_from_metadata_is_used_everywhere(service: Service) -> 
         )
         events = [e async for e in call]
         assert dict(await call.initial_metadata())["x-request-id"] == "rq-42"
+        unary = service.stub(channel).Tokenize(
+            pb.TokenizeRequest(text="x"), metadata=(("x-request-id", "rq-43"),)
+        )
+        assert (await unary).tokens
+        assert dict(await unary.initial_metadata())["x-request-id"] == "rq-43"
     assert events[0].started.request_id == "rq-42"
     assert "[rq-42] Generate from" in service.log
     assert "[rq-42] finished" in service.log
@@ -180,16 +185,22 @@ async def test_health_reflection_and_metrics(service: Service) -> None:
 
 
 async def test_deadline_ends_the_stream_and_frees_the_context(service: Service) -> None:
+    deadlines = service.metric("llm_requests_total", finish_reason="deadline")
+    cancels = service.metric("llm_requests_cancelled_total")
     async with service.channel() as channel:
         stub = service.stub(channel)
+        await pool_status(stub)  # connected: the deadline below is all generation
         received = []
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            async for event in stub.Generate(greedy(COUNTING, 900), timeout=0.6):
+            async for event in stub.Generate(greedy(COUNTING, 900), timeout=1.5):
                 received.append(event)
         assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         assert received and received[0].HasField("started")
         assert not received[-1].HasField("done")
         await wait_free(stub, 2)
+    # Counted once, as a deadline, not as a client cancel.
+    assert service.metric("llm_requests_total", finish_reason="deadline") == deadlines + 1
+    assert service.metric("llm_requests_cancelled_total") == cancels
 
 
 async def wait_free(stub: object, n: int, within_s: float = 1.0) -> None:
@@ -219,6 +230,10 @@ async def test_cancel_frees_the_context_cleared(start_service) -> None:  # type:
         again = await asyncio.gather(run_stream(stub, PROBE), run_stream(stub, PROBE))
         assert {e[0].started.slot for e in again} == {0, 1}
         assert [e[-1].done.text for e in again] == [fresh, fresh]
+    assert svc.metric("llm_requests_cancelled_total") == 2
+    assert svc.metric("llm_requests_total", finish_reason="cancelled") == 2
+    assert svc.metric("llm_requests_total", finish_reason="length") == 3
+    assert svc.metric("llm_requests_in_flight") == 0
     assert svc.stop() == 0
     assert svc.log.count("cancelled by the client") == 2
 
@@ -228,6 +243,8 @@ async def test_overload_is_resource_exhausted_with_a_retry_hint(start_service) -
     async with svc.channel() as channel:
         stub = svc.stub(channel)
 
+        generated: list[int] = []
+
         async def one(i: int) -> str:
             call = stub.Generate(greedy(f"{i}, {i + 1}, {i + 2},", 32))
             try:
@@ -236,7 +253,7 @@ async def test_overload_is_resource_exhausted_with_a_retry_hint(start_service) -
                 assert exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, exc
                 assert int(dict(exc.trailing_metadata() or ())["retry-after-ms"]) > 0
                 return "refused"
-            assert events[-1].HasField("done")
+            generated.append(events[-1].done.usage.completion_tokens)
             return "ok"
 
         outcomes = await asyncio.gather(*(one(i) for i in range(10)))
@@ -244,6 +261,10 @@ async def test_overload_is_resource_exhausted_with_a_retry_hint(start_service) -
         assert outcomes.count("ok") >= 3 and outcomes.count("refused") >= 1, outcomes
         await wait_free(stub, 1)
     assert svc.readyz()[0] == 200
+    refused = svc.metric("llm_requests_rejected_total", code="RESOURCE_EXHAUSTED")
+    assert refused == outcomes.count("refused")
+    assert svc.metric("llm_requests_total", finish_reason="length") == outcomes.count("ok")
+    assert svc.metric("llm_generated_tokens_total") == sum(generated)
     assert svc.stop() == 0
 
 
@@ -252,7 +273,7 @@ async def test_sigterm_drains_running_streams_then_exits_zero(start_service) -> 
     async with svc.channel() as channel:
         stub = svc.stub(channel)
         health = health_pb2_grpc.HealthStub(channel)
-        streams = [stub.Generate(greedy(COUNTING, 150)), stub.Generate(greedy("Once upon", 150))]
+        streams = [stub.Generate(greedy(COUNTING, 400)), stub.Generate(greedy("Once upon", 400))]
         for call in streams:
             assert (await call.read()).HasField("started")
         svc.signal(signal.SIGTERM)
@@ -267,7 +288,7 @@ async def test_sigterm_drains_running_streams_then_exits_zero(start_service) -> 
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
         for call in streams:
             rest = await read_rest(call)
-            assert rest[-1].done.usage.completion_tokens == 150
+            assert rest[-1].done.usage.completion_tokens == 400
     assert svc.stop() == 0
     assert "stopped" in svc.log
 
@@ -365,3 +386,18 @@ def test_certs_command_writes_private_keys(tmp_path: Path) -> None:
         x509.SubjectAlternativeName
     )
     assert {"localhost", "llm.example"} <= set(sans.value.get_values_for_type(x509.DNSName))
+
+
+def test_a_key_that_does_not_match_the_certificate_is_named(certs: Certs) -> None:
+    result = run_cli(
+        "serve", "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.client.key),
+        "--tls-ca", str(certs.ca),
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--tls-key" in result.stderr and "is not the private key of" in result.stderr
+
+
+def test_insecure_with_tls_settings_is_refused(certs: Certs) -> None:
+    result = run_cli("serve", "--insecure", "--tls-ca", str(certs.ca))
+    assert result.returncode == 2
+    assert "--insecure" in result.stderr and "--tls-ca" in result.stderr

@@ -105,6 +105,7 @@ class FakeBackend:
         self.default_reply = default_reply
         self.history: list[FakeCall] = []
         self.contexts: list[FakeContext] = []
+        self.closed = False  # close() was called
         self.samplers: list[FakeSampler] = []
         self.resets = 0
         self.misuse: list[str] = []  # what a real backend would crash on (use after close)
@@ -158,4 +159,4 @@ class FakeBackend:
         return context
 
     def close(self) -> None:
-        pass
+        self.closed = True

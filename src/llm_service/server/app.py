@@ -61,16 +61,18 @@ def parse_address(address: str, flag: str) -> tuple[str, int]:
 class _Shutdown:
     """Signals as events: the first asks for a drain, a second one for haste."""
 
-    def __init__(self) -> None:
+    def __init__(self, state: ServerState) -> None:
         self.requested = asyncio.Event()
         self.hurry = asyncio.Event()
+        self._state = state
 
     def __call__(self, signum: signal.Signals) -> None:
         if self.requested.is_set():
-            logger.warning("%s again: cancelling the remaining streams now", signum.name)
+            logger.warning("%s again: not waiting any longer", signum.name)
             self.hurry.set()
         else:
-            logger.info("%s received: draining", signum.name)
+            logger.info("%s received: draining (not ready, new requests refused)", signum.name)
+            self._state.phase = Phase.DRAINING
             self.requested.set()
 
 
@@ -95,32 +97,50 @@ async def _warm_up(engine: Engine, pool_size: int) -> None:
     )
 
 
-async def serve(settings: ServiceSettings) -> int:
-    """Run the service until SIGTERM/SIGINT; return the exit code (0 after a clean drain).
+def _credentials(settings: ServiceSettings) -> ReloadableCredentials | None:
+    if not settings.insecure:
+        return ReloadableCredentials.from_settings(settings)
+    given = [
+        flag
+        for flag, value in (
+            ("--tls-cert", settings.tls_cert),
+            ("--tls-key", settings.tls_key),
+            ("--tls-ca", settings.tls_ca),
+            ("--tls-allowed-clients", settings.tls_allowed_clients),
+        )
+        if value
+    ]
+    if given:
+        raise ConfigurationError(
+            f"--insecure serves plaintext, so {', '.join(given)} would be ignored: give one or"
+            " the other"
+        )
+    return None
 
-    Raises:
-        ConfigurationError: missing TLS material, an unusable address.
-        ModelLoadError, ModelFetchError: the model could not be loaded.
-    """
-    credentials = None if settings.insecure else ReloadableCredentials.from_settings(settings)
-    grpc_host, grpc_port = parse_address(settings.grpc_addr, "--grpc-addr")
-    http_host, http_port = parse_address(settings.http_addr, "--http-addr")
 
-    state = ServerState(settings.llama_service_threads)
-    metrics = ServiceMetrics(state.pool_state)
-    servicer = InferenceServicer(state, metrics)
-    health = health_aio.HealthServicer()
-    interceptors = (
-        [AllowListInterceptor(settings.tls_allowed_clients)]
-        if settings.tls_allowed_clients and credentials is not None
-        else []
-    )
+def _grpc_server(
+    settings: ServiceSettings,
+    credentials: ReloadableCredentials | None,
+    servicer: InferenceServicer,
+    health: health_aio.HealthServicer,
+) -> tuple[grpc.aio.Server, int]:
+    """The gRPC server with every service added, bound (not started); and its port."""
+    interceptors = []
+    if settings.tls_allowed_clients:
+        interceptors.append(AllowListInterceptor(settings.tls_allowed_clients))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # Fail on a port already in use, instead of sharing it with another process.
             ("grpc.so_reuseport", 0),
+            # Ping idle connections, so that a client that vanished without closing its
+            # connection is noticed (and its stream cancelled) within about 40 s.
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
     llm_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
@@ -130,57 +150,89 @@ async def serve(settings: ServiceSettings) -> int:
          reflection.SERVICE_NAME],
         server,
     )  # fmt: skip
-    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", SERVICE_NAME):
-        await health.set(name, not_serving)
-
-    grpc_target = f"{settings.grpc_addr.rpartition(':')[0]}:{grpc_port}"
+    address = settings.grpc_addr
     try:
         if credentials is None:
-            bound = server.add_insecure_port(grpc_target)
+            port = server.add_insecure_port(address)
         else:
-            bound = server.add_secure_port(grpc_target, credentials.credentials)
+            port = server.add_secure_port(address, credentials.credentials)
     except RuntimeError as exc:
-        raise ConfigurationError(f"--grpc-addr: cannot listen on {grpc_target}: {exc}") from None
+        raise ConfigurationError(f"--grpc-addr: cannot listen on {address}: {exc}") from None
+    return server, port
+
+
+async def _set_health(health: health_aio.HealthServicer, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else (health_pb2.HealthCheckResponse.NOT_SERVING)
+    )
+    for name in ("", SERVICE_NAME):
+        await health.set(name, status)
+
+
+async def serve(settings: ServiceSettings) -> int:
+    """Run the service until SIGTERM/SIGINT; return the exit code (0 after a clean drain).
+
+    Raises:
+        ConfigurationError: missing or conflicting TLS settings, an unusable address.
+        ModelLoadError, ModelFetchError: the model could not be loaded.
+    """
+    credentials = _credentials(settings)
+    grpc_host, _ = parse_address(settings.grpc_addr, "--grpc-addr")
+    http_host, http_port = parse_address(settings.http_addr, "--http-addr")
+
+    state = ServerState(settings.llama_service_threads)
+    metrics = ServiceMetrics(state.pool_state)
+    servicer = InferenceServicer(state, metrics)
+    health = health_aio.HealthServicer()
+    await _set_health(health, serving=False)
+    server, grpc_port = _grpc_server(settings, credentials, servicer, health)
     try:
         http = await start_http(http_host, http_port, state, metrics)
     except OSError as exc:
         raise ConfigurationError(
             f"--http-addr: cannot listen on {settings.http_addr}: {exc.strerror}"
         ) from None
-    await server.start()
-    logger.info(
-        "gRPC (%s) on %s:%d, health and metrics on http://%s:%d",
-        "plaintext, --insecure" if credentials is None else "mutual TLS",
-        grpc_host,
-        bound,
-        http_host,
-        http_port,
-    )
-    if credentials is None:
-        logger.warning("--insecure: the gRPC port accepts anyone, unencrypted")
-
     loop = asyncio.get_running_loop()
-    shutdown = _Shutdown()
+    shutdown = _Shutdown(state)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, shutdown, signum)
-    if credentials is not None:
-        loop.add_signal_handler(signal.SIGHUP, credentials.reload)
-
+    loop.add_signal_handler(
+        signal.SIGHUP,
+        credentials.reload if credentials else lambda: logger.info("SIGHUP: no TLS to re-read"),
+    )
     engine: Engine | None = None
     try:
+        await server.start()
+        logger.info(
+            "gRPC (%s) on %s:%d, health and metrics on http://%s:%d",
+            "plaintext, --insecure" if credentials is None else "mutual TLS",
+            grpc_host,
+            grpc_port,
+            http_host,
+            http.addresses[0][1],
+        )
+        if credentials is None:
+            logger.warning("--insecure: the gRPC port accepts anyone, unencrypted")
         load = asyncio.ensure_future(asyncio.to_thread(load_backend, settings))
         await _first(load, shutdown.requested)
         backend = await load  # a load in progress cannot be interrupted: let it end, then free
-        engine = await start_engine(backend, settings)
-        if not shutdown.requested.is_set():
+        if shutdown.requested.is_set():
+            await asyncio.to_thread(backend.close)
+        else:
+            try:
+                engine = await start_engine(backend, settings)
+            except BaseException:
+                await asyncio.to_thread(backend.close)
+                raise
             await _warm_up(engine, settings.llama_service_threads)
             state.engine = engine
-            state.phase = Phase.SERVING
-            for name in ("", SERVICE_NAME):
-                await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-            logger.info("ready: serving %s", engine.info.name)
-            await shutdown.requested.wait()
+            if not shutdown.requested.is_set():
+                state.phase = Phase.SERVING
+                await _set_health(health, serving=True)
+                logger.info("ready: serving %s", engine.info.name)
+                await shutdown.requested.wait()
         state.phase = Phase.DRAINING
         await health.enter_graceful_shutdown()
         await _drain(servicer, settings.shutdown_grace, shutdown.hurry)
@@ -190,9 +242,9 @@ async def serve(settings: ServiceSettings) -> int:
         if engine is not None:
             await engine.aclose()  # contexts first, then the model
         await http.cleanup()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(signum)
-    logger.info("stopped")
+        # The signal handlers stay until the event loop closes: a signal during this clean-up
+        # must not kill the process halfway.
+    logger.info("stopped: contexts and model freed")
     return 0
 
 
@@ -216,5 +268,4 @@ async def _drain(servicer: InferenceServicer, grace: float, hurry: asyncio.Event
         idle.cancel()
     cancelled = await servicer.cancel_all()
     if cancelled:
-        logger.warning("cancelled %d stream(s) still running at the end of the grace period",
-                       cancelled)  # fmt: skip
+        logger.warning("cancelled %d stream(s) still running", cancelled)

@@ -32,8 +32,8 @@ class ServiceMetrics:
         r = self.registry
         self.requests = Counter(
             "llm_requests",
-            "Generate calls ended, by finish reason (stop, length, stop_sequence, cancelled,"
-            " deadline, error, rejected)",
+            "Generate calls by how they ended (stop, length, stop_sequence, cancelled, deadline,"
+            " error); calls refused before they started are in llm_requests_rejected_total",
             ["finish_reason"],
             registry=r,
         )
@@ -91,8 +91,7 @@ class ServiceMetrics:
             Gauge(f"llm_pool_{name}", doc, registry=r).set_function(pool_value(name))
 
     def finished(self, event: Finished) -> None:
-        """Account a stream that ended with ``event``."""
-        self.requests.labels(event.finish_reason.value).inc()
+        """Account the tokens and timings of a stream that ended with ``event``."""
         self.prompt_tokens.inc(event.usage.prompt_tokens)
         self.generated_tokens.inc(event.usage.completion_tokens)
         self.e2e.observe(event.timings.total_ms / 1000)

@@ -25,7 +25,7 @@ from llm_service.errors import (
 from llm_service.log import RequestLogger
 from llm_service.server import convert
 from llm_service.server.metrics import ServiceMetrics
-from llm_service.server.status import status_for
+from llm_service.server.status import GrpcStatus, status_for
 
 __all__ = ["InferenceServicer", "Phase", "ServerState"]
 
@@ -111,6 +111,9 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
         self._state.in_flight += 1
         self._metrics.in_flight.inc()
         self._idle.clear()
+        # How the call ended, counted once at the end: a finish reason once started, or the
+        # status code of a refusal before that.
+        outcome: str | None = None
         started = False
         try:
             request_id = _request_id(request.request_id, context)
@@ -137,25 +140,38 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
                             self._metrics.inter_token.observe(now - last_token_at)
                         last_token_at = now
                     elif isinstance(event, Finished):
+                        outcome = event.finish_reason.value
                         self._metrics.finished(event)
                         if log.isEnabledFor(logging.DEBUG):
                             log.debug("output: %r", event.text)
                         self._raise_if_failed(event)
                     await context.write(convert.event_message(event))
         except asyncio.CancelledError:
+            if outcome is None and not self._shutting_down:
+                # gRPC cancels the call both when the client goes and when its deadline passes.
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    outcome = FinishReason.DEADLINE.value
+                    log.info("deadline passed")
+                else:
+                    outcome = FinishReason.CANCELLED.value
+                    self._metrics.cancelled.inc()
+                    log.info("cancelled by the client")
             if not self._shutting_down:
-                self._metrics.cancelled.inc()
-                log.info("cancelled by the client")
                 raise
-            await self._abort(
-                context,
-                UnavailableError("the server shut down before this request finished"),
-                log,
-                started,
-            )
+            outcome = outcome or FinishReason.CANCELLED.value
+            shutdown = UnavailableError("the server shut down before this request finished")
+            await self._abort(context, status_for(shutdown), log)
         except Exception as exc:
-            await self._abort(context, exc, log, started)
+            status = status_for(exc, log.request_id)
+            if started:
+                outcome = outcome or FinishReason.ERROR.value
+            else:
+                self._metrics.rejected.labels(status.code.name).inc()
+            await self._abort(context, status, log)
         finally:
+            if outcome is not None:
+                self._metrics.requests.labels(outcome).inc()
             self._tasks.discard(task)
             self._state.in_flight -= 1
             self._metrics.in_flight.dec()
@@ -170,13 +186,9 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
             error, message = _FAILED_FINISH[event.finish_reason]
             raise error(message)
 
-    async def _abort(
-        self, context: Context, exc: BaseException, log: RequestLogger, started: bool
-    ) -> NoReturn:
-        status = status_for(exc, log.request_id)
-        if not started:
-            self._metrics.rejected.labels(status.code.name).inc()
-        if isinstance(exc, LLMServiceError):
+    @staticmethod
+    async def _abort(context: Context, status: GrpcStatus, log: RequestLogger) -> NoReturn:
+        if status.code is not grpc.StatusCode.INTERNAL:  # INTERNAL was logged with its traceback
             log.info("ended with %s: %s", status.code.name, status.message)
         await context.abort(status.code, status.message, status.trailing_metadata)
         raise AssertionError("unreachable: abort raises")  # pragma: no cover
@@ -209,6 +221,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
         request_id = "-"
         try:
             request_id = _request_id("", context)
+            await context.send_initial_metadata((("x-request-id", request_id),))
             engine = self._state.engine
             if engine is None or not while_draining:
                 engine = self._state.serving_engine()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from llm_service.errors import ConfigurationError, PermissionDeniedError
 from llm_service.settings import ServiceSettings
@@ -35,6 +38,12 @@ def _read_pem(path: Path, what: str, flag: str) -> bytes:
     return data
 
 
+def _public(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 class ReloadableCredentials:
     """Server credentials requiring client certificates, re-read from disk on ``reload()``.
 
@@ -44,6 +53,7 @@ class ReloadableCredentials:
 
     def __init__(self, cert: Path, key: Path, ca: Path) -> None:
         self._paths = (cert, key, ca)
+        self._lock = threading.Lock()
         self._current = self._load()
         self._pending: grpc.ServerCertificateConfiguration | None = None
         self.credentials = grpc.dynamic_ssl_server_credentials(
@@ -77,25 +87,37 @@ class ReloadableCredentials:
         key = _read_pem(key_path, "server key", "--tls-key")
         ca = _read_pem(ca_path, "client CA", "--tls-ca")
         try:
-            x509.load_pem_x509_certificate(cert)
+            certificate = x509.load_pem_x509_certificate(cert)
             x509.load_pem_x509_certificates(ca)
         except ValueError as exc:
             raise ConfigurationError(f"cannot parse the TLS certificates: {exc}") from None
+        try:
+            private_key = serialization.load_pem_private_key(key, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(f"--tls-key: cannot load {key_path}: {exc}") from None
+        if _public(private_key.public_key()) != _public(certificate.public_key()):
+            raise ConfigurationError(
+                f"--tls-key: {key_path} is not the private key of --tls-cert {cert_path}"
+            )
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def reload(self) -> bool:
         """Re-read the files; new connections use them. False (logged) if they are unusable."""
         try:
-            self._pending = self._load()
+            loaded = self._load()
         except ConfigurationError as exc:
             logger.error("TLS reload failed, keeping the previous certificates: %s", exc)
             return False
+        with self._lock:
+            self._pending = loaded
         logger.info("TLS certificates re-read; new connections use them")
         return True
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        # Called by gRPC for each handshake: None keeps the configuration in use.
-        pending, self._pending = self._pending, None
+        # Called by gRPC, on its own threads, for each handshake: None keeps the configuration
+        # in use.
+        with self._lock:
+            pending, self._pending = self._pending, None
         return pending
 
 
