@@ -98,6 +98,7 @@ class Service:
         env: dict[str, str] | None = None,
     ) -> None:
         self.certs = certs
+        self.terminating = False
         self.grpc_port = free_port()
         self.http_port = free_port()
         self.log_path = workdir / f"service-{self.grpc_port}.log"
@@ -151,6 +152,13 @@ class Service:
                     return float(sample.value)
         return 0.0
 
+    def wait_metric(self, expected: float, name: str, **labels: str) -> None:
+        """Wait (2 s at most) for a metric: the server accounts a call just after it ends."""
+        end = time.monotonic() + 2
+        while (value := self.metric(name, **labels)) != expected:
+            assert time.monotonic() < end, f"{name}{labels} = {value}, expected {expected}"
+            time.sleep(0.02)
+
     def wait_ready(self, timeout: float = 90) -> Service:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -166,10 +174,11 @@ class Service:
 
     def signal(self, signum: signal.Signals) -> None:
         self.process.send_signal(signum)
+        self.terminating |= signum in (signal.SIGTERM, signal.SIGINT)
 
     def stop(self, timeout: float = 60) -> int:
-        """SIGTERM, then wait for the exit code."""
-        if self.process.poll() is None:
+        """SIGTERM (unless one was sent already), then wait for the exit code."""
+        if self.process.poll() is None and not self.terminating:
             self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout)

@@ -145,3 +145,44 @@ async def test_sigterm_while_loading_never_turns_ready_and_frees_the_model(
         loaded.set()
         assert await asyncio.wait_for(serving, 10) == 0
     assert backend.closed and backend.contexts == []
+
+
+async def test_unparsable_requests_are_invalid_argument_and_harmless(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(app, "load_backend", lambda settings: FakeBackend())
+    grpc_port, http_port = free_port(), free_port()
+    settings = ServiceSettings(
+        insecure=True, grpc_addr=f"127.0.0.1:{grpc_port}", http_addr=f"127.0.0.1:{http_port}"
+    )
+    serving = asyncio.create_task(app.serve(settings))
+    raw = {"serializer": lambda b: b, "deserializer": lambda b: b}
+    bad_utf8 = bytes([0x0A, 3, 0xFF, 0xFE, 0x41])  # field 1 (a string), invalid UTF-8
+    truncated = bytes([0x0A, 50, 0x41])  # field 1 says 50 bytes, has 1
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = llm_pb2_grpc.InferenceStub(channel)
+        await stub.GetServerStatus(pb.GetServerStatusRequest(), wait_for_ready=True)
+        generate = channel.unary_stream(
+            "/llm.v1.Inference/Generate",
+            request_serializer=raw["serializer"],
+            response_deserializer=raw["deserializer"],
+        )
+        tokenize = channel.unary_unary(
+            "/llm.v1.Inference/Tokenize",
+            request_serializer=raw["serializer"],
+            response_deserializer=raw["deserializer"],
+        )
+        for data in (bad_utf8, truncated):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                [r async for r in generate(data)]
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "request: not a valid request for /llm.v1.Inference/Generate" in str(
+                info.value.details()
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await tokenize(data)
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        status = await stub.GetServerStatus(pb.GetServerStatusRequest())
+        assert status.pool.free == status.pool.size
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(serving, 10) == 0

@@ -199,7 +199,7 @@ async def test_deadline_ends_the_stream_and_frees_the_context(service: Service) 
         assert not received[-1].HasField("done")
         await wait_free(stub, 2)
     # Counted once, as a deadline, not as a client cancel.
-    assert service.metric("llm_requests_total", finish_reason="deadline") == deadlines + 1
+    service.wait_metric(deadlines + 1, "llm_requests_total", finish_reason="deadline")
     assert service.metric("llm_requests_cancelled_total") == cancels
 
 
@@ -230,7 +230,7 @@ async def test_cancel_frees_the_context_cleared(start_service) -> None:  # type:
         again = await asyncio.gather(run_stream(stub, PROBE), run_stream(stub, PROBE))
         assert {e[0].started.slot for e in again} == {0, 1}
         assert [e[-1].done.text for e in again] == [fresh, fresh]
-    assert svc.metric("llm_requests_cancelled_total") == 2
+    svc.wait_metric(2, "llm_requests_cancelled_total")
     assert svc.metric("llm_requests_total", finish_reason="cancelled") == 2
     assert svc.metric("llm_requests_total", finish_reason="length") == 3
     assert svc.metric("llm_requests_in_flight") == 0

@@ -35,10 +35,11 @@ from llm_service.engine import (
     start_engine,
 )
 from llm_service.errors import ConfigurationError
+from llm_service.server.guards import AllowListInterceptor, RequestParseInterceptor
 from llm_service.server.http import start_http
 from llm_service.server.metrics import ServiceMetrics
 from llm_service.server.servicer import InferenceServicer, Phase, ServerState
-from llm_service.server.tls import AllowListInterceptor, ReloadableCredentials
+from llm_service.server.tls import ReloadableCredentials
 from llm_service.settings import ServiceSettings
 
 __all__ = ["SERVICE_NAME", "parse_address", "serve"]
@@ -125,9 +126,11 @@ def _grpc_server(
     health: health_aio.HealthServicer,
 ) -> tuple[grpc.aio.Server, int]:
     """The gRPC server with every service added, bound (not started); and its port."""
-    interceptors = []
+    # The first interceptor's check runs first: an unknown client learns nothing about parsing.
+    interceptors: list[grpc.aio.ServerInterceptor] = []
     if settings.tls_allowed_clients:
         interceptors.append(AllowListInterceptor(settings.tls_allowed_clients))
+    interceptors.append(RequestParseInterceptor())
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[

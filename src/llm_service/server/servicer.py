@@ -31,6 +31,8 @@ __all__ = ["InferenceServicer", "Phase", "ServerState"]
 
 logger = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
+# A cancel this close to the call's deadline is the deadline, seen first by the client.
+DEADLINE_SLACK_S = 0.25
 
 
 class Phase(enum.Enum):
@@ -148,9 +150,10 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
                     await context.write(convert.event_message(event))
         except asyncio.CancelledError:
             if outcome is None and not self._shutting_down:
-                # gRPC cancels the call both when the client goes and when its deadline passes.
+                # gRPC cancels the call both when the client goes and when its deadline passes;
+                # the client's clock started first, so its cancel can arrive just before ours.
                 remaining = context.time_remaining()
-                if remaining is not None and remaining <= 0:
+                if remaining is not None and remaining <= DEADLINE_SLACK_S:
                     outcome = FinishReason.DEADLINE.value
                     log.info("deadline passed")
                 else:

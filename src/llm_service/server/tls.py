@@ -1,11 +1,9 @@
-"""Mutual TLS for the gRPC port: credentials that re-read their files, and a client allow-list."""
+"""Mutual TLS for the gRPC port: credentials that re-read their files; client names."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +12,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
-from llm_service.errors import ConfigurationError, PermissionDeniedError
+from llm_service.errors import ConfigurationError
 from llm_service.settings import ServiceSettings
 
-__all__ = ["AllowListInterceptor", "ReloadableCredentials", "client_names"]
+__all__ = ["ReloadableCredentials", "client_names"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,57 +126,3 @@ def client_names(context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
     for key in ("x509_subject", "x509_common_name", "x509_subject_alternative_name"):
         names.extend(v.decode("utf-8", "replace") for v in auth.get(key, ()))
     return names
-
-
-Behavior = Callable[..., Any]
-
-
-class AllowListInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses, with PERMISSION_DENIED, clients whose certificate names none of ``allowed``.
-
-    A name matches the certificate's full subject (``CN=...,O=...``), its common name, or one
-    of its subject alternative names. Applies to every service on the port.
-    """
-
-    def __init__(self, allowed: Sequence[str]) -> None:
-        self._allowed = frozenset(allowed)
-
-    async def _check(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        names = client_names(context)
-        if self._allowed.isdisjoint(names):
-            logger.warning("refused client %s: certificate %s not on the allow-list",
-                           context.peer(), names[0] if names else "(none)")  # fmt: skip
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                str(PermissionDeniedError("this client certificate is not allowed")),
-            )
-
-    def _guard(self, behavior: Behavior) -> Behavior:
-        check = self._check
-        if inspect.isasyncgenfunction(behavior):
-
-            async def stream(request: Any, context: Any) -> Any:
-                await check(context)
-                async for item in behavior(request, context):
-                    yield item
-
-            return stream
-
-        async def call(request: Any, context: Any) -> Any:
-            await check(context)
-            return await behavior(request, context)
-
-        return call
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
-        return handler._replace(
-            **{k: self._guard(getattr(handler, k)) for k in kinds if getattr(handler, k)}
-        )
