@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -401,3 +403,34 @@ def test_insecure_with_tls_settings_is_refused(certs: Certs) -> None:
     result = run_cli("serve", "--insecure", "--tls-ca", str(certs.ca))
     assert result.returncode == 2
     assert "--insecure" in result.stderr and "--tls-ca" in result.stderr
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # naming TLS 1.0 and 1.1 is deprecated
+@pytest.mark.parametrize(
+    ("versions", "accepted"),
+    [
+        ((ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1), False),
+        ((ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2), True),
+        ((ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_3), True),
+    ],
+)
+def test_tls_1_2_or_later_only(
+    service: Service, certs: Certs, versions: tuple[ssl.TLSVersion, ssl.TLSVersion], accepted: bool
+) -> None:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(certs.ca)
+    context.load_cert_chain(certs.client.cert, certs.client.key)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # let this client offer the old versions at all
+    context.minimum_version, context.maximum_version = versions
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", service.grpc_port), timeout=10) as raw:
+        if accepted:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        else:
+            with pytest.raises(ssl.SSLError) as info:
+                context.wrap_socket(raw, server_hostname="localhost")
+            # The server hung up on the hello, or sent a protocol_version alert: not this client
+            # declining to offer the old versions (NO_PROTOCOLS_AVAILABLE).
+            error = info.value
+            assert isinstance(error, ssl.SSLEOFError) or "VERSION" in str(error).upper(), error
