@@ -43,10 +43,10 @@ class ServiceSettings(BaseSettings):
         4096, ge=32, le=1_048_576, description="Context size of each context, in tokens (per slot)."
     )
     n_batch: int = Field(512, ge=1, description="Prompt tokens evaluated per llama_decode call.")
-    n_threads: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
+    n_threads: int | None = Field(
+        None,
         ge=1,
-        description="CPU threads each context uses (default: all cores).",
+        description="CPU threads each context uses (default: cores / pool size, at least 1).",
     )
     n_gpu_layers: int = Field(
         0, ge=-1, description="Layers to offload to the GPU (-1 = all; needs a GPU build)."
@@ -97,3 +97,14 @@ class ServiceSettings(BaseSettings):
         if isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
+
+    @property
+    def threads_per_context(self) -> int:
+        """``n_threads``, or the cores shared out between the pool's contexts.
+
+        Contexts decode in parallel; more threads than cores in all makes llama.cpp's spinning
+        threads wait on each other (measured on 2 cores: 2 streams 110 vs 154 tokens/s).
+        """
+        if self.n_threads is not None:
+            return self.n_threads
+        return max(1, (os.cpu_count() or 1) // self.llama_service_threads)

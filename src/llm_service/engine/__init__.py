@@ -69,7 +69,7 @@ def load_backend(settings: ServiceSettings, *, progress: bool = True) -> Backend
 
     show = progress and sys.stderr.isatty()
     path = resolve_model_path(settings, progress=show)
-    logger.info("loading model %s", path)
+    logger.info("loading model %s (%d CPU threads per context)", path, settings.threads_per_context)
 
     def report(fraction: float) -> None:
         if show:
@@ -81,7 +81,7 @@ def load_backend(settings: ServiceSettings, *, progress: bool = True) -> Backend
         path,
         n_ctx=settings.n_ctx,
         n_batch=settings.n_batch,
-        n_threads=settings.n_threads,
+        n_threads=settings.threads_per_context,
         n_gpu_layers=settings.n_gpu_layers,
         progress=report,
     )

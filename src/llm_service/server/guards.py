@@ -93,8 +93,8 @@ class RequestParseInterceptor(grpc.aio.ServerInterceptor):
 class AllowListInterceptor(grpc.aio.ServerInterceptor):
     """Refuses, with PERMISSION_DENIED, clients whose certificate names none of ``allowed``.
 
-    A name matches the certificate's full subject (``CN=...,O=...``), its common name, or one
-    of its subject alternative names.
+    A name matches the certificate's common name or one of its subject alternative names (or
+    its whole subject, ``CN=...,O=...``, when given programmatically).
     """
 
     def __init__(self, allowed: Sequence[str]) -> None:
