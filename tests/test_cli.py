@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from llm_service.cli import main
+
 EXE = [sys.executable, "-m", "llm_service"]
 
 
@@ -56,7 +58,9 @@ def test_missing_model_file_is_one_clear_line(tmp_path: Path) -> None:
 def test_bad_setting_is_a_usage_error() -> None:
     result = run("generate", "hi", "--n-ctx", "lots")
     assert result.returncode == 2
-    assert "invalid setting n_ctx" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        "invalid setting --n-ctx / LLM_N_CTX" in result.stderr and "Traceback" not in result.stderr
+    )
 
 
 def test_bad_sampling_value_names_the_field() -> None:
@@ -69,3 +73,38 @@ def test_fake_backend_demo_needs_no_model() -> None:
     result = run("generate", "hi", "--backend", "fake")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "Hello from the fake backend."
+
+
+def test_settings_errors_name_the_flag_and_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LLM_MAX_QUEUE", "abc")
+    assert main(["serve"]) == 2
+    assert "--max-queue / LLM_MAX_QUEUE" in capsys.readouterr().err
+
+
+def test_serve_help_shows_defaults_and_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in (
+        "Default: 127.0.0.1:50051",
+        "Default: 127.0.0.1:8080",
+        "Default: 30.0",
+        "[LLM_TLS_ALLOWED_CLIENTS]",
+        "[LLM_INSECURE]",
+        "{DEBUG,INFO,WARNING,ERROR}",
+    ):
+        assert expected in text, expected
+
+
+def test_certs_does_not_replace_a_ca_unless_forced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["certs", "--out", str(tmp_path)]) == 0
+    ca = (tmp_path / "ca.crt").read_bytes()
+    assert main(["certs", "--out", str(tmp_path)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "ca.crt").read_bytes() == ca
+    assert main(["certs", "--out", str(tmp_path), "--force"]) == 0
+    assert (tmp_path / "ca.crt").read_bytes() != ca

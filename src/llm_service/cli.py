@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -37,18 +39,26 @@ def add_settings_flags(parser: argparse.ArgumentParser, fields: Sequence[str]) -
     group = parser.add_argument_group("settings (each also an LLM_* environment variable)")
     for name in fields:
         info = ServiceSettings.model_fields[name]
-        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-        env = "LLM_" + name.upper()
+        flag, env = flag_name(name), "LLM_" + name.upper()
+        default = info.get_default(call_default_factory=True)
+        hidden = default is None or default is False or default == ()
+        shown = "" if hidden else f" Default: {default}."
+        help_text = f"{info.description}{shown} [{env}]"
         if info.annotation is bool:
             group.add_argument(
-                flag, dest=name, action="store_const", const=True, default=None,
-                help=f"{info.description} [{env}]",
-            )  # fmt: skip
+                flag, dest=name, action="store_const", const=True, default=None, help=help_text
+            )
         else:
+            choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
             group.add_argument(
-                flag, dest=name, default=None, metavar=name.split("_")[-1].upper(),
-                help=f"{info.description} [{env}]",
+                flag, dest=name, default=None, choices=choices, help=help_text,
+                metavar=None if choices else name.split("_")[-1].upper(),
             )  # fmt: skip
+
+
+def flag_name(field: str) -> str:
+    """The command-line flag of a settings field."""
+    return FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
 
 
 def settings_from(args: argparse.Namespace) -> ServiceSettings:
@@ -88,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra DNS name or IP address for the server certificate (repeatable)",
     )  # fmt: skip
     certs.add_argument("--client-name", default="llm-client", help="client certificate's CN")
+    certs.add_argument(
+        "--force", action="store_true",
+        help="replace certificates already in DIR (clients of the old CA stop working)",
+    )  # fmt: skip
 
     fetch = commands.add_parser(
         "fetch-model",
@@ -136,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from(args)
     except ValidationError as exc:
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"])
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            where = f"{flag_name(field)} / LLM_{field.upper()}"
             print(f"llm_service: invalid setting {where}: {err['msg']}", file=sys.stderr)
         return EXIT_USAGE
     # The generate demo is quiet unless a log level was asked for: its output is the text.
@@ -152,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "certs":
             return write_certs(args)
         if args.command == "serve":
+            # gRPC core writes its own unformatted lines to stderr (one per failed handshake at
+            # its default level): keep them to errors unless the operator asked for more.
+            os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
             from llm_service.server import serve
 
             return asyncio.run(serve(settings))
@@ -168,6 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def write_certs(args: argparse.Namespace) -> int:
     from llm_service.certs import write_dev_certs
 
+    existing = sorted(p.name for p in args.out.glob("*.crt")) if args.out.is_dir() else []
+    if existing and not args.force:
+        print(
+            f"llm_service: {args.out} already holds {', '.join(existing)}; a new CA would lock"
+            " out every client of the old one. Pass --force to replace them.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     written = write_dev_certs(args.out, sans=args.san, client_name=args.client_name)
     for path in written.values():
         print(path)

@@ -66,7 +66,7 @@ def test_prompt_and_chat_requests() -> None:
         (pb.GenerateRequest(chat=pb.Chat()), "messages"),
         (
             pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="robot", content="x")])),
-            "messages.role",
+            "messages[0].role",
         ),
     ],
 )

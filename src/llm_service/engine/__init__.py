@@ -69,7 +69,9 @@ def load_backend(settings: ServiceSettings, *, progress: bool = True) -> Backend
 
     show = progress and sys.stderr.isatty()
     path = resolve_model_path(settings, progress=show)
-    logger.info("loading model %s (%d CPU threads per context)", path, settings.threads_per_context)
+    threads = settings.threads_per_context
+    logger.info("loading model %s (%d CPU thread%s per context)", path, threads,
+                "" if threads == 1 else "s")  # fmt: skip
 
     def report(fraction: float) -> None:
         if show:

@@ -199,9 +199,9 @@ class Engine:
             async with self.pool.lease(self._lease_timeout(request)) as lease:
                 context = lease.context
                 log.info(
-                    "started on context %d: %d prompt tokens, max %d new, queued %.1f ms",
+                    "started on context %d: %s, max %d new, queued %.1f ms",
                     context.index,
-                    len(prompt_tokens),
+                    _count(len(prompt_tokens), "prompt token"),
                     max_tokens,
                     lease.queue_wait_s * 1000,
                 )
@@ -226,10 +226,12 @@ class Engine:
                         yield event
                         if isinstance(event, Finished):
                             log.info(
-                                "finished: %s, %d tokens, %.1f tokens/s",
+                                "finished: %s, %s%s",
                                 event.finish_reason.value,
-                                event.usage.completion_tokens,
-                                event.timings.decode_tokens_per_s,
+                                _count(event.usage.completion_tokens, "token"),
+                                f", {event.timings.decode_tokens_per_s:.1f} tokens/s"
+                                if event.usage.completion_tokens > 1
+                                else "",
                             )
                             return
                 finally:
@@ -294,6 +296,10 @@ class Engine:
         """Run a blocking backend call in the engine's threads, off the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._prep, functools.partial(fn, *args, **kwargs))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _close_result(future: asyncio.Future[Sampler]) -> None:

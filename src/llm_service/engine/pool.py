@@ -173,7 +173,7 @@ class LlamaContextPool(Generic[C]):
             return self._take(self._free.popleft())
         if self.state().waiting >= self._max_queue:
             raise OverloadedError(
-                f"all {self._size} contexts are busy and the queue is full"
+                f"every context ({self._size}) is busy and the queue is full"
                 f" ({self._max_queue} waiting)",
                 retry_after_s=1.0,
             )

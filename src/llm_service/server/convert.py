@@ -68,7 +68,15 @@ def messages(items: Sequence[pb.ChatMessage]) -> tuple[ChatMessage, ...]:
     """Chat messages from their protobuf form (validated; at least one)."""
     if not items:
         raise InvalidRequestError("messages", "must not be empty")
-    return tuple(ChatMessage(m.role, m.content) for m in items)
+    converted = []
+    for i, m in enumerate(items):
+        try:
+            converted.append(ChatMessage(m.role, m.content))
+        except InvalidRequestError as exc:
+            # Say which message: "messages[2].role", not "messages.role".
+            field = exc.field.replace("messages", f"messages[{i}]", 1)
+            raise InvalidRequestError(field, exc.detail) from None
+    return tuple(converted)
 
 
 def sampling_params(msg: pb.SamplingParams) -> SamplingParams:

@@ -149,18 +149,23 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
                         self._raise_if_failed(event)
                     await context.write(convert.event_message(event))
         except asyncio.CancelledError:
-            if outcome is None and not self._shutting_down:
-                # gRPC cancels the call both when the client goes and when its deadline passes;
-                # the client's clock started first, so its cancel can arrive just before ours.
-                remaining = context.time_remaining()
-                if remaining is not None and remaining <= DEADLINE_SLACK_S:
-                    outcome = FinishReason.DEADLINE.value
-                    log.info("deadline passed")
-                else:
-                    outcome = FinishReason.CANCELLED.value
-                    self._metrics.cancelled.inc()
-                    log.info("cancelled by the client")
             if not self._shutting_down:
+                if outcome is None:
+                    # gRPC cancels the call both when the client goes and when its deadline
+                    # passes; the client's clock started first, so its cancel can come first.
+                    remaining = context.time_remaining()
+                    if remaining is not None and remaining <= DEADLINE_SLACK_S:
+                        outcome = FinishReason.DEADLINE.value
+                    else:
+                        outcome = FinishReason.CANCELLED.value
+                        self._metrics.cancelled.inc()
+                log.info(
+                    "cancelled by the client"
+                    if outcome == FinishReason.CANCELLED.value
+                    else "deadline passed"
+                    if outcome == FinishReason.DEADLINE.value
+                    else f"call cancelled as it ended ({outcome})"
+                )
                 raise
             outcome = outcome or FinishReason.CANCELLED.value
             shutdown = UnavailableError("the server shut down before this request finished")
