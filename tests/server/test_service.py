@@ -434,3 +434,46 @@ def test_tls_1_2_or_later_only(
             # declining to offer the old versions (NO_PROTOCOLS_AVAILABLE).
             error = info.value
             assert isinstance(error, ssl.SSLEOFError) or "VERSION" in str(error).upper(), error
+
+
+CLIENT_THAT_DIES = """
+import asyncio, sys, grpc
+from llm_service.api.v1 import llm_pb2 as pb, llm_pb2_grpc
+
+async def main(port, ca, cert, key):
+    read = lambda p: open(p, "rb").read()
+    creds = grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+    async with grpc.aio.secure_channel(f"localhost:{port}", creds) as channel:
+        stub = llm_pb2_grpc.InferenceStub(channel)
+        request = pb.GenerateRequest(
+            prompt="1, 2, 3, 4,", sampling=pb.SamplingParams(max_tokens=900, temperature=0)
+        )
+        async for event in stub.Generate(request):
+            if event.HasField("delta"):
+                print("streaming", flush=True)
+                await asyncio.sleep(3600)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def test_a_client_that_dies_mid_stream_gives_its_context_back(service: Service) -> None:
+    certs = service.certs
+    assert certs is not None
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT_THAT_DIES, str(service.grpc_port), str(certs.ca),
+         str(certs.client.cert), str(certs.client.key)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert client.stdout is not None
+        assert client.stdout.readline().strip() == "streaming"
+        async with service.channel() as channel:
+            stub = service.stub(channel)
+            assert (await pool_status(stub)).free == 1
+            client.kill()  # no goodbye: the connection just drops
+            client.wait()
+            await wait_free(stub, 2)
+    finally:
+        client.kill()
+        client.wait()
