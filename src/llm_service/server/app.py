@@ -39,7 +39,7 @@ from llm_service.server.guards import AllowListInterceptor, RequestParseIntercep
 from llm_service.server.http import start_http
 from llm_service.server.metrics import ServiceMetrics
 from llm_service.server.servicer import InferenceServicer, Phase, ServerState
-from llm_service.server.tls import ReloadableCredentials
+from llm_service.server.tls import ReloadableCredentials, tls_files
 from llm_service.settings import ServiceSettings
 
 __all__ = ["SERVICE_NAME", "parse_address", "serve"]
@@ -101,16 +101,8 @@ async def _warm_up(engine: Engine, pool_size: int) -> None:
 def _credentials(settings: ServiceSettings) -> ReloadableCredentials | None:
     if not settings.insecure:
         return ReloadableCredentials.from_settings(settings)
-    given = [
-        flag
-        for flag, value in (
-            ("--tls-cert", settings.tls_cert),
-            ("--tls-key", settings.tls_key),
-            ("--tls-ca", settings.tls_ca),
-            ("--tls-allowed-clients", settings.tls_allowed_clients),
-        )
-        if value
-    ]
+    tls = {**tls_files(settings), "--tls-allowed-clients": settings.tls_allowed_clients}
+    given = [flag for flag, value in tls.items() if value]
     if given:
         raise ConfigurationError(
             f"--insecure serves plaintext, so {', '.join(given)} would be ignored: give one or"

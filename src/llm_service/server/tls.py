@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from llm_service.errors import ConfigurationError
 from llm_service.settings import ServiceSettings
 
-__all__ = ["ReloadableCredentials", "client_names"]
+__all__ = ["ReloadableCredentials", "client_names", "tls_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,12 @@ def _public(key: PublicKeyTypes) -> bytes:
     )
 
 
+def tls_files(settings: ServiceSettings) -> dict[str, Path | None]:
+    """The TLS file settings by flag."""
+    return {"--tls-cert": settings.tls_cert, "--tls-key": settings.tls_key,
+            "--tls-ca": settings.tls_ca}  # fmt: skip
+
+
 class ReloadableCredentials:
     """Server credentials requiring client certificates, re-read from disk on ``reload()``.
 
@@ -65,15 +71,7 @@ class ReloadableCredentials:
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> ReloadableCredentials:
         """Credentials from ``settings``; ConfigurationError says what is missing and how to fix."""
-        missing = [
-            flag
-            for flag, value in (
-                ("--tls-cert", settings.tls_cert),
-                ("--tls-key", settings.tls_key),
-                ("--tls-ca", settings.tls_ca),
-            )
-            if value is None
-        ]
+        missing = [flag for flag, value in tls_files(settings).items() if value is None]
         if missing:
             raise ConfigurationError(f"missing {', '.join(missing)}: {HOW_TO_FIX}")
         assert settings.tls_cert and settings.tls_key and settings.tls_ca
