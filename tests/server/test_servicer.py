@@ -32,7 +32,7 @@ async def rig() -> AsyncIterator[Rig]:
     backend = FakeBackend()
     engine = await Engine.start(backend, EngineConfig(pool_size=2, max_queue=4))
     state = ServerState(pool_size=2)
-    metrics = ServiceMetrics(state.pool_state)
+    metrics = ServiceMetrics(state)
     servicer = InferenceServicer(state, metrics)
     server = grpc.aio.server()
     llm_pb2_grpc.add_InferenceServicer_to_server(servicer, server)

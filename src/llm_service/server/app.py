@@ -38,7 +38,8 @@ from llm_service.errors import ConfigurationError
 from llm_service.server.guards import AllowListInterceptor, RequestParseInterceptor
 from llm_service.server.http import start_http
 from llm_service.server.metrics import ServiceMetrics
-from llm_service.server.servicer import InferenceServicer, Phase, ServerState
+from llm_service.server.servicer import InferenceServicer
+from llm_service.server.state import Phase, ServerState
 from llm_service.server.tls import ReloadableCredentials, tls_files
 from llm_service.settings import ServiceSettings
 
@@ -157,11 +158,8 @@ def _grpc_server(
 
 
 async def _set_health(health: health_aio.HealthServicer, serving: bool) -> None:
-    status = (
-        health_pb2.HealthCheckResponse.SERVING
-        if serving
-        else (health_pb2.HealthCheckResponse.NOT_SERVING)
-    )
+    statuses = health_pb2.HealthCheckResponse
+    status = statuses.SERVING if serving else statuses.NOT_SERVING
     for name in ("", SERVICE_NAME):
         await health.set(name, status)
 
@@ -178,7 +176,7 @@ async def serve(settings: ServiceSettings) -> int:
     http_host, http_port = parse_address(settings.http_addr, "--http-addr")
 
     state = ServerState(settings.llama_service_threads)
-    metrics = ServiceMetrics(state.pool_state)
+    metrics = ServiceMetrics(state)
     servicer = InferenceServicer(state, metrics)
     health = health_aio.HealthServicer()
     await _set_health(health, serving=False)
@@ -228,7 +226,6 @@ async def serve(settings: ServiceSettings) -> int:
                 await _set_health(health, serving=True)
                 logger.info("ready: serving %s", engine.info.name)
                 await shutdown.requested.wait()
-        state.phase = Phase.DRAINING
         await health.enter_graceful_shutdown()
         await _drain(servicer, settings.shutdown_grace, shutdown.hurry)
     finally:

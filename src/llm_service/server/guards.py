@@ -84,8 +84,7 @@ class RequestParseInterceptor(grpc.aio.ServerInterceptor):
                 error = InvalidRequestError(
                     "request", f"not a valid request for {method}: {request.reason}"
                 )
-                status = status_for(error)
-                await context.abort(status.code, status.message)
+                await status_for(error).abort(context)
 
         return _guard_handler(handler, check, request_deserializer=lenient)
 
@@ -105,8 +104,9 @@ class AllowListInterceptor(grpc.aio.ServerInterceptor):
         if self._allowed.isdisjoint(names):
             logger.warning("refused client %s: certificate %s not on the allow-list",
                            context.peer(), names[0] if names else "(none)")  # fmt: skip
-            status = status_for(PermissionDeniedError("this client certificate is not allowed"))
-            await context.abort(status.code, status.message)
+            await status_for(PermissionDeniedError("this client certificate is not allowed")).abort(
+                context
+            )
 
     async def intercept_service(
         self,

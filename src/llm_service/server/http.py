@@ -9,7 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from llm_service.server.metrics import ServiceMetrics
-from llm_service.server.servicer import ServerState
+from llm_service.server.state import ServerState
 
 __all__ = ["start_http"]
 

@@ -13,7 +13,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from llm_service.engine import Finished, PoolState
+from llm_service.engine import Finished
+from llm_service.server.state import ServerState
 
 __all__ = ["ServiceMetrics"]
 
@@ -26,7 +27,7 @@ _E2E_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 class ServiceMetrics:
     """Counters, gauges and histograms, in a registry of their own (one per service)."""
 
-    def __init__(self, pool_state: Callable[[], PoolState | None]) -> None:
+    def __init__(self, state: ServerState) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series only add noise to every scrape
         self.registry = CollectorRegistry()
         r = self.registry
@@ -46,9 +47,9 @@ class ServiceMetrics:
         self.cancelled = Counter(
             "llm_requests_cancelled", "Generate calls cancelled by the client", registry=r
         )
-        self.in_flight = Gauge(
+        Gauge(
             "llm_requests_in_flight", "Generate calls being served or waiting", registry=r
-        )
+        ).set_function(lambda: state.in_flight)
         self.prompt_tokens = Counter("llm_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generated_tokens = Counter(
             "llm_generated_tokens", "Completion tokens generated", registry=r
@@ -74,8 +75,8 @@ class ServiceMetrics:
 
         def pool_value(name: str) -> Callable[[], float]:
             def read() -> float:
-                state = pool_state()
-                return float(getattr(state, name)) if state is not None else 0.0
+                pool = state.pool_state()
+                return float(getattr(pool, name)) if pool is not None else 0.0
 
             return read
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
-from typing import Any, NoReturn
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
 from llm_service.api.v1 import llm_pb2 as pb
 from llm_service.api.v1 import llm_pb2_grpc
-from llm_service.engine import Engine, Finished, FinishReason, PoolState, Started, TokenDelta
+from llm_service.engine import Engine, Finished, FinishReason, Started, TokenDelta
 from llm_service.engine.types import new_request_id
 from llm_service.errors import (
     DeadlineExceededError,
@@ -25,46 +25,16 @@ from llm_service.errors import (
 from llm_service.log import RequestLogger
 from llm_service.server import convert
 from llm_service.server.metrics import ServiceMetrics
+from llm_service.server.state import ServerState
 from llm_service.server.status import GrpcStatus, status_for
 
-__all__ = ["InferenceServicer", "Phase", "ServerState"]
+__all__ = ["InferenceServicer"]
 
 logger = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
+T = TypeVar("T")
 # A cancel this close to the call's deadline is the deadline, seen first by the client.
 DEADLINE_SLACK_S = 0.25
-
-
-class Phase(enum.Enum):
-    LOADING = pb.SERVING_STATE_LOADING
-    SERVING = pb.SERVING_STATE_SERVING
-    DRAINING = pb.SERVING_STATE_DRAINING
-
-
-class ServerState:
-    """What the service is doing now; shared by the gRPC servicer and the HTTP port."""
-
-    def __init__(self, pool_size: int) -> None:
-        self.phase = Phase.LOADING
-        self.engine: Engine | None = None
-        self.pool_size = pool_size
-        self.started_at = time.monotonic()
-        self.in_flight = 0
-
-    @property
-    def ready(self) -> bool:
-        return self.phase is Phase.SERVING
-
-    def pool_state(self) -> PoolState | None:
-        return self.engine.pool_state() if self.engine is not None else None
-
-    def serving_engine(self) -> Engine:
-        """The engine, if new requests are admitted; else UnavailableError."""
-        if self.phase is Phase.DRAINING:
-            raise UnavailableError("the server is shutting down; send the request to another one")
-        if self.phase is Phase.LOADING or self.engine is None:
-            raise UnavailableError("the server is still loading its model; retry shortly")
-        return self.engine
 
 
 def _request_id(given: str, context: Context) -> str:
@@ -75,6 +45,11 @@ def _request_id(given: str, context: Context) -> str:
             return convert.check_request_id(value, "x-request-id")
     return new_request_id()
 
+
+_CANCEL_LOG = {
+    FinishReason.CANCELLED.value: "cancelled by the client",
+    FinishReason.DEADLINE.value: "deadline passed",
+}
 
 # Finish reasons that end a started stream with a status instead of `done`.
 _FAILED_FINISH: dict[FinishReason, tuple[type[LLMServiceError], str]] = {
@@ -93,7 +68,6 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
     def __init__(self, state: ServerState, metrics: ServiceMetrics) -> None:
         self._state = state
         self._metrics = metrics
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._shutting_down = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -109,9 +83,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
         log = RequestLogger(logger, "-")
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)
-        self._state.in_flight += 1
-        self._metrics.in_flight.inc()
+        self._state.calls.add(task)
         self._idle.clear()
         # How the call ended, counted once at the end: a finish reason once started, or the
         # status code of a refusal before that.
@@ -159,31 +131,23 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
                     else:
                         outcome = FinishReason.CANCELLED.value
                         self._metrics.cancelled.inc()
-                log.info(
-                    "cancelled by the client"
-                    if outcome == FinishReason.CANCELLED.value
-                    else "deadline passed"
-                    if outcome == FinishReason.DEADLINE.value
-                    else f"call cancelled as it ended ({outcome})"
-                )
+                log.info(_CANCEL_LOG.get(outcome, f"call cancelled as it ended ({outcome})"))
                 raise
             outcome = outcome or FinishReason.CANCELLED.value
             shutdown = UnavailableError("the server shut down before this request finished")
-            await self._abort(context, status_for(shutdown), log)
+            await self._end(context, status_for(shutdown), log)
         except Exception as exc:
             status = status_for(exc, log.request_id)
             if started:
                 outcome = outcome or FinishReason.ERROR.value
             else:
                 self._metrics.rejected.labels(status.code.name).inc()
-            await self._abort(context, status, log)
+            await self._end(context, status, log)
         finally:
             if outcome is not None:
                 self._metrics.requests.labels(outcome).inc()
-            self._tasks.discard(task)
-            self._state.in_flight -= 1
-            self._metrics.in_flight.dec()
-            if self._state.in_flight == 0:
+            self._state.calls.discard(task)
+            if not self._state.calls:
                 self._idle.set()
 
     @staticmethod
@@ -195,11 +159,10 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
             raise error(message)
 
     @staticmethod
-    async def _abort(context: Context, status: GrpcStatus, log: RequestLogger) -> NoReturn:
+    async def _end(context: Context, status: GrpcStatus, log: RequestLogger) -> NoReturn:
         if status.code is not grpc.StatusCode.INTERNAL:  # INTERNAL was logged with its traceback
             log.info("ended with %s: %s", status.code.name, status.message)
-        await context.abort(status.code, status.message, status.trailing_metadata)
-        raise AssertionError("unreachable: abort raises")  # pragma: no cover
+        await status.abort(context)
 
     @property
     def in_flight(self) -> int:
@@ -217,7 +180,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
     async def cancel_all(self) -> int:
         """End every Generate still running with UNAVAILABLE; return how many there were."""
         self._shutting_down = True
-        tasks = list(self._tasks)
+        tasks = list(self._state.calls)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -225,18 +188,20 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
 
     # -- unary calls ---------------------------------------------------------------------
 
-    async def _unary(self, context: Context, call: Any, *, while_draining: bool = False) -> Any:
+    async def _unary(
+        self,
+        context: Context,
+        call: Callable[[Engine], Awaitable[T]],
+        *,
+        while_draining: bool = False,
+    ) -> T:
         request_id = "-"
         try:
             request_id = _request_id("", context)
             await context.send_initial_metadata((("x-request-id", request_id),))
-            engine = self._state.engine
-            if engine is None or not while_draining:
-                engine = self._state.serving_engine()
-            return await call(engine)
+            return await call(self._state.serving_engine(while_draining=while_draining))
         except Exception as exc:
-            status = status_for(exc, request_id)
-            await context.abort(status.code, status.message, status.trailing_metadata)
+            await status_for(exc, request_id).abort(context)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
         async def call(engine: Engine) -> pb.TokenizeResponse:
@@ -247,8 +212,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
             )
             return pb.TokenizeResponse(tokens=tokens)
 
-        result: pb.TokenizeResponse = await self._unary(context, call)
-        return result
+        return await self._unary(context, call)
 
     async def Detokenize(
         self, request: pb.DetokenizeRequest, context: Context
@@ -256,8 +220,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
         async def call(engine: Engine) -> pb.DetokenizeResponse:
             return pb.DetokenizeResponse(text=await engine.detokenize(list(request.tokens)))
 
-        result: pb.DetokenizeResponse = await self._unary(context, call)
-        return result
+        return await self._unary(context, call)
 
     async def ApplyChatTemplate(
         self, request: pb.ApplyChatTemplateRequest, context: Context
@@ -267,15 +230,13 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
             tokens = await engine.tokenize(text, add_special=False, parse_special=True)
             return pb.ApplyChatTemplateResponse(text=text, prompt_tokens=len(tokens))
 
-        result: pb.ApplyChatTemplateResponse = await self._unary(context, call)
-        return result
+        return await self._unary(context, call)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
         async def call(engine: Engine) -> pb.ModelInfo:
             return convert.model_info_message(engine.info, pool_size=self._state.pool_size)
 
-        result: pb.ModelInfo = await self._unary(context, call, while_draining=True)
-        return result
+        return await self._unary(context, call, while_draining=True)
 
     async def GetServerStatus(
         self, request: pb.GetServerStatusRequest, context: Context

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import grpc
 
@@ -54,6 +55,11 @@ class GrpcStatus:
     code: grpc.StatusCode
     message: str
     trailing_metadata: tuple[tuple[str, str], ...] = ()
+
+    async def abort(self, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+        """End the call with this status (raises, as ``context.abort`` does)."""
+        await context.abort(self.code, self.message, self.trailing_metadata)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
 
 def status_for(exc: BaseException, request_id: str | None = None) -> GrpcStatus:
