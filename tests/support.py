@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 from llm_service.engine import Engine, Finished, GenerationEvent, GenerationRequest, TokenDelta
 
@@ -21,3 +24,14 @@ def final(events: list[GenerationEvent]) -> Finished:
 
 def deltas(events: list[GenerationEvent]) -> list[TokenDelta]:
     return [e for e in events if isinstance(e, TokenDelta)]
+
+
+def run_llm_service(
+    *args: str, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``llm_service`` command as a person would, without the caller's LLM_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
+    return subprocess.run(
+        [sys.executable, "-m", "llm_service", *args],
+        input=stdin, env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip

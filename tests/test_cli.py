@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from llm_service.cli import main
-
-EXE = [sys.executable, "-m", "llm_service"]
-
-
-def run(
-    *args: str, stdin: str | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*EXE, *args], input=stdin, capture_output=True, text=True, timeout=timeout, check=False
-    )
+from tests.support import run_llm_service
 
 
 @pytest.mark.model
 def test_fetch_model_prints_the_path_last() -> None:
-    result = run("fetch-model")
+    result = run_llm_service("fetch-model")
     assert result.returncode == 0, result.stderr
     path = Path(result.stdout.strip().splitlines()[-1])
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.is_file()
@@ -31,7 +20,7 @@ def test_fetch_model_prints_the_path_last() -> None:
 
 @pytest.mark.model
 def test_generate_streams_text_and_a_summary() -> None:
-    result = run(
+    result = run_llm_service(
         "generate", "1, 2, 3, 4,", "--temperature", "0", "--max-tokens", "8", "--n-ctx", "512"
     )
     assert result.returncode == 0, result.stderr
@@ -41,13 +30,15 @@ def test_generate_streams_text_and_a_summary() -> None:
 
 @pytest.mark.model
 def test_generate_reads_the_prompt_from_stdin() -> None:
-    result = run("generate", "--chat", "--max-tokens", "4", "--n-ctx", "512", stdin="Say hello.")
+    result = run_llm_service(
+        "generate", "--chat", "--max-tokens", "4", "--n-ctx", "512", stdin="Say hello."
+    )
     assert result.returncode == 0, result.stderr
     assert "tokens, prompt" in result.stderr
 
 
 def test_missing_model_file_is_one_clear_line(tmp_path: Path) -> None:
-    result = run("generate", "hi", "--model", str(tmp_path / "absent.gguf"))
+    result = run_llm_service("generate", "hi", "--model", str(tmp_path / "absent.gguf"))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"llm_service: error: model file not found: {tmp_path / 'absent.gguf'}"
@@ -56,7 +47,7 @@ def test_missing_model_file_is_one_clear_line(tmp_path: Path) -> None:
 
 
 def test_bad_setting_is_a_usage_error() -> None:
-    result = run("generate", "hi", "--n-ctx", "lots")
+    result = run_llm_service("generate", "hi", "--n-ctx", "lots")
     assert result.returncode == 2
     assert (
         "invalid setting --n-ctx / LLM_N_CTX" in result.stderr and "Traceback" not in result.stderr
@@ -64,13 +55,13 @@ def test_bad_setting_is_a_usage_error() -> None:
 
 
 def test_bad_sampling_value_names_the_field() -> None:
-    result = run("generate", "hi", "--backend", "fake", "--top-p", "2")
+    result = run_llm_service("generate", "hi", "--backend", "fake", "--top-p", "2")
     assert result.returncode == 2
     assert "sampling.top_p" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_fake_backend_demo_needs_no_model() -> None:
-    result = run("generate", "hi", "--backend", "fake")
+    result = run_llm_service("generate", "hi", "--backend", "fake")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "Hello from the fake backend."
 

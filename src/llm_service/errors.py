@@ -21,6 +21,8 @@ LLMServiceError
 
 from __future__ import annotations
 
+from llm_service.log import plural
+
 __all__ = [
     "ConfigurationError",
     "DeadlineExceededError",
@@ -68,23 +70,19 @@ class PromptTooLongError(InvalidRequestError):
     ) -> None:
         if requested_tokens > prompt_tokens:
             message = (
-                f"prompt ({_tokens(prompt_tokens)}) + max_tokens"
+                f"prompt ({plural(prompt_tokens, 'token')}) + max_tokens"
                 f" ({requested_tokens - prompt_tokens}) = {requested_tokens} tokens exceeds the"
                 f" context size of {limit} tokens"
             )
         else:
             message = (
-                f"prompt is {_tokens(prompt_tokens)}, the context size is {limit} tokens"
+                f"prompt is {plural(prompt_tokens, 'token')}, the context size is {limit} tokens"
                 " (and at least one token must be left to generate)"
             )
         super().__init__(field, message)
         self.prompt_tokens = prompt_tokens
         self.requested_tokens = requested_tokens
         self.limit = limit
-
-
-def _tokens(n: int) -> str:
-    return f"{n} token" if n == 1 else f"{n} tokens"
 
 
 class OverloadedError(LLMServiceError):

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-__all__ = ["RequestLogger", "configure_logging"]
+__all__ = ["RequestLogger", "configure_logging", "plural"]
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,6 +27,11 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 token``, ``2 tokens``: counts in log lines and error messages."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 class RequestLogger(logging.LoggerAdapter[logging.Logger]):

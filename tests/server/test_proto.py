@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 from google.protobuf import descriptor_pb2
@@ -64,4 +63,3 @@ def test_enums_start_with_unspecified_zero() -> None:
         zero = enum.values_by_number[0].name
         assert zero.endswith("_UNSPECIFIED"), (enum.name, zero)
     assert llm_pb2.DESCRIPTOR.package == "llm.v1"
-    assert sys.modules["llm_service.api.v1.llm_pb2"] is llm_pb2

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from llm_service.api.v1 import llm_pb2 as pb
 from llm_service.server import SERVICE_NAME
 from tests.server.service import Certs, Service, greedy, pool_status, read_rest, run_stream
+from tests.support import run_llm_service
 
 pytestmark = pytest.mark.model
 
@@ -347,19 +348,8 @@ async def test_plaintext_only_when_asked(start_service) -> None:  # type: ignore
     assert svc.stop() == 0
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
-    return subprocess.run(
-        [sys.executable, "-m", "llm_service", *args],
-        env=base | (env or {}),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_no_tls_material_and_no_insecure_says_how_to_fix() -> None:
-    result = run_cli("serve")
+    result = run_llm_service("serve")
     assert result.returncode == 2
     assert "--tls-cert" in result.stderr and "--insecure" in result.stderr
     assert "llm_service certs" in result.stderr
@@ -368,15 +358,15 @@ def test_no_tls_material_and_no_insecure_says_how_to_fix() -> None:
 def test_unusable_settings_fail_with_the_flag_named(certs: Certs, tmp_path: Path) -> None:
     tls = ["--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
            "--tls-ca", str(certs.ca)]  # fmt: skip
-    result = run_cli("serve", *tls, "--grpc-addr", "nowhere")
+    result = run_llm_service("serve", *tls, "--grpc-addr", "nowhere")
     assert result.returncode == 2 and "--grpc-addr" in result.stderr
     missing = tmp_path / "missing.pem"
-    result = run_cli("serve", *tls[:4], "--tls-ca", str(missing))
+    result = run_llm_service("serve", *tls[:4], "--tls-ca", str(missing))
     assert result.returncode == 2 and f"--tls-ca: cannot read client CA {missing}" in result.stderr
 
 
 def test_certs_command_writes_private_keys(tmp_path: Path) -> None:
-    result = run_cli("certs", "--out", str(tmp_path / "c"), "--san", "llm.example")
+    result = run_llm_service("certs", "--out", str(tmp_path / "c"), "--san", "llm.example")
     assert result.returncode == 0, result.stderr
     for name in ("ca", "server", "client"):
         assert (tmp_path / "c" / f"{name}.key").stat().st_mode & 0o777 == 0o600
@@ -391,7 +381,7 @@ def test_certs_command_writes_private_keys(tmp_path: Path) -> None:
 
 
 def test_a_key_that_does_not_match_the_certificate_is_named(certs: Certs) -> None:
-    result = run_cli(
+    result = run_llm_service(
         "serve", "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.client.key),
         "--tls-ca", str(certs.ca),
     )  # fmt: skip
@@ -400,7 +390,7 @@ def test_a_key_that_does_not_match_the_certificate_is_named(certs: Certs) -> Non
 
 
 def test_insecure_with_tls_settings_is_refused(certs: Certs) -> None:
-    result = run_cli("serve", "--insecure", "--tls-ca", str(certs.ca))
+    result = run_llm_service("serve", "--insecure", "--tls-ca", str(certs.ca))
     assert result.returncode == 2
     assert "--insecure" in result.stderr and "--tls-ca" in result.stderr
 

@@ -26,6 +26,7 @@ from llm_service.engine.types import (
     TokenDelta,
     Usage,
 )
+from llm_service.log import plural
 from llm_service.settings import ServiceSettings
 
 __all__ = [
@@ -70,8 +71,7 @@ def load_backend(settings: ServiceSettings, *, progress: bool = True) -> Backend
     show = progress and sys.stderr.isatty()
     path = resolve_model_path(settings, progress=show)
     threads = settings.threads_per_context
-    logger.info("loading model %s (%d CPU thread%s per context)", path, threads,
-                "" if threads == 1 else "s")  # fmt: skip
+    logger.info("loading model %s (%s per context)", path, plural(threads, "CPU thread"))
 
     def report(fraction: float) -> None:
         if show:

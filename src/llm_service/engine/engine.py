@@ -33,7 +33,7 @@ from llm_service.errors import (
     OverloadedError,
     PromptTooLongError,
 )
-from llm_service.log import RequestLogger
+from llm_service.log import RequestLogger, plural
 
 __all__ = ["Engine", "EngineConfig"]
 
@@ -201,7 +201,7 @@ class Engine:
                 log.info(
                     "started on context %d: %s, max %d new, queued %.1f ms",
                     context.index,
-                    _count(len(prompt_tokens), "prompt token"),
+                    plural(len(prompt_tokens), "prompt token"),
                     max_tokens,
                     lease.queue_wait_s * 1000,
                 )
@@ -228,7 +228,7 @@ class Engine:
                             log.info(
                                 "finished: %s, %s%s",
                                 event.finish_reason.value,
-                                _count(event.usage.completion_tokens, "token"),
+                                plural(event.usage.completion_tokens, "token"),
                                 f", {event.timings.decode_tokens_per_s:.1f} tokens/s"
                                 if event.usage.completion_tokens > 1
                                 else "",
@@ -296,10 +296,6 @@ class Engine:
         """Run a blocking backend call in the engine's threads, off the event loop."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._prep, functools.partial(fn, *args, **kwargs))
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _close_result(future: asyncio.Future[Sampler]) -> None:

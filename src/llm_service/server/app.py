@@ -88,8 +88,9 @@ async def _warm_up(engine: Engine, pool_size: int) -> None:
             sampling=SamplingParams(max_tokens=1, temperature=0),
             request_id=f"warm-up-{i}",
         )
-        async for _ in engine.generate(request):
-            pass
+        async with contextlib.aclosing(engine.generate(request)) as events:
+            async for _ in events:
+                pass
 
     await asyncio.gather(*(one(i) for i in range(pool_size)))
     logger.info(

@@ -52,15 +52,11 @@ def _guard_handler(handler: Any, guard: Guard, **replace: Any) -> Any:
     return handler._replace(**behaviors, **replace)
 
 
-class _Unparsable:
-    """Stands in for a request message that failed to parse."""
+class _HandlerInterceptor(grpc.aio.ServerInterceptor):
+    """Rewrites each method's handler once it is found; subclasses say how in ``rewrite``."""
 
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-class RequestParseInterceptor(grpc.aio.ServerInterceptor):
-    """Unparsable unary requests become INVALID_ARGUMENT (field ``request``)."""
+    def rewrite(self, handler: Any, method: str) -> Any:
+        raise NotImplementedError
 
     async def intercept_service(
         self,
@@ -68,10 +64,23 @@ class RequestParseInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        return None if handler is None else self.rewrite(handler, handler_call_details.method)
+
+
+class _Unparsable:
+    """Stands in for a request message that failed to parse."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class RequestParseInterceptor(_HandlerInterceptor):
+    """Unparsable unary requests become INVALID_ARGUMENT (field ``request``)."""
+
+    def rewrite(self, handler: Any, method: str) -> Any:
+        if handler.request_streaming or handler.request_deserializer is None:
             return handler
         parse = handler.request_deserializer
-        method = handler_call_details.method
 
         def lenient(data: bytes) -> Any:
             try:
@@ -89,7 +98,7 @@ class RequestParseInterceptor(grpc.aio.ServerInterceptor):
         return _guard_handler(handler, check, request_deserializer=lenient)
 
 
-class AllowListInterceptor(grpc.aio.ServerInterceptor):
+class AllowListInterceptor(_HandlerInterceptor):
     """Refuses, with PERMISSION_DENIED, clients whose certificate names none of ``allowed``.
 
     A name matches the certificate's common name or one of its subject alternative names (or
@@ -104,14 +113,8 @@ class AllowListInterceptor(grpc.aio.ServerInterceptor):
         if self._allowed.isdisjoint(names):
             logger.warning("refused client %s: certificate %s not on the allow-list",
                            context.peer(), names[0] if names else "(none)")  # fmt: skip
-            await status_for(PermissionDeniedError("this client certificate is not allowed")).abort(
-                context
-            )
+            refused = PermissionDeniedError("this client certificate is not allowed")
+            await status_for(refused).abort(context)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        return None if handler is None else _guard_handler(handler, self._check)
+    def rewrite(self, handler: Any, method: str) -> Any:
+        return _guard_handler(handler, self._check)
