@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from llm_service import __version__
@@ -55,9 +56,8 @@ _OPTIONAL_SAMPLING_FIELDS = (
 
 def check_request_id(request_id: str, field: str = "request_id") -> str:
     """``request_id`` if it is 1-128 printable ASCII characters; else InvalidRequestError."""
-    if not (0 < len(request_id) <= MAX_REQUEST_ID_CHARS and request_id.isprintable()) or (
-        not request_id.isascii()
-    ):
+    length_ok = 0 < len(request_id) <= MAX_REQUEST_ID_CHARS
+    if not (length_ok and request_id.isascii() and request_id.isprintable()):
         raise InvalidRequestError(
             field, f"must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters"
         )
@@ -98,20 +98,16 @@ def generation_request(
     msg: pb.GenerateRequest, *, request_id: str, deadline: float | None
 ) -> GenerationRequest:
     """The engine request for a GenerateRequest (InvalidRequestError names the bad field)."""
-    sampling = sampling_params(msg.sampling)
     which = msg.WhichOneof("input")
-    if which == "prompt":
-        return GenerationRequest(
-            prompt=msg.prompt, sampling=sampling, request_id=request_id, deadline=deadline
-        )
-    if which == "chat":
-        return GenerationRequest(
-            messages=messages(msg.chat.messages),
-            sampling=sampling,
-            request_id=request_id,
-            deadline=deadline,
-        )
-    raise InvalidRequestError("input", "give a prompt or chat messages")
+    if which is None:
+        raise InvalidRequestError("input", "give a prompt or chat messages")
+    return GenerationRequest(
+        prompt=msg.prompt if which == "prompt" else None,
+        messages=messages(msg.chat.messages) if which == "chat" else None,
+        sampling=sampling_params(msg.sampling),
+        request_id=request_id,
+        deadline=deadline,
+    )
 
 
 def event_message(event: GenerationEvent) -> pb.GenerateResponse:
@@ -152,13 +148,7 @@ def event_message(event: GenerationEvent) -> pb.GenerateResponse:
 
 
 def pool_message(state: PoolState) -> pb.PoolStatus:
-    return pb.PoolStatus(
-        size=state.size,
-        free=state.free,
-        leased=state.leased,
-        waiting=state.waiting,
-        replaced=state.replaced,
-    )
+    return pb.PoolStatus(**dataclasses.asdict(state))
 
 
 def model_info_message(info: ModelInfo, *, pool_size: int) -> pb.ModelInfo:
