@@ -192,10 +192,11 @@ async def serve(settings: ServiceSettings) -> int:
     shutdown = _Shutdown(state)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, shutdown, signum)
-    loop.add_signal_handler(
-        signal.SIGHUP,
-        credentials.reload if credentials else lambda: logger.info("SIGHUP: no TLS to re-read"),
-    )
+    if credentials is not None:
+        # Reading and checking the files is file I/O: off the event loop.
+        loop.add_signal_handler(signal.SIGHUP, loop.run_in_executor, None, credentials.reload)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, logger.info, "SIGHUP: no TLS to re-read")
     engine: Engine | None = None
     try:
         await server.start()

@@ -58,12 +58,11 @@ class ReloadableCredentials:
     def __init__(self, cert: Path, key: Path, ca: Path) -> None:
         self._paths = (cert, key, ca)
         self._lock = threading.Lock()
-        self._current = self._load()
         self._pending: grpc.ServerCertificateConfiguration | None = None
         self.credentials = grpc.dynamic_ssl_server_credentials(
             # The stubs say the fetcher must return a configuration; gRPC documents None as
             # "keep the current one".
-            self._current,
+            self._load(),
             self._fetch,  # type: ignore[arg-type]
             require_client_authentication=True,
         )
