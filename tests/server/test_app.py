@@ -6,6 +6,8 @@ import asyncio
 import os
 import signal
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import grpc
@@ -19,6 +21,27 @@ from llm_service.errors import ConfigurationError
 from llm_service.server import SERVICE_NAME, app
 from llm_service.settings import ServiceSettings
 from tests.server.service import free_port, greedy, run_stream
+
+
+def serve_in_process(
+    monkeypatch: pytest.MonkeyPatch,
+    load: Callable[[ServiceSettings], FakeBackend],
+    **settings: Any,
+) -> tuple[asyncio.Task[int], int, int]:
+    """``app.serve`` as a task, plaintext on free ports, loading with ``load``.
+
+    Returns:
+        The task (its result is the exit code), the gRPC port and the HTTP port.
+    """
+    monkeypatch.setattr(app, "load_backend", load)
+    grpc_port, http_port = free_port(), free_port()
+    config = ServiceSettings(
+        insecure=True,
+        grpc_addr=f"127.0.0.1:{grpc_port}",
+        http_addr=f"127.0.0.1:{http_port}",
+        **settings,
+    )
+    return asyncio.create_task(app.serve(config)), grpc_port, http_port
 
 
 async def health_of(channel: grpc.aio.Channel) -> set[int]:
@@ -51,15 +74,9 @@ async def test_not_serving_while_loading_then_serving_then_drained_on_sigterm(
         loaded.wait(30)
         return FakeBackend()
 
-    monkeypatch.setattr(app, "load_backend", slow_load)
-    grpc_port, http_port = free_port(), free_port()
-    settings = ServiceSettings(
-        insecure=True,
-        grpc_addr=f"127.0.0.1:{grpc_port}",
-        http_addr=f"127.0.0.1:{http_port}",
-        llama_service_threads=1,
+    serving, grpc_port, http_port = serve_in_process(
+        monkeypatch, slow_load, llama_service_threads=1
     )
-    serving = asyncio.create_task(app.serve(settings))
     async with (
         aiohttp.ClientSession() as http,
         grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
@@ -128,12 +145,7 @@ async def test_sigterm_while_loading_never_turns_ready_and_frees_the_model(
         loaded.wait(30)
         return backend
 
-    monkeypatch.setattr(app, "load_backend", slow_load)
-    grpc_port, http_port = free_port(), free_port()
-    settings = ServiceSettings(
-        insecure=True, grpc_addr=f"127.0.0.1:{grpc_port}", http_addr=f"127.0.0.1:{http_port}"
-    )
-    serving = asyncio.create_task(app.serve(settings))
+    serving, grpc_port, _ = serve_in_process(monkeypatch, slow_load)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         stub = llm_pb2_grpc.InferenceStub(channel)
         status = await stub.GetServerStatus(pb.GetServerStatusRequest(), wait_for_ready=True)
@@ -150,12 +162,7 @@ async def test_sigterm_while_loading_never_turns_ready_and_frees_the_model(
 async def test_unparsable_requests_are_invalid_argument_and_harmless(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(app, "load_backend", lambda settings: FakeBackend())
-    grpc_port, http_port = free_port(), free_port()
-    settings = ServiceSettings(
-        insecure=True, grpc_addr=f"127.0.0.1:{grpc_port}", http_addr=f"127.0.0.1:{http_port}"
-    )
-    serving = asyncio.create_task(app.serve(settings))
+    serving, grpc_port, _ = serve_in_process(monkeypatch, lambda settings: FakeBackend())
     raw = {"serializer": lambda b: b, "deserializer": lambda b: b}
     bad_utf8 = bytes([0x0A, 3, 0xFF, 0xFE, 0x41])  # field 1 (a string), invalid UTF-8
     truncated = bytes([0x0A, 50, 0x41])  # field 1 says 50 bytes, has 1
