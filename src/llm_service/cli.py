@@ -19,26 +19,42 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from typing import Literal, TypeVar, cast, get_args, get_origin
 
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings
 
+from llm_service.client.types import Sampling
 from llm_service.errors import ConfigurationError, InvalidRequestError, LLMServiceError
 from llm_service.log import configure_logging
-from llm_service.settings import ServiceSettings
+from llm_service.settings import ClientSettings, ServiceSettings
 
-__all__ = ["main"]
+__all__ = [
+    "add_sampling_flags",
+    "add_settings_flags",
+    "main",
+    "report_invalid_settings",
+    "sampling_options",
+    "settings_from",
+]
+
+S = TypeVar("S", bound=BaseSettings)
 
 # Flags whose name differs from the field's.
 FLAG_NAMES = {"model_path": "--model"}
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, fields: Sequence[str]) -> None:
+def add_settings_flags(
+    parser: argparse.ArgumentParser,
+    fields: Sequence[str],
+    settings: type[BaseSettings] = ServiceSettings,
+    title: str = "settings (each also an LLM_* environment variable)",
+) -> None:
     """Add one flag per settings field, documented from the field's description."""
-    group = parser.add_argument_group("settings (each also an LLM_* environment variable)")
+    group = parser.add_argument_group(title)
     for name in fields:
-        info = ServiceSettings.model_fields[name]
+        info = settings.model_fields[name]
         flag, env = flag_name(name), "LLM_" + name.upper()
         default = info.get_default(call_default_factory=True)
         hidden = default is None or default is False or default == ()
@@ -56,17 +72,75 @@ def add_settings_flags(parser: argparse.ArgumentParser, fields: Sequence[str]) -
             )  # fmt: skip
 
 
+# Sampling flags: (flag, type, help). Left out, the engine's default applies (SamplingParams).
+SAMPLING_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("--max-tokens", int, "tokens to generate at most (default: as many as fit the context)"),
+    ("--temperature", float, "randomness; 0 = greedy, deterministic (default: 0.8)"),
+    ("--top-k", int, "sample from the k most likely tokens; 0 = off (default: 40)"),
+    ("--top-p", float, "nucleus sampling, in (0, 1]; 1 = off (default: 0.95)"),
+    ("--min-p", float, "drop tokens below min-p x the best one's probability (default: 0.05)"),
+    ("--repeat-penalty", float, "penalty on repeated tokens; 1 = off (default: 1)"),
+    ("--presence-penalty", float, "in [-2, 2]; 0 = off (default: 0)"),
+    ("--frequency-penalty", float, "in [-2, 2]; 0 = off (default: 0)"),
+    ("--penalty-last-n", int, "tokens the penalties look back on; -1 = all (default: 64)"),
+    ("--seed", int, "random seed, for reproducible sampling (default: random)"),
+)
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, *, max_tokens: int | None = None) -> None:
+    """Flags for every sampling parameter, ``--stop``, ``--grammar`` and ``--json-schema``."""
+    group = parser.add_argument_group("sampling")
+    for flag, kind, help_text in SAMPLING_FLAGS:
+        default = max_tokens if flag == "--max-tokens" else None
+        if default is not None:
+            help_text = f"{help_text.split(' (default')[0]} (default: {default})"
+        group.add_argument(flag, type=kind, default=default, metavar="N", help=help_text)
+    group.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT",
+        help="stop string: generation ends before it (repeatable)",
+    )  # fmt: skip
+    group.add_argument("--grammar", type=Path, metavar="FILE", help="GBNF grammar file")
+    group.add_argument("--json-schema", type=Path, metavar="FILE", help="JSON schema file")
+
+
+def sampling_options(args: argparse.Namespace) -> Sampling:
+    """The sampling flags that were given, as SamplingParams / client keyword arguments.
+
+    Raises:
+        InvalidRequestError: a grammar or schema file cannot be read (names the flag).
+    """
+    given: dict[str, object] = {}
+    for flag, _kind, _help in SAMPLING_FLAGS:
+        name = flag.removeprefix("--").replace("-", "_")
+        if getattr(args, name) is not None:
+            given[name] = getattr(args, name)
+    if args.stop:
+        given["stop"] = tuple(args.stop)
+    for name in ("grammar", "json_schema"):
+        text = _read(getattr(args, name), "--" + name.replace("_", "-"))
+        if text is not None:
+            given[name] = text
+    return cast(Sampling, given)
+
+
 def flag_name(field: str) -> str:
     """The command-line flag of a settings field."""
     return FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
 
 
-def settings_from(args: argparse.Namespace) -> ServiceSettings:
+def settings_from(args: argparse.Namespace, settings: type[S]) -> S:
     """Settings from the environment, overridden by the flags that were given."""
-    given = {
-        k: v for k, v in vars(args).items() if k in ServiceSettings.model_fields and v is not None
-    }
-    return ServiceSettings(**given)
+    given = {k: v for k, v in vars(args).items() if k in settings.model_fields and v is not None}
+    return settings(**given)
+
+
+def report_invalid_settings(prog: str, exc: ValidationError) -> int:
+    """Print one line per invalid setting, naming its flag and variable; the usage exit code."""
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        where = f"{flag_name(field)} / LLM_{field.upper()}"
+        print(f"{prog}: invalid setting {where}: {err['msg']}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
         " server.key; SANs localhost, 127.0.0.1, ::1 and each --san) and a client certificate"
         " (client.crt, client.key) into DIR. Keys are readable by their owner only.",
     )
-    certs.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write")
+    certs.add_argument(
+        "--out", type=Path, metavar="DIR",
+        help="where to write (default: LLM_CERTS_DIR, else the user's configuration folder,"
+        " where llm_cli looks for them)",
+    )  # fmt: skip
     certs.add_argument(
         "--san", action="append", default=[], metavar="NAME",
         help="extra DNS name or IP address for the server certificate (repeatable)",
@@ -119,18 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", default="-", help="the prompt ('-' or none: stdin)")
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     gen.add_argument("--system", help="system message (implies --chat)")
-    gen.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most")
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    gen.add_argument("--top-k", type=int, default=40)
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--min-p", type=float, default=0.05)
-    gen.add_argument("--repeat-penalty", type=float, default=1.0)
-    gen.add_argument("--presence-penalty", type=float, default=0.0)
-    gen.add_argument("--frequency-penalty", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--grammar", type=Path, metavar="FILE", help="GBNF grammar file")
-    gen.add_argument("--json-schema", type=Path, metavar="FILE", help="JSON schema file")
+    add_sampling_flags(gen, max_tokens=256)
     gen.add_argument(
         "--backend", choices=["llama", "fake"], default="llama",
         help="'fake' runs the stack on scripted output, without a model",
@@ -147,13 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = settings_from(args)
+        settings = settings_from(args, ServiceSettings)
     except ValidationError as exc:
-        for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            where = f"{flag_name(field)} / LLM_{field.upper()}"
-            print(f"llm_service: invalid setting {where}: {err['msg']}", file=sys.stderr)
-        return EXIT_USAGE
+        return report_invalid_settings("llm_service", exc)
     # The generate demo is quiet unless a log level was asked for: its output is the text.
     quiet = args.command == "generate" and "log_level" not in settings.model_fields_set
     configure_logging(
@@ -186,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def write_certs(args: argparse.Namespace) -> int:
     from llm_service.certs import write_dev_certs
 
+    if args.out is None:
+        args.out = ClientSettings.model_validate({}).certs_dir
     existing = sorted(p.name for p in args.out.glob("*.crt")) if args.out.is_dir() else []
     if existing and not args.force:
         print(
@@ -226,20 +291,8 @@ async def generate(args: argparse.Namespace, settings: ServiceSettings) -> int:
     )
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    sampling = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repeat_penalty=args.repeat_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        seed=args.seed,
-        stop=tuple(args.stop),
-        grammar=_read(args.grammar, "--grammar"),
-        json_schema=_read(args.json_schema, "--json-schema"),
-    )
+    # sampling_options() gives `stop` as a tuple, as SamplingParams wants.
+    sampling = SamplingParams(**sampling_options(args))  # type: ignore[arg-type]
     request: GenerationRequest
     if args.chat or args.system:
         messages = [ChatMessage("user", prompt)]

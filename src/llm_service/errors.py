@@ -11,22 +11,33 @@ LLMServiceError
  ├── DeadlineExceededError      the request's deadline passed before it could finish
  ├── RequestCancelledError      the client went away
  ├── UnavailableError           the service is not serving now (loading, draining); try elsewhere
+ │    └── ConnectionFailedError the client could not reach the service (refused, TLS handshake)
  ├── PermissionDeniedError      the client's certificate is not on the allow-list
+ ├── UnsupportedError           the server does not implement the call (another API version)
+ ├── InternalServerError        a bug in the server; its log has the details
  ├── ConfigurationError         a setting is missing or wrong (TLS material, addresses)
  ├── ModelLoadError             the model file is missing, not GGUF, or llama.cpp refused it
  ├── ModelFetchError            the default model could not be fetched or failed its checksum
  └── EngineError                the engine itself failed (decode error, broken context)
 ```
+
+``kind`` names each class on the wire (gRPC trailing metadata ``llm-error``), so that the
+client (``llm_service.client``) raises the same class the server raised. Errors raised by the
+client also carry the ``request_id`` of the call and its gRPC ``status`` name.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 from llm_service.log import plural
 
 __all__ = [
     "ConfigurationError",
+    "ConnectionFailedError",
     "DeadlineExceededError",
     "EngineError",
+    "InternalServerError",
     "InvalidRequestError",
     "LLMServiceError",
     "ModelFetchError",
@@ -36,11 +47,22 @@ __all__ = [
     "PromptTooLongError",
     "RequestCancelledError",
     "UnavailableError",
+    "UnsupportedError",
 ]
 
 
 class LLMServiceError(Exception):
-    """Base of every error llm_service raises on purpose."""
+    """Base of every error llm_service raises on purpose.
+
+    Attributes:
+        kind: the class's stable name on the wire.
+        request_id: the request it is about, when known (always set by the client).
+        status: the gRPC status code's name, when the error came back from a server.
+    """
+
+    kind: ClassVar[str] = "error"
+    request_id: str | None = None
+    status: str | None = None
 
 
 class InvalidRequestError(LLMServiceError):
@@ -49,6 +71,8 @@ class InvalidRequestError(LLMServiceError):
     Attributes:
         field: the request field at fault (``"sampling.temperature"``, ``"prompt"``, ...).
     """
+
+    kind = "invalid_request"
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
@@ -64,6 +88,8 @@ class PromptTooLongError(InvalidRequestError):
         requested_tokens: prompt tokens plus the completion tokens asked for.
         limit: tokens one context holds (``n_ctx``).
     """
+
+    kind = "prompt_too_long"
 
     def __init__(
         self, field: str, *, prompt_tokens: int, requested_tokens: int, limit: int
@@ -92,6 +118,8 @@ class OverloadedError(LLMServiceError):
         retry_after_s: a hint for when to try again.
     """
 
+    kind = "overloaded"
+
     def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
@@ -100,30 +128,64 @@ class OverloadedError(LLMServiceError):
 class DeadlineExceededError(LLMServiceError):
     """The request's deadline passed before generation could start."""
 
+    kind = "deadline_exceeded"
+
 
 class RequestCancelledError(LLMServiceError):
     """The caller cancelled the request."""
+
+    kind = "cancelled"
 
 
 class UnavailableError(LLMServiceError):
     """The service is not serving right now (still loading, or draining); try another replica."""
 
+    kind = "unavailable"
+
+
+class ConnectionFailedError(UnavailableError):
+    """The client could not reach the service: nothing listens, or the TLS handshake failed."""
+
+    kind = "connection_failed"
+
 
 class PermissionDeniedError(LLMServiceError):
     """The client is authenticated but not allowed (its certificate is not on the allow-list)."""
+
+    kind = "permission_denied"
 
 
 class ConfigurationError(LLMServiceError):
     """A setting is missing or wrong; the message says which and how to fix it."""
 
+    kind = "configuration"
+
 
 class ModelLoadError(LLMServiceError):
     """The model could not be loaded (missing file, not GGUF, rejected by llama.cpp)."""
+
+    kind = "model_load"
 
 
 class ModelFetchError(LLMServiceError):
     """The default model could not be downloaded, extracted or verified."""
 
+    kind = "model_fetch"
+
 
 class EngineError(LLMServiceError):
     """The engine failed while serving a request (llama.cpp error, broken context)."""
+
+    kind = "engine"
+
+
+class UnsupportedError(LLMServiceError):
+    """The server does not implement the call (it speaks another version of the API)."""
+
+    kind = "unsupported"
+
+
+class InternalServerError(LLMServiceError):
+    """The server failed in a way it did not expect (a bug); its log has the details."""
+
+    kind = "internal"

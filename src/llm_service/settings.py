@@ -11,10 +11,17 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import platformdirs
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["ServiceSettings"]
+__all__ = ["ClientSettings", "ServiceSettings", "default_certs_dir"]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def default_certs_dir() -> Path:
+    """Where ``llm_service certs`` writes development certificates, and clients look for them."""
+    return Path(platformdirs.user_config_dir("llm-service")) / "certs"
 
 
 class ServiceSettings(BaseSettings):
@@ -58,7 +65,7 @@ class ServiceSettings(BaseSettings):
         30.0, gt=0, description="Seconds a request may wait for a free context before refusal."
     )
     grpc_addr: str = Field(
-        "127.0.0.1:50051", description="Address the gRPC API listens on (HOST:PORT; port 0 = any)."
+        DEFAULT_TARGET, description="Address the gRPC API listens on (HOST:PORT; port 0 = any)."
     )
     http_addr: str = Field(
         "127.0.0.1:8080",
@@ -108,3 +115,54 @@ class ServiceSettings(BaseSettings):
         if self.n_threads is not None:
             return self.n_threads
         return max(1, (os.cpu_count() or 1) // self.llama_service_threads)
+
+
+class ClientSettings(BaseSettings):
+    """Settings of the clients (``llm_cli``, ``llm_service.client``), environment prefix ``LLM_``.
+
+    With no TLS file given and ``insecure`` off, the development certificates in ``certs_dir``
+    are used when they exist (``./scripts/run`` writes them there), so that a client works with
+    no flags against the service the README starts.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_", protected_namespaces=(), extra="ignore", validate_default=True
+    )
+
+    target: str = Field(
+        DEFAULT_TARGET, description="Address of llm_service's gRPC port (HOST:PORT)."
+    )
+    tls_ca: Path | None = Field(None, description="CA (PEM) that signed the server's certificate.")
+    tls_cert: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
+    tls_key: Path | None = Field(None, description="Private key (PEM) of the client certificate.")
+    tls_server_name: str | None = Field(
+        None, description="Name to expect in the server's certificate (default: the target's host)."
+    )
+    certs_dir: Path = Field(
+        default_factory=default_certs_dir,
+        description="Development certificates (ca.crt, client.crt, client.key) used when no TLS"
+        " file is given.",
+    )
+    insecure: bool = Field(
+        False, description="Connect in plaintext, without TLS (only to an --insecure service)."
+    )
+    timeout: float | None = Field(
+        None, gt=0, description="Deadline of each call, in seconds (default: none)."
+    )
+    max_retries: int = Field(
+        3,
+        ge=0,
+        le=20,
+        description="Retries of a call refused with UNAVAILABLE or RESOURCE_EXHAUSTED before its"
+        " first token, with jittered back-off.",
+    )
+
+    @model_validator(mode="after")
+    def _development_certificates(self) -> ClientSettings:
+        given = (self.tls_ca, self.tls_cert, self.tls_key)
+        if self.insecure or any(given):
+            return self
+        files = [self.certs_dir / n for n in ("ca.crt", "client.crt", "client.key")]
+        if all(f.is_file() for f in files):
+            self.tls_ca, self.tls_cert, self.tls_key = files
+        return self

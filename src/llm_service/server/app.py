@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from llm_service.api.v1 import llm_pb2, llm_pb2_grpc
+from llm_service.api.v1 import MAX_MESSAGE_BYTES, llm_pb2, llm_pb2_grpc
 from llm_service.engine import (
     Engine,
     GenerationRequest,
@@ -48,7 +48,6 @@ __all__ = ["SERVICE_NAME", "parse_address", "serve"]
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 def parse_address(address: str, flag: str) -> tuple[str, int]:

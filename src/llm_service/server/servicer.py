@@ -13,6 +13,7 @@ import grpc
 
 from llm_service.api.v1 import llm_pb2 as pb
 from llm_service.api.v1 import llm_pb2_grpc
+from llm_service.api.v1 import metadata as md
 from llm_service.engine import Engine, Finished, FinishReason, Started, TokenDelta
 from llm_service.engine.types import new_request_id
 from llm_service.errors import (
@@ -41,8 +42,8 @@ def _request_id(given: str, context: Context) -> str:
     if given:
         return convert.check_request_id(given)
     for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str):
-            return convert.check_request_id(value, "x-request-id")
+        if key == md.REQUEST_ID and isinstance(value, str):
+            return convert.check_request_id(value, md.REQUEST_ID)
     return new_request_id()
 
 
@@ -92,7 +93,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
         try:
             request_id = _request_id(request.request_id, context)
             log = RequestLogger(logger, request_id)
-            await context.send_initial_metadata((("x-request-id", request_id),))
+            await context.send_initial_metadata(((md.REQUEST_ID, request_id),))
             engine = self._state.serving_engine()
             remaining = context.time_remaining()
             generation = convert.generation_request(
@@ -198,7 +199,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
         request_id = "-"
         try:
             request_id = _request_id("", context)
-            await context.send_initial_metadata((("x-request-id", request_id),))
+            await context.send_initial_metadata(((md.REQUEST_ID, request_id),))
             return await call(self._state.serving_engine(while_draining=while_draining))
         except Exception as exc:
             await status_for(exc, request_id).abort(context)

@@ -8,10 +8,13 @@ from typing import Any, NoReturn
 
 import grpc
 
+from llm_service.api.v1 import metadata as md
 from llm_service.errors import (
     ConfigurationError,
+    ConnectionFailedError,
     DeadlineExceededError,
     EngineError,
+    InternalServerError,
     InvalidRequestError,
     LLMServiceError,
     ModelFetchError,
@@ -21,6 +24,7 @@ from llm_service.errors import (
     PromptTooLongError,
     RequestCancelledError,
     UnavailableError,
+    UnsupportedError,
 )
 from llm_service.log import RequestLogger
 
@@ -28,8 +32,7 @@ __all__ = ["RETRY_AFTER_MS", "STATUS_CODES", "GrpcStatus", "status_for"]
 
 logger = logging.getLogger(__name__)
 
-# Trailing metadata key of RESOURCE_EXHAUSTED: milliseconds to wait before retrying.
-RETRY_AFTER_MS = "retry-after-ms"
+RETRY_AFTER_MS = md.RETRY_AFTER_MS
 INTERNAL_MESSAGE = "internal error; the server's log has the details"
 
 STATUS_CODES: dict[type[LLMServiceError], grpc.StatusCode] = {
@@ -45,6 +48,10 @@ STATUS_CODES: dict[type[LLMServiceError], grpc.StatusCode] = {
     ConfigurationError: grpc.StatusCode.UNAVAILABLE,
     ModelLoadError: grpc.StatusCode.UNAVAILABLE,
     ModelFetchError: grpc.StatusCode.UNAVAILABLE,
+    # Raised by the client only, mapped here so that the table covers the whole tree.
+    ConnectionFailedError: grpc.StatusCode.UNAVAILABLE,
+    UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
+    InternalServerError: grpc.StatusCode.INTERNAL,
 }
 
 
@@ -63,12 +70,31 @@ class GrpcStatus:
 
 
 def status_for(exc: BaseException, request_id: str | None = None) -> GrpcStatus:
-    """The status for ``exc``: from the table for our errors, INTERNAL (logged) for the rest."""
+    """The status for ``exc``: from the table for our errors, INTERNAL (logged) for the rest.
+
+    The trailing metadata names the error's kind and details (``llm_service.api.v1.metadata``),
+    for the client to raise the same error.
+    """
     code = next((STATUS_CODES[c] for c in type(exc).__mro__ if c in STATUS_CODES), None)
-    if code is not None:
-        metadata: tuple[tuple[str, str], ...] = ()
-        if isinstance(exc, OverloadedError):
-            metadata = ((RETRY_AFTER_MS, str(round(exc.retry_after_s * 1000))),)
-        return GrpcStatus(code, str(exc), metadata)
+    if isinstance(exc, LLMServiceError) and code is not None:
+        return GrpcStatus(code, str(exc), error_metadata(exc))
     RequestLogger(logger, request_id or "-").error("internal error", exc_info=exc)
-    return GrpcStatus(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+    return GrpcStatus(
+        grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, ((md.ERROR_KIND, InternalServerError.kind),)
+    )
+
+
+def error_metadata(exc: LLMServiceError) -> tuple[tuple[str, str], ...]:
+    """What the client needs to rebuild ``exc``, as trailing metadata."""
+    metadata = [(md.ERROR_KIND, exc.kind)]
+    if isinstance(exc, InvalidRequestError):
+        metadata.append((md.ERROR_FIELD, exc.field))
+    if isinstance(exc, PromptTooLongError):
+        metadata += [
+            (md.PROMPT_TOKENS, str(exc.prompt_tokens)),
+            (md.REQUESTED_TOKENS, str(exc.requested_tokens)),
+            (md.CONTEXT_SIZE, str(exc.limit)),
+        ]
+    if isinstance(exc, OverloadedError):
+        metadata.append((md.RETRY_AFTER_MS, str(round(exc.retry_after_s * 1000))))
+    return tuple(metadata)

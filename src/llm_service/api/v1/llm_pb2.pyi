@@ -16,6 +16,10 @@ Errors are gRPC statuses, from one table (llm_service.server.status):
   UNAVAILABLE         the server is loading, draining or its engine failed; try another replica.
   PERMISSION_DENIED   the client certificate is not on the server's allow-list.
   INTERNAL            a bug; the message is generic, details are in the server's log.
+A failed call's trailing metadata also names the error: "llm-error" (invalid_request,
+prompt_too_long, overloaded, deadline_exceeded, cancelled, unavailable, engine, ...),
+"llm-field" (the field at fault), and for prompt_too_long "llm-prompt-tokens",
+"llm-requested-tokens" and "llm-context-size" (see llm_service/api/v1/metadata.py).
 
 Every call may carry "x-request-id" metadata; the server uses it (or GenerateRequest.request_id,
 or a fresh id) in its logs and returns it as "x-request-id" initial metadata.
