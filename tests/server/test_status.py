@@ -62,7 +62,7 @@ def test_prompt_too_long_names_both_numbers_and_the_field() -> None:
 
 def test_overload_carries_a_retry_hint() -> None:
     status = status_for(errors.OverloadedError("queue full", retry_after_s=2.5))
-    assert dict(status.trailing_metadata) == {RETRY_AFTER_MS: "2500"}
+    assert dict(status.trailing_metadata) == {RETRY_AFTER_MS: "2500", "llm-error": "overloaded"}
 
 
 def test_anything_else_is_internal_with_a_generic_message_and_a_logged_traceback(
