@@ -19,19 +19,22 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, TypeVar, cast, get_args, get_origin
+from typing import TYPE_CHECKING, Literal, TypeVar, cast, get_args, get_origin
 
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
-from llm_service.client.types import Sampling
 from llm_service.errors import ConfigurationError, InvalidRequestError, LLMServiceError
 from llm_service.log import configure_logging
 from llm_service.settings import ClientSettings, ServiceSettings
 
+if TYPE_CHECKING:
+    from llm_service.client.types import Sampling
+
 __all__ = [
     "add_sampling_flags",
     "add_settings_flags",
+    "llm_cli",
     "main",
     "report_invalid_settings",
     "sampling_options",
@@ -120,7 +123,7 @@ def sampling_options(args: argparse.Namespace) -> Sampling:
         text = _read(getattr(args, name), "--" + name.replace("_", "-"))
         if text is not None:
             given[name] = text
-    return cast(Sampling, given)
+    return cast("Sampling", given)
 
 
 def flag_name(field: str) -> str:
@@ -244,6 +247,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nllm_service: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def llm_cli() -> int:
+    """Entry point of ``llm_cli`` (``llm_service.client.cli``).
+
+    It starts here, not in the client package, to keep gRPC core's own unformatted log lines
+    to errors: gRPC reads GRPC_VERBOSITY once, when it is first imported.
+    """
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from llm_service.client.cli import main as client_main
+
+    return client_main()
 
 
 def write_certs(args: argparse.Namespace) -> int:

@@ -21,23 +21,15 @@ from llm_service.errors import LLMServiceError
 
 __all__ = ["BenchResult", "RequestSample", "bench_prompt", "format_table", "run_load"]
 
-# Subjects of the benchmark prompts; request i asks about SUBJECTS[i % len], with its own number
-# first, so that no two prompts share a prefix a server could cache.
-SUBJECTS = (
-    "the history of the bicycle",
-    "how bread rises",
-    "why the sky is blue",
-    "the life of honey bees",
-    "how a compass works",
-    "the water cycle",
-    "the rules of chess",
-    "how volcanoes form",
-)
-
-
 def bench_prompt(i: int) -> str:
-    """The prompt of request ``i``: fixed, and different from every other request's."""
-    return f"Request {i}. Write a long, detailed essay about {SUBJECTS[i % len(SUBJECTS)]}."
+    """The prompt of request ``i``: fixed, and different from every other request's from its
+    first token on (so that no server can reuse a cached prefix).
+
+    It is a count the model goes on with for hundreds of tokens, so that every request
+    produces its full ``max_tokens`` (a model asked for an essay may stop after a few words).
+    """
+    start = 1 + 37 * i
+    return ", ".join(str(n) for n in range(start, start + 8)) + ","
 
 
 @dataclass

@@ -49,8 +49,10 @@ class _LoopThread:
             raise
 
     def stop(self) -> None:
+        """Stop the loop, after the tasks still on it (gRPC's own among them) have ended."""
         if self.loop.is_closed():
             return
+        self.run(_cancel_pending())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
@@ -198,3 +200,10 @@ class Stream:
 
     def __del__(self) -> None:
         self.close()
+
+
+async def _cancel_pending() -> None:
+    pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
