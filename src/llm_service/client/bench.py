@@ -21,6 +21,7 @@ from llm_service.errors import LLMServiceError
 
 __all__ = ["BenchResult", "RequestSample", "bench_prompt", "format_table", "run_load"]
 
+
 def bench_prompt(i: int) -> str:
     """The prompt of request ``i``: fixed, and different from every other request's from its
     first token on (so that no server can reuse a cached prefix).
