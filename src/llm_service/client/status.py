@@ -108,6 +108,8 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, request_id: str | None) -> LLMServ
     message = exc.details() or code.name.lower().replace("_", " ")
     if code is grpc.StatusCode.UNAVAILABLE and not _named(trailing):
         message = f"cannot reach the service: {_transport_reason(message)}"
+    elif code is grpc.StatusCode.DEADLINE_EXCEEDED and not _named(trailing):
+        message = f"the call's deadline passed before it finished ({message})"
     return error_for(code, message, trailing, request_id=request_id)
 
 
