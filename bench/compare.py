@@ -1,0 +1,480 @@
+"""llm_service side by side with llama.cpp's llama-server and llama-cpp-python's server.
+
+Every server runs the same model, from the same llama.cpp sources and build flags, with the same
+number of slots, and is driven by the same load generator (``llm_service.client.bench``) with the
+same requests: a different prompt each (so no server can answer from a prompt cache), greedy, a
+fixed number of tokens. Run it with ``bench/run`` (which builds llama-server first).
+
+Prints a table with each row's ratio to llama-server, writes JSON and a PNG plot, and checks
+the targets of the throughput issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+from llm_service.certs import write_dev_certs
+from llm_service.client import AsyncClient
+from llm_service.client.bench import BenchResult, bench_prompt, run_load
+from llm_service.default_model import fetch_default_model
+from llm_service.engine.llama import LLAMA_CPP_COMMIT
+from llm_service.settings import ServiceSettings
+
+REFERENCE = "llama-server"
+# Sends request (prompt index, max tokens); yields the token count of each chunk as it arrives.
+StreamOpener = Callable[[int, int], AsyncIterator[int]]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """One server under test, run as a child process with its log in a file."""
+
+    name: str
+    command: list[str]
+    ready_url: str
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+    def start(self, workdir: Path) -> None:
+        self.log = workdir / f"{self.name.replace(' ', '_')}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")} | self.env
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                self.command, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        assert self.process is not None
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited; its log: {self.log}")
+            try:
+                with urllib.request.urlopen(self.ready_url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.name} not ready after {timeout} s; its log: {self.log}")
+
+    def rss_mb(self) -> float:
+        assert self.process is not None
+        try:
+            proc = psutil.Process(self.process.pid)
+            procs = [proc, *proc.children(recursive=True)]
+            return sum(p.memory_info().rss for p in procs) / 2**20
+        except psutil.NoSuchProcess:
+            return 0.0
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Setup:
+    model: Path
+    slots: int
+    ctx_per_slot: int
+    threads: int
+    tools: Path
+    workdir: Path
+    certs: dict[str, Path]
+
+
+def llama_server(s: Setup) -> tuple[Server, str]:
+    """llama.cpp's server, and its base URL."""
+    port = free_port()
+    server = Server(
+        "llama-server",
+        [str(s.tools / "llama-server"), "-m", str(s.model), "--host", "127.0.0.1",
+         "--port", str(port), "-np", str(s.slots), "-c", str(s.slots * s.ctx_per_slot),
+         "-t", str(s.threads), "-tb", str(s.threads)],
+        f"http://127.0.0.1:{port}/health",
+    )  # fmt: skip
+    return server, f"http://127.0.0.1:{port}"
+
+
+def llama_cpp_python_server(s: Setup) -> tuple[Server, str]:
+    """llama-cpp-python's OpenAI-compatible server, and its base URL."""
+    port = free_port()
+    # interrupt_requests off: by default it cuts running streams off when new requests arrive.
+    server = Server(
+        "llama-cpp-python",
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(s.model), "--host", "127.0.0.1",
+         "--port", str(port), "--n_ctx", str(s.ctx_per_slot), "--n_threads", str(s.threads),
+         "--interrupt_requests", "False"],
+        f"http://127.0.0.1:{port}/v1/models",
+    )  # fmt: skip
+    return server, f"http://127.0.0.1:{port}"
+
+
+def llm_service(s: Setup, mode: str) -> tuple[Server, str]:
+    """llm_service in ``mode``, and its gRPC target."""
+    grpc_port, http_port = free_port(), free_port()
+    env = {
+        "LLM_MODEL_PATH": str(s.model),
+        "LLM_POOL_MODE": mode,
+        "LLM_LLAMA_SERVICE_THREADS": str(s.slots),
+        "LLM_N_CTX": str(s.ctx_per_slot),
+        "LLM_GRPC_ADDR": f"127.0.0.1:{grpc_port}",
+        "LLM_HTTP_ADDR": f"127.0.0.1:{http_port}",
+        "LLM_TLS_CERT": str(s.certs["server.crt"]),
+        "LLM_TLS_KEY": str(s.certs["server.key"]),
+        "LLM_TLS_CA": str(s.certs["ca.crt"]),
+        "LLM_LOG_LEVEL": "WARNING",
+    }
+    if mode == "batched":  # one context for all slots: every core on it (the mode's default)
+        env["LLM_N_THREADS"] = str(s.threads)
+    server = Server(
+        f"llm_service {mode}",
+        [sys.executable, "-m", "llm_service", "serve"],
+        f"http://127.0.0.1:{http_port}/readyz",
+        env,
+    )
+    return server, f"localhost:{grpc_port}"
+
+
+def grpc_opener(client: AsyncClient) -> StreamOpener:
+    """Streams Generate through the Python client; counts the tokens of each delta."""
+
+    async def stream(prompt_index: int, max_tokens: int) -> AsyncIterator[int]:
+        prompt = bench_prompt(prompt_index)
+        async with client.stream(prompt, max_tokens=max_tokens, temperature=0) as chunks:
+            async for chunk in chunks:
+                yield len(chunk.token_ids)
+
+    return stream
+
+
+def openai_opener(session: aiohttp.ClientSession, base: str) -> StreamOpener:
+    """Streams /v1/completions (OpenAI wire format); each streamed choice is one token."""
+
+    async def stream(prompt_index: int, max_tokens: int) -> AsyncIterator[int]:
+        body = {"prompt": bench_prompt(prompt_index), "max_tokens": max_tokens,
+                "temperature": 0, "stream": True}  # fmt: skip
+        async with session.post(f"{base}/v1/completions", json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"HTTP {response.status}")
+            async for raw in response.content:
+                line = raw.strip()
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                    continue
+                choices = json.loads(line[6:]).get("choices") or []
+                if choices and choices[0].get("text"):
+                    yield 1
+
+    return stream
+
+
+async def measure(
+    name: str,
+    opener: StreamOpener,
+    server: Server,
+    levels: list[int],
+    per_stream: int,
+    max_tokens: int,
+) -> list[dict[str, Any]]:
+    """Run every concurrency level against one server; the same prompts for every server."""
+    await _drain(opener(10_000, 8))  # warm-up, outside the figures
+    rows = []
+    offset = 0
+    for level in levels:
+        requests = max(6, per_stream * level)
+        peak = server.rss_mb()
+
+        async def sample_rss() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, server.rss_mb())
+                await asyncio.sleep(0.25)
+
+        def request(i: int, base: int = offset) -> AsyncIterator[int]:
+            return opener(base + i, max_tokens)
+
+        sampler = asyncio.create_task(sample_rss())
+        result: BenchResult = await run_load(
+            request,
+            concurrency=level,
+            requests=requests,
+            progress=sys.stderr.isatty(),
+            label=f"{name}, {level} streams",
+        )
+        sampler.cancel()
+        offset += requests
+        figures = result.figures()
+        figures["target"] = name
+        figures["peak_rss_mb"] = round(peak, 1)
+        figures["cut_off"] = sum(1 for s in result.samples if s.ok and s.tokens < max_tokens)
+        rows.append(figures)
+        print(
+            f"  {name:<18} {level:>3} streams: {figures['tokens_per_s']:7.1f} tokens/s,"
+            f" TTFT p50 {figures['ttft_ms']['p50']} ms, errors {figures['errors'] or 0}",
+            file=sys.stderr,
+        )
+    return rows
+
+
+async def _drain(stream: AsyncIterator[int]) -> None:
+    async for _ in stream:
+        pass
+
+
+def llama_bench_tg(setup: Setup, n: int = 128) -> float:
+    """llama-bench's single-stream generation speed (tg) on the same build, tokens/s."""
+    out = subprocess.run(
+        [str(setup.tools / "llama-bench"), "-m", str(setup.model), "-p", "0", "-n", str(n),
+         "-t", str(setup.threads), "-r", "3", "-o", "json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(json.loads(out.stdout)[0]["avg_ts"])
+
+
+def idle_rss(setup: Setup, slots: int) -> float:
+    """llm_service's resident memory once ready, with ``slots`` slots (batched mode)."""
+    server, _ = llm_service(Setup(**{**setup.__dict__, "slots": slots}), "batched")
+    server.start(setup.workdir)
+    try:
+        server.wait_ready()
+        time.sleep(1)
+        return server.rss_mb()
+    finally:
+        server.stop()
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    ref = {r["concurrency"]: r for r in rows if r["target"] == REFERENCE}
+    head = ["streams", "target", "tokens/s", "x ref", "TTFT p50", "x ref", "TTFT p99",
+            "ITL p50", "ITL p99", "peak RSS", "errors"]  # fmt: skip
+    table = [head]
+    for r in sorted(rows, key=lambda r: (r["concurrency"], r["target"] != REFERENCE)):
+        base = ref.get(r["concurrency"])
+        tps_ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+        t50, b50 = r["ttft_ms"]["p50"], base["ttft_ms"]["p50"] if base else None
+        errors = sum(r["errors"].values()) + r["cut_off"]
+        table.append([
+            str(r["concurrency"]), r["target"], f"{r['tokens_per_s']:.1f}",
+            f"{tps_ratio:.2f}" if tps_ratio else "-", _ms(t50),
+            f"{t50 / b50:.2f}" if t50 and b50 else "-", _ms(r["ttft_ms"]["p99"]),
+            _ms(r["itl_ms"]["p50"]), _ms(r["itl_ms"]["p99"]), f"{r['peak_rss_mb']:.0f} MB",
+            str(errors),
+        ])  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for n, row in enumerate(table):
+        print("  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in
+                        enumerate(zip(row, widths, strict=True))))  # fmt: skip
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
+def check_targets(report: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """The throughput issue's targets, judged on this run."""
+    rows = report["runs"]
+    by = {(r["target"], r["concurrency"]): r for r in rows}
+    ours = "llm_service batched"
+    levels = sorted({r["concurrency"] for r in rows})
+    checks = []
+    tps = [by[(ours, c)]["tokens_per_s"] / by[(REFERENCE, c)]["tokens_per_s"] for c in levels]
+    checks.append(
+        (
+            "tokens/s >= 1.0 x llama-server at every concurrency",
+            min(tps) >= 1.0,
+            ", ".join(f"{c}: {r:.2f}" for c, r in zip(levels, tps, strict=True)),
+        )
+    )
+    ttft = [by[(ours, c)]["ttft_ms"]["p50"] / by[(REFERENCE, c)]["ttft_ms"]["p50"] for c in levels]
+    checks.append(
+        (
+            "TTFT p50 <= 1.1 x llama-server at every concurrency",
+            max(ttft) <= 1.1,
+            ", ".join(f"{c}: {r:.2f}" for c, r in zip(levels, ttft, strict=True)),
+        )
+    )
+    tg = report["llama_bench_tg128"]
+    single = by[(ours, 1)]["tokens_per_s"] if (ours, 1) in by else 0.0
+    checks.append(
+        (
+            "single stream >= 0.95 x llama-bench tg128",
+            single >= 0.95 * tg,
+            f"{single:.1f} vs {tg:.1f} tokens/s ({single / tg:.2f})",
+        )
+    )
+    if ("llama-cpp-python", 8) in by and (ours, 8) in by:
+        ratio = by[(ours, 8)]["tokens_per_s"] / by[("llama-cpp-python", 8)]["tokens_per_s"]
+        checks.append((">= 4 x llama-cpp-python's server at 8 streams", ratio >= 4, f"{ratio:.2f}"))
+    cut = sum(r["cut_off"] + sum(r["errors"].values()) for r in rows if r["target"] == ours)
+    checks.append(("no llm_service stream cut off or failed", cut == 0, f"{cut}"))
+    return checks
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for target in dict.fromkeys(r["target"] for r in rows):
+        mine = sorted((r for r in rows if r["target"] == target), key=lambda r: r["concurrency"])
+        xs = [r["concurrency"] for r in mine]
+        left.plot(xs, [r["tokens_per_s"] for r in mine], marker="o", label=target)
+        right.plot(xs, [r["ttft_ms"]["p50"] for r in mine], marker="o", label=target)
+    for ax, title in ((left, "aggregate tokens/s"), (right, "time to first token p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+async def run(args: argparse.Namespace) -> int:
+    levels = [int(c) for c in args.concurrency.split(",")]
+    model = fetch_default_model(ServiceSettings.model_validate({}).model_cache, progress=sys.stderr.isatty())
+    workdir = Path(tempfile.mkdtemp(prefix="llm-bench-"))
+    setup = Setup(
+        model=model, slots=args.slots, ctx_per_slot=args.ctx_per_slot, threads=args.threads,
+        tools=args.tools, workdir=workdir, certs=write_dev_certs(workdir / "certs"),
+    )  # fmt: skip
+    print(f"bench: {model.name}, {args.slots} slots x {args.ctx_per_slot} tokens,"
+          f" {args.threads} threads, {args.max_tokens} tokens per request, greedy;"
+          f" logs in {workdir}", file=sys.stderr)  # fmt: skip
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+        },
+        "model": model.name,
+        "llama_cpp_commit": LLAMA_CPP_COMMIT,
+        "slots": args.slots,
+        "ctx_per_slot": args.ctx_per_slot,
+        "threads": args.threads,
+        "max_tokens": args.max_tokens,
+        "concurrency": levels,
+        "runs": [],
+    }
+    print("bench: llama-bench tg128 ...", file=sys.stderr)
+    report["llama_bench_tg128"] = round(llama_bench_tg(setup), 2)
+    targets = [t for t in args.targets.split(",") if t]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+        for target in targets:
+            if target in ("llama-server", "llama-cpp-python"):
+                maker = llama_server if target == "llama-server" else llama_cpp_python_server
+                server, url = maker(setup)
+                server.start(workdir)
+                try:
+                    server.wait_ready()
+                    opener = openai_opener(session, url)
+                    report["runs"] += await measure(
+                        target, opener, server, levels, args.requests_per_stream, args.max_tokens
+                    )
+                finally:
+                    server.stop()
+            else:
+                mode = target.removeprefix("llm_service-")
+                server, grpc_target = llm_service(setup, mode)
+                server.start(workdir)
+                try:
+                    server.wait_ready()
+                    async with AsyncClient(
+                        grpc_target,
+                        tls_ca=setup.certs["ca.crt"], tls_cert=setup.certs["client.crt"],
+                        tls_key=setup.certs["client.key"], max_retries=0,
+                    ) as client:  # fmt: skip
+                        report["runs"] += await measure(
+                            server.name, grpc_opener(client), server, levels,
+                            args.requests_per_stream, args.max_tokens,
+                        )  # fmt: skip
+                finally:
+                    server.stop()
+    print("bench: memory per slot ...", file=sys.stderr)
+    one, many = idle_rss(setup, 1), idle_rss(setup, args.slots)
+    report["memory"] = {
+        "rss_1_slot_mb": round(one, 1),
+        "rss_all_slots_mb": round(many, 1),
+        "mb_per_extra_slot": round((many - one) / max(1, args.slots - 1), 1),
+    }
+    print()
+    print_table(report["runs"])
+    print(f"\nllama-bench tg128 (same build, {args.threads} threads): "
+          f"{report['llama_bench_tg128']:.1f} tokens/s")  # fmt: skip
+    mem = report["memory"]
+    print(f"llm_service memory when ready: {mem['rss_1_slot_mb']:.0f} MB with 1 slot,"
+          f" {many:.0f} MB with {args.slots}: {mem['mb_per_extra_slot']:.1f} MB per extra slot"
+          f" ({args.ctx_per_slot} tokens of KV cache each)")  # fmt: skip
+    report["targets"] = [
+        {"target": name, "met": met, "measured": measured}
+        for name, met, measured in check_targets(report)
+    ]
+    print("\ntargets:")
+    for t in report["targets"]:
+        print(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['measured']}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report["runs"], args.out / "latest.png")
+    print(f"\nbench: wrote {args.out}/latest.json and latest.png", file=sys.stderr)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tools", type=Path, required=True, help="folder with llama-server")
+    parser.add_argument("--concurrency", default="1,2,4,8,16", help="levels, comma-separated")
+    parser.add_argument("--requests-per-stream", type=int, default=3,
+                        help="requests per level = this x concurrency (at least 6)")  # fmt: skip
+    parser.add_argument("--max-tokens", type=int, default=96, help="tokens per request")
+    parser.add_argument("--slots", type=int, default=8, help="parallel slots of every server")
+    parser.add_argument("--ctx-per-slot", type=int, default=1024, help="context per slot")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
+    parser.add_argument(
+        "--targets",
+        default="llama-server,llm_service-batched,llm_service-contexts,llama-cpp-python",
+        help="which servers, comma-separated",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    return asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
