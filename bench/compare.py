@@ -368,7 +368,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 async def run(args: argparse.Namespace) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
-    model = fetch_default_model(ServiceSettings.model_validate({}).model_cache, progress=sys.stderr.isatty())
+    cache = ServiceSettings.model_validate({}).model_cache
+    model = fetch_default_model(cache, progress=sys.stderr.isatty())
     workdir = Path(tempfile.mkdtemp(prefix="llm-bench-"))
     setup = Setup(
         model=model, slots=args.slots, ctx_per_slot=args.ctx_per_slot, threads=args.threads,

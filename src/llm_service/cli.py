@@ -26,7 +26,7 @@ from pydantic_settings import BaseSettings
 
 from llm_service.errors import ConfigurationError, InvalidRequestError, LLMServiceError
 from llm_service.log import configure_logging
-from llm_service.settings import ClientSettings, ServiceSettings
+from llm_service.settings import ClientSettings, ServiceSettings, read_file
 
 if TYPE_CHECKING:
     from llm_service.client.types import Sampling
@@ -110,7 +110,7 @@ def sampling_options(args: argparse.Namespace) -> Sampling:
     """The sampling flags that were given, as SamplingParams / client keyword arguments.
 
     Raises:
-        InvalidRequestError: a grammar or schema file cannot be read (names the flag).
+        ConfigurationError: a grammar or schema file cannot be read (names the flag).
     """
     given: dict[str, object] = {}
     for flag, _kind, _help in SAMPLING_FLAGS:
@@ -120,7 +120,7 @@ def sampling_options(args: argparse.Namespace) -> Sampling:
     if args.stop:
         given["stop"] = tuple(args.stop)
     for name in ("grammar", "json_schema"):
-        text = _read(getattr(args, name), "--" + name.replace("_", "-"))
+        text = _read_text(getattr(args, name), "--" + name.replace("_", "-"))
         if text is not None:
             given[name] = text
     return cast("Sampling", given)
@@ -233,9 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "certs":
             return write_certs(args)
         if args.command == "serve":
-            # gRPC core writes its own unformatted lines to stderr (one per failed handshake at
-            # its default level): keep them to errors unless the operator asked for more.
-            os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+            # gRPC core writes its own lines to stderr (one per failed handshake at its default
+            # level), which would break --log-json.
+            quiet_grpc_core()
             from llm_service.server import serve
 
             return asyncio.run(serve(settings))
@@ -252,10 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def llm_cli() -> int:
     """Entry point of ``llm_cli`` (``llm_service.client.cli``).
 
-    It starts here, not in the client package, to keep gRPC core's own unformatted log lines
-    to errors: gRPC reads GRPC_VERBOSITY once, when it is first imported.
+    It starts here, before the client package imports gRPC, to quiet gRPC core's own log.
     """
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    quiet_grpc_core()
     from llm_service.client.cli import main as client_main
 
     return client_main()
@@ -348,13 +347,21 @@ async def generate(args: argparse.Namespace, settings: ServiceSettings) -> int:
     return 0
 
 
-def _read(path: Path | None, flag: str) -> str | None:
+def _read_text(path: Path | None, flag: str) -> str | None:
     if path is None:
         return None
     try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InvalidRequestError(flag, f"cannot read {path}: {exc.strerror}") from None
+        return read_file(path, flag).decode()
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{flag}: {path} is not UTF-8 text") from None
+
+
+def quiet_grpc_core() -> None:
+    """Keep gRPC core's own unformatted log lines to errors, unless GRPC_VERBOSITY says more.
+
+    gRPC reads the variable once, when it is first imported: call this before that.
+    """
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 if __name__ == "__main__":

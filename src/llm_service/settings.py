@@ -14,9 +14,27 @@ import platformdirs
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["ClientSettings", "ServiceSettings", "default_certs_dir"]
+from llm_service.errors import ConfigurationError
+
+__all__ = ["ClientSettings", "ServiceSettings", "default_certs_dir", "read_file", "read_pem"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def read_file(path: Path, option: str, what: str = "file") -> bytes:
+    """The bytes of a file a setting or flag names; ConfigurationError names the option."""
+    try:
+        return path.expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"{option}: cannot read {what} {path}: {exc.strerror}") from None
+
+
+def read_pem(path: Path, option: str, what: str) -> bytes:
+    """A PEM file (certificate or key) a setting names; ConfigurationError if it is not PEM."""
+    data = read_file(path, option, what)
+    if b"-----BEGIN " not in data:
+        raise ConfigurationError(f"{option}: {path} is not a PEM file ({what})")
+    return data
 
 
 def default_certs_dir() -> Path:

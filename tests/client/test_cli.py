@@ -77,6 +77,18 @@ def test_generate_json_events(cli_env: dict[str, str]) -> None:
     assert "".join(e.get("text", "") for e in events) == " 9, "
 
 
+def test_generate_with_a_grammar_file(cli_env: dict[str, str], tmp_path: Path) -> None:
+    grammar = tmp_path / "answer.gbnf"
+    grammar.write_text('root ::= "yes" | "no"\n')
+    result = llm_cli(
+        "generate", "Is the sky blue?", "--chat", "--grammar", str(grammar), "--json", env=cli_env
+    )
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert "".join(e.get("text", "") for e in events) in ("yes", "no")
+    assert events[-1]["finish_reason"] == "stop"
+
+
 def test_info_status_health_tokenize(cli_env: dict[str, str]) -> None:
     info = llm_cli("info", "--json", env=cli_env)
     assert info.returncode == 0 and json.loads(info.stdout)["pool_size"] == 2
@@ -118,12 +130,21 @@ def test_exit_codes(
     assert rc("bench", "-c", "0")[0] == 2
     assert rc("generate", "Hi", "--tls-ca", "/nonexistent/ca.crt") == (
         2,
-        "llm_cli: error: --tls-ca / LLM_TLS_CA: cannot read /nonexistent/ca.crt:"
+        "llm_cli: error: --tls-ca / LLM_TLS_CA: cannot read CA certificate /nonexistent/ca.crt:"
         " No such file or directory",
     )
     code, line = rc("generate", "Hi", "--target", f"127.0.0.1:{free_port()}", "--max-retries", "0")
     assert code == 3 and "cannot reach the service: nothing is listening there" in line
     assert rc("generate", "Hi", "--insecure", "--max-retries", "0")[0] == 3
+    intruder = cli_env | {
+        "LLM_TLS_CERT": str(certs.intruder.cert),
+        "LLM_TLS_KEY": str(certs.intruder.key),
+        "LLM_TLS_CA": str(certs.ca),
+    }
+    code, line = rc("info", env=intruder)
+    assert code == 3 and "PERMISSION_DENIED" in line
+    code, line = rc("generate", "Hi", "--grammar", "/nonexistent/g.gbnf")
+    assert code == 2 and "--grammar: cannot read file /nonexistent/g.gbnf" in line
     code, line = rc("generate", "Hi", "--top-p", "2")
     assert code == 4 and line.startswith("llm_cli: error: sampling.top_p: must be in (0, 1]")
     assert "INVALID_ARGUMENT, request " in line

@@ -74,6 +74,7 @@ async def test_text_calls_and_inspection(aclient: AsyncClient) -> None:
     assert status.state == "serving" and status.pool.size == 2
     assert await aclient.health() == "SERVING"
     assert await aclient.health("llm.v1.Inference") == "SERVING"
+    assert await aclient.health("no.such.Service") == "SERVICE_UNKNOWN"
 
 
 @pytest.mark.parametrize("how", ["break in with", "close", "dropped"])
@@ -233,7 +234,8 @@ def test_draining_service_is_unavailable_not_a_connection_failure(
 def test_settings_from_the_environment_and_the_development_certificates(
     service: Service, certs: Certs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert ClientSettings().target == ServiceSettings().grpc_addr
+    # The README's run command serves here; a client with no settings must find it.
+    assert ClientSettings().target == ServiceSettings().grpc_addr == "127.0.0.1:50051"
     for name in ("ca.crt", "client.crt", "client.key"):
         (tmp_path / name).write_bytes((certs.dir / name).read_bytes())
     monkeypatch.setenv("LLM_TARGET", target(service))

@@ -4,17 +4,10 @@ Both speak ``llm.v1.Inference`` over gRPC with mutual TLS, return plain dataclas
 (``Completion``, ``Chunk``, ``ModelInfo``, ``ServerStatus``) and raise the errors of
 ``llm_service.errors`` that the server raised (each with ``request_id`` and ``status``).
 
-Example:
+Example (with the service ``./scripts/run`` starts, and the certificates it wrote):
     >>> from llm_service.client import Client
-    >>> from pathlib import Path
-    >>> certs = Path("certs")
-    >>> client = Client(
-    ...     "127.0.0.1:50051",
-    ...     tls_ca=certs / "ca.crt",
-    ...     tls_cert=certs / "client.crt",
-    ...     tls_key=certs / "client.key",
-    ... )  # doctest: +SKIP
-    >>> print(client.generate("Say hello", max_tokens=16).text)  # doctest: +SKIP
+    >>> with Client.from_settings() as client:  # doctest: +SKIP
+    ...     print(client.generate("Say hello", max_tokens=16).text)
 """
 
 from llm_service.client.aio import AsyncClient, AsyncStream

@@ -7,7 +7,7 @@ import contextlib
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, Unpack
 
@@ -33,8 +33,13 @@ from llm_service.client.types import (
     Timings,
     Usage,
 )
-from llm_service.errors import ConfigurationError, LLMServiceError
-from llm_service.settings import DEFAULT_TARGET, ClientSettings
+from llm_service.errors import (
+    ConfigurationError,
+    InvalidRequestError,
+    LLMServiceError,
+    UnsupportedError,
+)
+from llm_service.settings import DEFAULT_TARGET, ClientSettings, read_pem
 
 __all__ = ["AsyncClient", "AsyncStream", "options_from"]
 
@@ -51,7 +56,8 @@ _STATES = {
     pb.SERVING_STATE_DRAINING: "draining",
 }
 # Back-off between attempts: the first wait is about BACKOFF_BASE_S, doubling up to BACKOFF_MAX_S,
-# each one jittered (x0.5 to x1.5) so that clients refused together do not come back together.
+# each one jittered (x0.5 to x1.5) so that clients refused together do not come back together;
+# never shorter than the service's retry-after-ms hint.
 BACKOFF_BASE_S = 0.1
 BACKOFF_MAX_S = 5.0
 
@@ -198,15 +204,17 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> list[int]:
         """The model's token ids for ``text`` (``add_special``: BOS where the model wants it)."""
-        request = pb.TokenizeRequest(
-            text=text, add_special=add_special, parse_special=parse_special
-        )
+        with _field("text"):
+            request = pb.TokenizeRequest(
+                text=text, add_special=add_special, parse_special=parse_special
+            )
         response = await self._unary(self._stub().Tokenize, request, timeout)
         return list(response.tokens)
 
     async def detokenize(self, tokens: Sequence[int], *, timeout: float | None = None) -> str:
         """The text of ``tokens``."""
-        request = pb.DetokenizeRequest(tokens=tokens)
+        with _field("tokens"):
+            request = pb.DetokenizeRequest(tokens=tokens)
         return (await self._unary(self._stub().Detokenize, request, timeout)).text
 
     async def apply_chat_template(
@@ -256,7 +264,12 @@ class AsyncClient:
         request = health_pb2.HealthCheckRequest(service=service)
         # grpcio-health-checking's type stubs leave the stub's methods out.
         check: Callable[..., Awaitable[health_pb2.HealthCheckResponse]] = stub.Check  # type: ignore[attr-defined]
-        response = await self._unary(check, request, timeout)
+        try:
+            response = await self._unary(check, request, timeout)
+        except UnsupportedError as exc:
+            if exc.status == grpc.StatusCode.NOT_FOUND.name:  # the service has no such name
+                return "SERVICE_UNKNOWN"
+            raise
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     # -- plumbing ------------------------------------------------------------------------
@@ -291,8 +304,9 @@ class AsyncClient:
         """Sleep before attempt ``attempt + 1``, or raise ``error`` if it may not be retried."""
         if code not in RETRYABLE or attempt >= self.max_retries:
             raise error from None
-        delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt)
-        delay = max(delay, getattr(error, "retry_after_s", 0.0)) * random.uniform(0.5, 1.5)
+        delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2**attempt) * random.uniform(0.5, 1.5)
+        # Never sooner than the service asked (RESOURCE_EXHAUSTED's retry-after-ms), jittered.
+        delay = max(delay, getattr(error, "retry_after_s", 0.0) * random.uniform(1.0, 1.25))
         if deadline is not None and time.monotonic() + delay >= deadline:
             raise error from None
         await asyncio.sleep(delay)
@@ -350,6 +364,11 @@ class AsyncStream:
             try:
                 response = await self._call.read()
             except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._finished and task is not None and not task.cancelling():
+                    # Not this task's cancellation: the stream was closed (from another task
+                    # or thread) while this one was reading. The stream just ends.
+                    raise StopAsyncIteration from None
                 self.cancel()
                 raise
             except grpc.aio.AioRpcError as exc:
@@ -460,17 +479,10 @@ def _credentials(
             " (--tls-key / LLM_TLS_KEY), or neither"
         )
     return grpc.ssl_channel_credentials(
-        _read(ca, "--tls-ca / LLM_TLS_CA"),
-        _read(key, "--tls-key / LLM_TLS_KEY") if key else None,
-        _read(cert, "--tls-cert / LLM_TLS_CERT") if cert else None,
+        read_pem(ca, "--tls-ca / LLM_TLS_CA", "CA certificate"),
+        read_pem(key, "--tls-key / LLM_TLS_KEY", "client key") if key else None,
+        read_pem(cert, "--tls-cert / LLM_TLS_CERT", "client certificate") if cert else None,
     )
-
-
-def _read(path: Path, option: str) -> bytes:
-    try:
-        return path.expanduser().read_bytes()
-    except OSError as exc:
-        raise ConfigurationError(f"{option}: cannot read {path}: {exc.strerror}") from None
 
 
 def _new_id() -> str:
@@ -481,21 +493,46 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+@contextlib.contextmanager
+def _field(name: str) -> Iterator[None]:
+    """Values protobuf cannot carry (out of range, not UTF-8) become InvalidRequestError."""
+    try:
+        yield
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise InvalidRequestError(name, f"cannot be sent: {exc}") from None
+
+
 def _messages(messages: Sequence[Message]) -> list[pb.ChatMessage]:
     converted = []
-    for m in messages:
+    for i, m in enumerate(messages):
         if isinstance(m, ChatMessage):
             role, content = m.role, m.content
         elif isinstance(m, tuple):
             role, content = m
         else:
             role, content = m.get("role", ""), m.get("content", "")
-        converted.append(pb.ChatMessage(role=role, content=content))
+        with _field(f"messages[{i}]"):
+            converted.append(pb.ChatMessage(role=role, content=content))
     return converted
 
 
+def _sampling(sampling: Sampling) -> pb.SamplingParams:
+    unknown = sorted(set(sampling) - Sampling.__optional_keys__)
+    if unknown:
+        raise TypeError(f"unknown sampling option(s): {', '.join(unknown)}")
+    params = pb.SamplingParams()
+    for name, value in sampling.items():
+        with _field(f"sampling.{name}"):
+            if name == "stop":
+                params.stop.extend([value] if isinstance(value, str) else value)  # type: ignore[arg-type]
+            else:
+                setattr(params, name, value)
+    return params
+
+
 def _generate_request(prompt: str | Sequence[Message], sampling: Sampling) -> pb.GenerateRequest:
-    params = pb.SamplingParams(**sampling)
+    params = _sampling(sampling)
     if isinstance(prompt, str):
-        return pb.GenerateRequest(prompt=prompt, sampling=params)
+        with _field("prompt"):
+            return pb.GenerateRequest(prompt=prompt, sampling=params)
     return pb.GenerateRequest(chat=pb.Chat(messages=_messages(prompt)), sampling=params)

@@ -17,7 +17,7 @@ __all__ = ["ChatSession"]
 
 HELP = """\
 commands: /reset (forget the conversation), /system TEXT (set the system message and reset),
-          /exit (or Ctrl-D). Ctrl-C stops the current reply."""
+          /exit (or Ctrl-D). Ctrl-C stops the current reply (that question is then forgotten)."""
 
 
 class ChatSession:

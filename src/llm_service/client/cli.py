@@ -196,7 +196,7 @@ def run(args: argparse.Namespace, client: Client) -> int:
         state = client.health(args.service)
         print(state)
         return 0 if state == "SERVING" else EXIT_ERROR
-    text = sys.stdin.read() if args.text == "-" else args.text
+    text = read_stdin("text") if args.text == "-" else args.text
     tokens = client.tokenize(
         text, add_special=not args.no_special, parse_special=args.parse_special
     )
@@ -204,8 +204,14 @@ def run(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def read_stdin(what: str) -> str:
+    if sys.stdin.isatty():
+        print(f"{PROG}: reading the {what} from the terminal; end it with Ctrl-D", file=sys.stderr)
+    return sys.stdin.read()
+
+
 def generate(args: argparse.Namespace, client: Client) -> int:
-    prompt_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt_text = read_stdin("prompt") if args.prompt == "-" else args.prompt
     prompt: str | list[Message] = prompt_text
     if args.system or args.chat:
         prompt = [("user", prompt_text)]
@@ -214,12 +220,19 @@ def generate(args: argparse.Namespace, client: Client) -> int:
     sent = time.perf_counter()
     first_token_at: float | None = None
     with client.stream(prompt, request_id=args.request_id, **sampling_options(args)) as stream:
-        for chunk in stream:
-            if first_token_at is None and chunk.token_ids:
-                first_token_at = time.perf_counter()
-                if args.json and stream.started is not None:
-                    print(json.dumps({"event": "started", **asdict(stream.started)}))
-            _show(chunk, as_json=args.json)
+        try:
+            for chunk in stream:
+                if first_token_at is None and chunk.token_ids:
+                    first_token_at = time.perf_counter()
+                    if args.json and stream.started is not None:
+                        print(json.dumps({"event": "started", **asdict(stream.started)}))
+                _show(chunk, as_json=args.json)
+        except LLMServiceError as exc:
+            if args.json:  # the error as the last event too; main() reports it on stderr
+                error = {"event": "error", "kind": exc.kind, "status": exc.status,
+                         "message": str(exc), "request_id": exc.request_id}  # fmt: skip
+                print(json.dumps(error), flush=True)
+            raise
         completion = stream.completion
     assert completion is not None
     ended = time.perf_counter()
@@ -278,6 +291,9 @@ async def bench(args: argparse.Namespace, settings: ClientSettings) -> int:
         raise ConfigurationError(
             f"--concurrency: expected N or N,N,... (N >= 1), got {args.concurrency!r}"
         )
+    if "max_retries" not in settings.model_fields_set:
+        # A refusal is a figure of the benchmark, not something to retry quietly.
+        settings = settings.model_copy(update={"max_retries": 0})
     async with AsyncClient.from_settings(settings) as client:
         info = await client.model_info()  # fails early, and clearly, if the target is wrong
         print(f"{PROG} bench: {settings.target}, {info.name}, pool of {info.pool_size},"

@@ -123,7 +123,7 @@ def _has_numbers(meta: dict[str, str]) -> bool:
 
 
 def _transport_reason(details: str) -> str:
-    """gRPC's connection error, shortened to what a person can act on."""
+    """gRPC's connection error, with what a person can act on in front (a hint, not a rule)."""
     lowered = details.lower()
     if "certificate_verify_failed" in lowered or "certificate verify failed" in lowered:
         return f"the TLS handshake failed: the server's certificate is not trusted ({details})"
@@ -131,4 +131,10 @@ def _transport_reason(details: str) -> str:
         return f"the TLS handshake failed ({details})"
     if "connection refused" in lowered:
         return f"nothing is listening there ({details})"
+    if "socket closed" in lowered:
+        return (
+            "the service closed the connection during the handshake: it may have refused this"
+            " client's certificate (none given, signed by another CA, or expired), or one side"
+            f" uses TLS and the other does not ({details})"
+        )
     return details

@@ -41,6 +41,9 @@ class _LoopThread:
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the loop and wait for it; Ctrl-C (or any exception) cancels it."""
+        if self.loop.is_closed():
+            coro.close()
+            raise RuntimeError("the client is closed")
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
             return future.result()

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from llm_service.errors import ConfigurationError
-from llm_service.settings import ServiceSettings
+from llm_service.settings import ServiceSettings, read_pem
 
 __all__ = ["ReloadableCredentials", "client_names", "tls_files"]
 
@@ -24,16 +24,6 @@ HOW_TO_FIX = (
     " LLM_TLS_KEY, LLM_TLS_CA); `llm_service certs --out DIR` writes a development set. To serve"
     " plaintext on a trusted network, pass --insecure (LLM_INSECURE=1)."
 )
-
-
-def _read_pem(path: Path, what: str, flag: str) -> bytes:
-    try:
-        data = path.expanduser().read_bytes()
-    except OSError as exc:
-        raise ConfigurationError(f"{flag}: cannot read {what} {path}: {exc.strerror}") from None
-    if b"-----BEGIN " not in data:
-        raise ConfigurationError(f"{flag}: {path} is not a PEM file ({what})")
-    return data
 
 
 def _public(key: PublicKeyTypes) -> bytes:
@@ -78,9 +68,9 @@ class ReloadableCredentials:
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
         cert_path, key_path, ca_path = self._paths
-        cert = _read_pem(cert_path, "server certificate", "--tls-cert")
-        key = _read_pem(key_path, "server key", "--tls-key")
-        ca = _read_pem(ca_path, "client CA", "--tls-ca")
+        cert = read_pem(cert_path, "--tls-cert", "server certificate")
+        key = read_pem(key_path, "--tls-key", "server key")
+        ca = read_pem(ca_path, "--tls-ca", "client CA")
         try:
             certificate = x509.load_pem_x509_certificate(cert)
             x509.load_pem_x509_certificates(ca)
