@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, Unpack
+from typing import Any, TypeVar, Unpack, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -446,15 +446,7 @@ class AsyncStream:
 
 def options_from(settings: ClientSettings) -> ClientOptions:
     """The client options ``settings`` hold."""
-    return ClientOptions(
-        tls_ca=settings.tls_ca,
-        tls_cert=settings.tls_cert,
-        tls_key=settings.tls_key,
-        tls_server_name=settings.tls_server_name,
-        insecure=settings.insecure,
-        timeout=settings.timeout,
-        max_retries=settings.max_retries,
-    )
+    return cast(ClientOptions, settings.model_dump(include=set(ClientOptions.__optional_keys__)))
 
 
 def _credentials(
