@@ -109,7 +109,7 @@ class Engine:
                 contexts.append(
                     await loop.run_in_executor(pool_executor, backend.create_context, i)
                 )
-                logger.debug("context %d/%d ready", i + 1, config.pool_size)
+                logger.info("context %d/%d ready", i + 1, config.pool_size)
         except BaseException:
             for c in contexts:
                 c.close()

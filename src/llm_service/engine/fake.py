@@ -110,6 +110,7 @@ class FakeBatchDecoder:
         self.steps: list[list[BatchEntry]] = []
         self.closed = False
         self._backend = backend
+        self._prompts: dict[int, tuple[FakeCall, list[int]]] = {}  # sequences being prefilled
 
     def decode(self, entries: Sequence[BatchEntry]) -> None:
         backend = self._backend
@@ -120,13 +121,21 @@ class FakeBatchDecoder:
             if entry.pos != len(self.kv[entry.seq]):
                 raise EngineError(f"sequence {entry.seq} is at {len(self.kv[entry.seq])}")
         self.steps.append(list(entries))
+        n_prompt = 0
         for entry in entries:
-            if entry.pos == 0:
-                with backend._lock:
-                    prompt = backend.detokenize(entry.tokens)
-                    backend.history.append(FakeCall(entry.seq, prompt))
             self.kv[entry.seq].extend(entry.tokens)
-        n_prompt = sum(len(e.tokens) for e in entries if len(e.tokens) > 1 or not e.output)
+            if entry.pos == 0:  # a prompt's first chunk; its last one asks for an output
+                call = FakeCall(entry.seq, "")
+                with backend._lock:
+                    backend.history.append(call)
+                self._prompts[entry.seq] = (call, [])
+            if entry.seq in self._prompts:
+                call, prompt = self._prompts[entry.seq]
+                prompt.extend(entry.tokens)
+                call.prompt = backend.detokenize(prompt)
+                n_prompt += len(entry.tokens)
+                if entry.output:
+                    del self._prompts[entry.seq]
         time.sleep(backend.token_delay_s + n_prompt * backend.prefill_delay_s)
 
     def sample(self, sampler: Sampler, index: int) -> int:
@@ -137,6 +146,7 @@ class FakeBatchDecoder:
             self._backend.fail_resets -= 1
             raise ContextResetError(f"fake slot {seq} refused to clear")
         self.kv[seq].clear()
+        self._prompts.pop(seq, None)
         self._backend.resets += 1
 
     def close(self) -> None:

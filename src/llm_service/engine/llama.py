@@ -233,7 +233,7 @@ class LlamaBatchDecoder:
     """The shared ``llama_context`` of batched mode: ``slots`` sequences of ``n_ctx`` positions.
 
     The KV cache is not unified, so each sequence has its own ``n_ctx`` positions and cannot
-    crowd out another. Only the scheduler thread calls it.
+    crowd out another. The scheduler thread drives it; ``pos_max`` may be called from anywhere.
     """
 
     def __init__(self, backend: LlamaBackend, slots: int, prefill_chunk: int) -> None:
@@ -266,6 +266,8 @@ class LlamaBatchDecoder:
             )
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
+        # Uncontended in service (one thread drives the context); lets pos_max look in safely.
+        self._lock = threading.Lock()
 
     def decode(self, entries: Sequence[BatchEntry]) -> None:
         n_tokens = sum(len(e.tokens) for e in entries)
@@ -284,7 +286,7 @@ class LlamaBatchDecoder:
             if entry.output:
                 batch.logits[i - 1] = 1
         batch.n_tokens = n_tokens
-        with _NATIVE_LOG.held() as held:
+        with self._lock, _NATIVE_LOG.held() as held:
             rc = llama_cpp.llama_decode(self._ctx, batch)
         _NATIVE_LOG.emit(held)
         if rc != 0:
@@ -298,17 +300,26 @@ class LlamaBatchDecoder:
         return int(llama_cpp.llama_sampler_sample(sampler.chain, self._ctx, index))
 
     def clear(self, seq: int) -> None:
-        if not llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1):
-            raise ContextResetError(f"llama_memory_seq_rm refused to clear slot {seq}")
-        pos_max = llama_cpp.llama_memory_seq_pos_max(self._memory, seq)
+        with self._lock:
+            if not llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1):
+                raise ContextResetError(f"llama_memory_seq_rm refused to clear slot {seq}")
+        pos_max = self.pos_max(seq)
         if pos_max != -1:
             raise ContextResetError(f"slot {seq} still holds positions up to {pos_max}")
 
+    def pos_max(self, seq: int) -> int:
+        """The last position ``seq`` holds in the KV cache (-1: none)."""
+        with self._lock:
+            if not self._ctx:
+                raise EngineError("the shared context is closed")
+            return int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq))
+
     def close(self) -> None:
-        if self._ctx:
-            llama_cpp.llama_batch_free(self._batch)
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
+        with self._lock:
+            if self._ctx:
+                llama_cpp.llama_batch_free(self._batch)
+                llama_cpp.llama_free(self._ctx)
+                self._ctx = None
 
 
 def _decode_error(rc: int) -> str:
@@ -340,7 +351,8 @@ class LlamaBackend:
         self.n_batch = n_batch
         self.n_threads = n_threads
         self.pool_mode: PoolMode = "contexts"
-        self.scheduler: BatchScheduler | None = None
+        self.decoder: LlamaBatchDecoder | None = None  # batched mode: the shared context
+        self.scheduler: BatchScheduler | None = None  # batched mode: its thread
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         template_ptr = llama_cpp.llama_model_chat_template(model, None)
@@ -432,6 +444,7 @@ class LlamaBackend:
                 backend.close()
                 raise
             backend.pool_mode = "batched"
+            backend.decoder = decoder
             backend.scheduler = BatchScheduler(decoder, prefill_chunk=prefill_chunk)
             logger.info(
                 "batched mode: one context of %d tokens, %s of %d tokens each",
@@ -449,8 +462,8 @@ class LlamaBackend:
     def close(self) -> None:
         """Stop the scheduler and free the shared context (batched), then free the model."""
         if self.scheduler is not None:
-            self.scheduler.close()
-            self.scheduler = None
+            self.scheduler.close()  # joins its thread, then frees the shared context
+            self.scheduler = self.decoder = None
         if self.model:
             llama_cpp.llama_model_free(self.model)
             self.model = None
