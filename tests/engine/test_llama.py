@@ -395,7 +395,7 @@ async def test_deadline_ends_generation(engine: Engine) -> None:
     assert done.timings.total_ms < 1500
 
 
-# -- a long prompt, a failed decode (both modes); what batched mode promises ------------------
+# -- a failed decode (both modes); what batched mode promises ---------------------------------
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy output keeps counting: long and predictable
 
@@ -410,10 +410,11 @@ def token_ids(events: list[GenerationEvent]) -> list[int]:
     return [t for d in deltas(events) for t in d.token_ids]
 
 
+@batched_only  # contexts mode evaluates the prompt on a context of its own
 async def test_a_long_prompt_does_not_stall_a_running_stream(engine: Engine) -> None:
     """While a long prompt is evaluated, a running stream goes on producing tokens.
 
-    Counted in tokens, not timed: in batched mode the prompt is evaluated in chunks of
+    Counted in tokens, not timed: the prompt is evaluated in chunks of
     TEST_PREFILL_CHUNK tokens, one chunk a step, and the running stream gets a token in each
     of those steps; without chunking it would get one or two in all.
     """

@@ -151,22 +151,22 @@ class BatchSlot:
     ) -> int:
         if not tokens:
             raise EngineError("an empty prompt cannot be evaluated")
-        token = self._scheduler.run(_Prefill(self, list(tokens), sampler, should_abort))
+        token = self._scheduler._submit(_Prefill(self, list(tokens), sampler, should_abort))
         assert token is not None
         return token
 
     def decode(self, token: int, sampler: Sampler) -> int:
-        result = self._scheduler.run(_Decode(self, token, sampler))
+        result = self._scheduler._submit(_Decode(self, token, sampler))
         assert result is not None
         return result
 
     def reset(self) -> None:
         """Clear the slot's sequence (between two steps) and verify it is empty."""
-        self._scheduler.run(_Reset(self))
+        self._scheduler._submit(_Reset(self))
 
     def close(self) -> None:
         """Give the sequence up; a new slot can then be made on it (its native memory stays)."""
-        self._scheduler.release(self)
+        self._scheduler._release(self)
 
 
 class BatchScheduler:
@@ -192,7 +192,7 @@ class BatchScheduler:
         self._closing = False
         self._closed = False
         self._stopped: str | None = None  # why the thread ended: jobs submitted now fail
-        self._thread = threading.Thread(target=self._run, name="llm-batch", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="llm-batch", daemon=True)
         self._thread.start()
 
     def create_slot(self, index: int) -> BatchSlot:
@@ -216,13 +216,26 @@ class BatchScheduler:
             raise
         return slot
 
-    def release(self, slot: BatchSlot) -> None:
+    def close(self) -> None:
+        """Stop the thread (jobs still waiting fail with EngineError), then close the decoder."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = self._closing = True
+            self._lock.notify_all()
+        self._thread.join()
+        self._decoder.close()
+
+    # -- called by the slots (from their worker threads) ------------------------------
+
+    def _release(self, slot: BatchSlot) -> None:
         with self._lock:
             slot.closed = True
             if self._live.get(slot.index) is slot:
                 del self._live[slot.index]
+                self._expected.discard(slot.index)
 
-    def run(self, job: _Job) -> int | None:
+    def _submit(self, job: _Job) -> int | None:
         """Submit ``job`` and wait for its outcome (called from the slot's worker thread)."""
         seq = job.slot.index
         with self._lock:
@@ -237,19 +250,9 @@ class BatchScheduler:
             self._lock.notify()
         return job.future.result()
 
-    def close(self) -> None:
-        """Stop the thread (jobs still waiting fail with EngineError), then close the decoder."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = self._closing = True
-            self._lock.notify_all()
-        self._thread.join()
-        self._decoder.close()
-
     # -- the scheduler thread ------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
         reason = "the engine is shutting down"
         try:
             while (jobs := self._next_jobs()) is not None:
