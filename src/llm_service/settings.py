@@ -45,7 +45,7 @@ class ServiceSettings(BaseSettings):
         "batched",
         description="How the pool runs requests together. 'batched': one llama.cpp context with"
         " one sequence per slot, every running request advanced by one shared llama_decode per"
-        " step (scales on few cores). 'contexts': one llama.cpp context per slot, each decoded"
+        " step. 'contexts': one llama.cpp context per slot, each decoded"
         " by its own thread.",
     )
     n_ctx: int = Field(

@@ -69,10 +69,9 @@ class LlamaContextPool(Generic[C]):
     """A fixed set of contexts, leased one request at a time.
 
     ``lease()`` hands out the free context with the lowest index, or waits in a bounded FIFO
-    queue. When the lease ends,
-    for whatever reason, the context is reset (KV cache cleared and verified empty) in a worker
-    thread before anyone else can lease it. A context whose reset fails is closed and replaced
-    by a new one from ``factory``.
+    queue. When the lease ends, for whatever reason, the context is reset (KV cache cleared and
+    verified empty) in a worker thread before anyone else can lease it. A context whose reset
+    fails is closed and replaced by a new one from ``factory``.
 
     Args:
         contexts: the initial contexts.
