@@ -2,17 +2,43 @@
 
 from __future__ import annotations
 
-import pytest
+from typing import get_args
 
+import pytest
+from pydantic import ValidationError
+
+from llm_service.engine import PoolMode
 from llm_service.settings import ServiceSettings
 
 
 def test_threads_are_shared_out_between_contexts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.cpu_count", lambda: 8)
-    assert ServiceSettings(llama_service_threads=1).threads_per_context == 8
-    assert ServiceSettings(llama_service_threads=2).threads_per_context == 4
-    assert ServiceSettings(llama_service_threads=16).threads_per_context == 1
-    assert ServiceSettings(llama_service_threads=2, n_threads=3).threads_per_context == 3
+
+    def threads(**settings: object) -> int:
+        return ServiceSettings(pool_mode="contexts", **settings).threads_per_context  # type: ignore[arg-type]
+
+    assert threads(llama_service_threads=1) == 8
+    assert threads(llama_service_threads=2) == 4
+    assert threads(llama_service_threads=16) == 1
+    assert threads(llama_service_threads=2, n_threads=3) == 3
+
+
+def test_batched_mode_gives_its_one_context_every_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("LLM_POOL_MODE", raising=False)
+    assert ServiceSettings().pool_mode == "batched"
+    assert ServiceSettings(llama_service_threads=16).threads_per_context == 8
+    assert ServiceSettings(llama_service_threads=16, n_threads=3).threads_per_context == 3
+
+
+def test_pool_modes_are_the_engines(monkeypatch: pytest.MonkeyPatch) -> None:
+    annotation = ServiceSettings.model_fields["pool_mode"].annotation
+    assert get_args(annotation) == get_args(PoolMode)
+    monkeypatch.setenv("LLM_POOL_MODE", "contexts")
+    assert ServiceSettings().pool_mode == "contexts"
+    monkeypatch.setenv("LLM_POOL_MODE", "threads")
+    with pytest.raises(ValidationError, match="pool_mode"):
+        ServiceSettings()
 
 
 def test_allowed_clients_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:

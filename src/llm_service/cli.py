@@ -207,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add_settings_flags(
         gen,
-        ["model_path", "model_cache", "n_ctx", "n_threads", "n_gpu_layers", "log_level",
-         "llama_log_level"],
+        ["model_path", "model_cache", "pool_mode", "n_ctx", "n_threads", "n_gpu_layers",
+         "log_level", "llama_log_level"],
     )  # fmt: skip
     return parser
 

@@ -61,17 +61,41 @@ class ServiceSettings(BaseSettings):
     llama_service_threads: int = Field(
         2,
         ge=1,
-        le=256,
-        description="Pool size: llama.cpp contexts created on the model; requests beyond it queue.",
+        le=256,  # llama.cpp's LLAMA_MAX_SEQ: the most sequences one context holds (batched)
+        description="Pool size: requests served at once (slots of the shared context, or"
+        " contexts); requests beyond it queue.",
+    )
+    # The same values as llm_service.engine.backend.PoolMode (which cannot be imported here).
+    pool_mode: Literal["batched", "contexts"] = Field(
+        "batched",
+        description="How the pool runs requests together. 'batched': one llama.cpp context with"
+        " one sequence per slot, every running request advanced by one shared llama_decode per"
+        " step. 'contexts': one llama.cpp context per slot, each decoded"
+        " by its own thread.",
     )
     n_ctx: int = Field(
-        4096, ge=32, le=1_048_576, description="Context size of each context, in tokens (per slot)."
+        4096,
+        ge=32,
+        le=1_048_576,
+        description="Tokens one request can use (prompt + completion): the context of each slot.",
     )
-    n_batch: int = Field(512, ge=1, description="Prompt tokens evaluated per llama_decode call.")
+    n_batch: int = Field(
+        512, ge=1, description="Contexts mode: prompt tokens evaluated per llama_decode call."
+    )
+    prefill_chunk: int = Field(
+        64,
+        ge=1,
+        le=65_536,
+        description="Batched mode: prompt tokens evaluated per step at most, shared by the"
+        " prompts being admitted. Running streams get a token every step, so a long prompt"
+        " never stalls them for its whole prefill; on CPU, prompt speed is the same from about"
+        " 32 tokens up.",
+    )
     n_threads: int | None = Field(
         None,
         ge=1,
-        description="CPU threads each context uses (default: cores / pool size, at least 1).",
+        description="CPU threads of each llama.cpp context (default: every core in batched mode,"
+        " where one context serves every slot; cores / pool size in contexts mode, at least 1).",
     )
     n_gpu_layers: int = Field(
         0, ge=-1, description="Layers to offload to the GPU (-1 = all; needs a GPU build)."
@@ -125,14 +149,18 @@ class ServiceSettings(BaseSettings):
 
     @property
     def threads_per_context(self) -> int:
-        """``n_threads``, or the cores shared out between the pool's contexts.
+        """``n_threads``; or every core for the one context of batched mode; or, in contexts
+        mode, the cores shared out between the pool's contexts.
 
         Contexts decode in parallel; more threads than cores in all makes llama.cpp's spinning
         threads wait on each other (measured on 2 cores: 2 streams 110 vs 154 tokens/s).
         """
         if self.n_threads is not None:
             return self.n_threads
-        return max(1, (os.cpu_count() or 1) // self.llama_service_threads)
+        cores = os.cpu_count() or 1
+        if self.pool_mode == "batched":
+            return cores
+        return max(1, cores // self.llama_service_threads)
 
 
 class ClientSettings(BaseSettings):

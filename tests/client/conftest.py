@@ -6,10 +6,17 @@ import pytest
 
 from llm_service.client import AsyncClient, Client
 from llm_service.client.types import ClientOptions
+from llm_service.settings import ServiceSettings
 
 # The server tests' fixtures: one shared service, dedicated services, certificates, the model.
 from tests.server.conftest import certs, model_path, service, start_service  # noqa: F401
 from tests.server.service import Certs, ClientCert, Service
+
+
+@pytest.fixture(scope="session")
+def pool_mode() -> str:
+    """The client tests run against the default pool mode (the server tests cover both)."""
+    return str(ServiceSettings.model_fields["pool_mode"].default)
 
 
 def options(files: Certs, client: ClientCert | None = None, **extra: object) -> ClientOptions:

@@ -31,12 +31,20 @@ from llm_service.errors import (
 from tests.support import collect
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[tuple[FakeBackend, Engine]]:
-    backend = FakeBackend(n_ctx=64)
+@pytest.fixture(params=["contexts", "batched"])
+async def fake(request: pytest.FixtureRequest) -> AsyncIterator[tuple[FakeBackend, Engine]]:
+    """A pool of 2 on the fake, in both modes (batched: prompts of 4 tokens a step)."""
+    backend = FakeBackend(n_ctx=64, pool_mode=request.param, slots=2, prefill_chunk=4)
     engine = await Engine.start(backend, EngineConfig(pool_size=2, max_queue=1, queue_timeout_s=5))
     yield backend, engine
     await engine.aclose()
+
+
+def kv_caches(backend: FakeBackend) -> list[list[int]]:
+    """What every context (or every slot of the shared context) holds."""
+    if backend.decoder is not None:
+        return backend.decoder.kv
+    return [c.kv for c in backend.contexts]
 
 
 def req(prompt: str = "hi", **sampling: object) -> GenerationRequest:
@@ -97,7 +105,7 @@ async def test_consumer_break_cancels_and_frees(fake) -> None:  # type: ignore[n
     await asyncio.wait_for(engine.pool.wait_idle(), 1)
     assert engine.pool_state().free == 2
     assert backend.samplers[-1].closed
-    assert all(c.kv == [] for c in backend.contexts)
+    assert kv_caches(backend) == [[], []]
 
 
 async def test_task_cancel_during_prefill_stops_it(fake) -> None:  # type: ignore[no-untyped-def]

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import json
 import random
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import psutil
@@ -20,22 +22,26 @@ from llm_service.engine import (
     Engine,
     EngineConfig,
     FinishReason,
+    GenerationEvent,
     GenerationRequest,
     SamplingParams,
     Started,
     TokenDelta,
+    llama,
 )
-from llm_service.engine.llama import LLAMA_CPP_COMMIT, LlamaBackend, LlamaContext
+from llm_service.engine.llama import LLAMA_CPP_COMMIT, LlamaBackend
 from llm_service.errors import (
     InvalidRequestError,
     ModelLoadError,
     OverloadedError,
     PromptTooLongError,
 )
-from tests.conftest import TEST_N_CTX
+from tests.conftest import TEST_N_CTX, TEST_PREFILL_CHUNK, TEST_SLOTS
 from tests.support import collect, deltas, final
 
 pytestmark = pytest.mark.model
+# For the tests of what only batched mode does (the others run in both modes).
+batched_only = pytest.mark.parametrize("llama_backend", ["batched"], indirect=True)
 
 PROBE = GenerationRequest(
     prompt="The three primary colours are",
@@ -149,7 +155,8 @@ async def test_isolation_check_fails_when_the_cache_is_not_cleared(
 ) -> None:
     """Proves the isolation tests can fail: skip the KV clear and the probe output changes."""
     before = await probe_each_context(engine)
-    monkeypatch.setattr(LlamaContext, "reset", lambda self: None)
+    # A context of its own (contexts mode) or a slot of the shared one (batched mode).
+    monkeypatch.setattr(type(engine.pool._free[0]), "reset", lambda self: None)
     await collect(
         engine, GenerationRequest(prompt=LONG_PROMPTS[0], sampling=SamplingParams(max_tokens=40))
     )
@@ -386,3 +393,192 @@ async def test_deadline_ends_generation(engine: Engine) -> None:
     done = final(await collect(engine, request))
     assert done.finish_reason is FinishReason.DEADLINE
     assert done.timings.total_ms < 1500
+
+
+# -- a failed decode (both modes); what batched mode promises ---------------------------------
+
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy output keeps counting: long and predictable
+
+
+def aclosing_stream(
+    engine: Engine, request: GenerationRequest
+) -> contextlib.aclosing[AsyncGenerator[GenerationEvent, None]]:
+    return contextlib.aclosing(engine.generate(request))
+
+
+def token_ids(events: list[GenerationEvent]) -> list[int]:
+    return [t for d in deltas(events) for t in d.token_ids]
+
+
+@batched_only  # contexts mode evaluates the prompt on a context of its own
+async def test_a_long_prompt_does_not_stall_a_running_stream(engine: Engine) -> None:
+    """While a long prompt is evaluated, a running stream goes on producing tokens.
+
+    Counted in tokens, not timed: the prompt is evaluated in chunks of
+    TEST_PREFILL_CHUNK tokens, one chunk a step, and the running stream gets a token in each
+    of those steps; without chunking it would get one or two in all.
+    """
+    running = GenerationRequest(
+        prompt=COUNTING, sampling=SamplingParams(temperature=0, max_tokens=600)
+    )
+    long = GenerationRequest(
+        prompt="lorem ipsum dolor sit amet " * 60, sampling=SamplingParams(max_tokens=1)
+    )  # about 600 prompt tokens: about ten chunks
+    arrivals: list[float] = []
+
+    async def read(stream: AsyncIterator[GenerationEvent]) -> None:
+        async for event in stream:
+            if isinstance(event, TokenDelta) and event.token_ids:
+                arrivals.append(time.monotonic())
+
+    async with contextlib.aclosing(engine.generate(running)) as stream:
+        reader = asyncio.create_task(read(stream))
+        async with asyncio.timeout(10):
+            while len(arrivals) < 3:
+                await asyncio.sleep(0.005)
+        events: list[tuple[float, GenerationEvent]] = []
+        async with contextlib.aclosing(engine.generate(long)) as prompt_stream:
+            async for event in prompt_stream:
+                events.append((time.monotonic(), event))
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+    started_at, started = events[0]
+    first_token_at = next(t for t, e in events if isinstance(e, TokenDelta))
+    assert isinstance(started, Started)
+    chunks = -(-started.prompt_tokens // TEST_PREFILL_CHUNK)
+    assert chunks >= 8, started.prompt_tokens
+    during = [t for t in arrivals if started_at < t < first_token_at]
+    # A token in most of those steps; a third of them leaves room for a slow worker thread.
+    assert len(during) >= chunks // 3 + 1, (len(during), chunks)
+    print(f"{len(during)} tokens of the running stream during {chunks} chunks of prompt")
+
+
+async def test_a_failed_decode_ends_its_requests_with_an_error_and_the_engine_goes_on(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = await probe_each_context(engine)
+    real_decode = llama.llama_cpp.llama_decode
+    lock = threading.Lock()
+    armed = False
+
+    def failing_decode(ctx: object, batch: object) -> int:
+        nonlocal armed
+        with lock:
+            fail, armed = armed, False
+        return -3 if fail else int(real_decode(ctx, batch))
+
+    monkeypatch.setattr(llama.llama_cpp, "llama_decode", failing_decode)
+    requests = [
+        GenerationRequest(prompt=p, sampling=SamplingParams(temperature=0, max_tokens=80))
+        for p in (COUNTING, "Once upon a time")
+    ]
+    ends = []
+    async with contextlib.AsyncExitStack() as stack:
+        streams = [await stack.enter_async_context(aclosing_stream(engine, r)) for r in requests]
+        for stream in streams:  # both are decoding
+            while not isinstance(await anext(stream), TokenDelta):
+                pass
+        with lock:
+            armed = True
+        for stream in streams:
+            ends.append(final([e async for e in stream]))
+    failed = [end for end in ends if end.finish_reason is FinishReason.ERROR]
+    # Batched: the failed step held both streams. Contexts: one context failed.
+    assert len(failed) == (2 if engine.pool_mode == "batched" else 1), ends
+    for end in failed:
+        assert end.error is not None and "llama_decode failed" in end.error
+        assert "code -3" in end.error
+    await asyncio.wait_for(engine.pool.wait_idle(), 2)
+    state = engine.pool_state()
+    assert (state.free, state.replaced) == (2, 0)
+    monkeypatch.undo()
+    assert await probe_each_context(engine) == before
+
+
+@pytest.fixture
+async def engine4(llama_backend: Backend) -> AsyncIterator[Engine]:
+    """Every slot of the session's shared context (batched mode) in one engine."""
+    engine = await Engine.start(
+        _Borrowed(llama_backend), EngineConfig(pool_size=TEST_SLOTS, queue_timeout_s=60)
+    )
+    yield engine
+    await engine.aclose()
+
+
+async def run_in_order(engine: Engine, requests: list[GenerationRequest]) -> list[list[Any]]:
+    """Run ``requests`` together, each started once the one before has its slot (so the i-th
+    gets slot i of a free pool: the pool leases the lowest free one)."""
+    tasks = []
+    for request in requests:
+        started = asyncio.Event()
+
+        async def run(request: GenerationRequest, started: asyncio.Event) -> list[Any]:
+            events: list[Any] = []
+            async with contextlib.aclosing(engine.generate(request)) as stream:
+                async for event in stream:
+                    events.append(event)
+                    started.set()
+            return events
+
+        tasks.append(asyncio.create_task(run(request, started)))
+        await started.wait()
+    return await asyncio.gather(*tasks)
+
+
+@batched_only
+async def test_greedy_output_is_bit_identical_alone_batched_and_on_any_slot(
+    engine4: Engine,
+) -> None:
+    others = [
+        GenerationRequest(prompt=p, sampling=SamplingParams(temperature=0, max_tokens=n))
+        for p, n in ((COUNTING, 40), ("Here is a recipe for pancakes:", 12), ("Dear diary", 30))
+    ]
+    alone = token_ids(await collect(engine4, PROBE))
+    assert len(alone) == 24
+    others_alone = [token_ids(await collect(engine4, r)) for r in others]
+    assert [len(t) for t in others_alone] == [40, 12, 30]
+    assert await probe_each_context(engine4) == [engine4.backend.detokenize(alone)] * TEST_SLOTS
+    # Together with three others, in every position: the probe's prompt shares steps with the
+    # others' tokens, its tokens with their prompts; and it runs on every slot.
+    slots = []
+    for position in range(TEST_SLOTS):
+        requests = [*others[:position], PROBE, *others[position:]]
+        results = await run_in_order(engine4, requests)
+        slots.append(results[position][0].slot)
+        assert token_ids(results[position]) == alone, f"probe in position {position}"
+        rest = results[:position] + results[position + 1 :]
+        assert [token_ids(r) for r in rest] == others_alone
+    assert sorted(slots) == list(range(TEST_SLOTS))
+
+
+@batched_only
+async def test_releasing_a_slot_clears_it_and_nothing_else(
+    engine: Engine, llama_backend: Backend
+) -> None:
+    decoder = getattr(llama_backend, "decoder", None)
+    assert decoder is not None
+    counting = GenerationRequest(
+        prompt=COUNTING, sampling=SamplingParams(temperature=0, max_tokens=120)
+    )
+    alone = token_ids(await collect(engine, counting))
+    async with contextlib.aclosing(engine.generate(counting)) as running:
+        events = [await anext(running)]
+        while len(deltas(events)) < 5:
+            events.append(await anext(running))
+        other = GenerationRequest(prompt="Once upon a time", sampling=SamplingParams(seed=1))
+        async with contextlib.aclosing(engine.generate(other)) as released:
+            started = await anext(released)
+            assert isinstance(started, Started) and started.slot != events[0].slot
+            n = 0
+            async for event in released:
+                n += isinstance(event, TokenDelta)
+                if n == 10:
+                    break
+        # Its lease is over, its slot cleared, while the first stream goes on decoding.
+        assert engine.pool_state().leased == 1
+        assert decoder.pos_max(started.slot) == -1
+        assert decoder.pos_max(events[0].slot) >= 5
+        events += [e async for e in running]
+    assert final(events).finish_reason is FinishReason.LENGTH
+    assert token_ids(events) == alone

@@ -20,16 +20,23 @@ def model_path() -> Path:
     return fetch_default_model(ServiceSettings().model_cache, progress=False)
 
 
+@pytest.fixture(scope="session", params=["contexts", "batched"])
+def pool_mode(request: pytest.FixtureRequest) -> str:
+    """The pool mode of the services started: every test of a real service runs in both."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
 def service(
-    tmp_path_factory: pytest.TempPathFactory, certs: Certs, model_path: Path
+    tmp_path_factory: pytest.TempPathFactory, certs: Certs, model_path: Path, pool_mode: str
 ) -> Iterator[Service]:
-    """One shared service: mTLS, allow-list {llm-client}, pool of 2."""
+    """One shared service (per pool mode): mTLS, allow-list {llm-client}, pool of 2."""
     svc = Service(
         tmp_path_factory.mktemp("service"),
         certs,
         model_path,
         env={"LLM_TLS_ALLOWED_CLIENTS": "llm-client"},
+        pool_mode=pool_mode,
     )
     try:
         yield svc.wait_ready()
@@ -38,14 +45,16 @@ def service(
 
 
 @pytest.fixture
-def start_service(tmp_path: Path, certs: Certs, model_path: Path) -> Iterator[type[Service]]:
+def start_service(
+    tmp_path: Path, certs: Certs, model_path: Path, pool_mode: str
+) -> Iterator[type[Service]]:
     """Start dedicated services: ``start_service(env={...})``; all stopped at the end."""
     started: list[Service] = []
 
     def start(
         env: dict[str, str] | None = None, *, tls: bool = True, ready: bool = True
     ) -> Service:
-        svc = Service(tmp_path, certs if tls else None, model_path, env=env)
+        svc = Service(tmp_path, certs if tls else None, model_path, env=env, pool_mode=pool_mode)
         started.append(svc)
         return svc.wait_ready() if ready else svc
 

@@ -87,7 +87,11 @@ class Certs:
 
 
 class Service:
-    """One ``llm_service serve`` subprocess on free ports, with its log in a file."""
+    """One ``llm_service serve`` subprocess on free ports, with its log in a file.
+
+    Its pool: 2 slots of 1024 tokens, on two CPU threads in all (``pool_mode`` contexts: one
+    thread per context; batched: both for the shared context).
+    """
 
     def __init__(
         self,
@@ -96,9 +100,11 @@ class Service:
         model_path: Path,
         *,
         env: dict[str, str] | None = None,
+        pool_mode: str = "batched",
     ) -> None:
         self.certs = certs
         self.terminating = False
+        self.pool_mode = pool_mode
         self.grpc_port = free_port()
         self.http_port = free_port()
         self.log_path = workdir / f"service-{self.grpc_port}.log"
@@ -107,8 +113,9 @@ class Service:
             "LLM_GRPC_ADDR": f"127.0.0.1:{self.grpc_port}",
             "LLM_HTTP_ADDR": f"127.0.0.1:{self.http_port}",
             "LLM_LLAMA_SERVICE_THREADS": "2",
+            "LLM_POOL_MODE": pool_mode,
             "LLM_N_CTX": "1024",
-            "LLM_N_THREADS": "1",
+            "LLM_N_THREADS": "1" if pool_mode == "contexts" else "2",
             "LLM_LOG_LEVEL": "DEBUG",
         }
         if certs is None:

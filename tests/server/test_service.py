@@ -102,6 +102,9 @@ async def test_chat_and_the_text_calls(service: Service) -> None:
         info = await stub.GetModelInfo(pb.GetModelInfoRequest())
         assert info.llama_cpp_commit.startswith("0c1e570")
         assert (info.context_per_slot, info.pool_size) == (1024, 2)
+        modes = {"contexts": pb.POOL_MODE_CONTEXTS, "batched": pb.POOL_MODE_BATCHED}
+        assert info.pool_mode == modes[service.pool_mode]
+        assert f"pool ready: {service.pool_mode} mode, 2 " in service.log
         assert info.size_bytes == os.path.getsize(info.path)
         status = await stub.GetServerStatus(pb.GetServerStatusRequest())
         assert status.state == pb.SERVING_STATE_SERVING

@@ -11,7 +11,8 @@ import pytest
 from llm_service.api.v1 import llm_pb2 as pb
 from llm_service.api.v1 import llm_pb2_grpc
 from llm_service.engine import Engine, EngineConfig, FakeBackend
-from llm_service.engine.fake import FakeContext
+from llm_service.engine.batching import BatchEntry
+from llm_service.engine.fake import FakeBatchDecoder, FakeContext
 from llm_service.errors import EngineError
 from llm_service.server import InferenceServicer, Phase, ServerState, convert
 from llm_service.server.metrics import ServiceMetrics
@@ -27,9 +28,9 @@ class Rig:
     stub: llm_pb2_grpc.InferenceStub
 
 
-@pytest.fixture
-async def rig() -> AsyncIterator[Rig]:
-    backend = FakeBackend()
+@pytest.fixture(params=["contexts", "batched"])
+async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+    backend = FakeBackend(pool_mode=request.param)
     engine = await Engine.start(backend, EngineConfig(pool_size=2, max_queue=4))
     state = ServerState(pool_size=2)
     metrics = ServiceMetrics(state)
@@ -49,17 +50,30 @@ async def test_engine_failure_after_start_ends_the_stream_with_unavailable(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rig.backend.enqueue("abcdef")
-    real_sample = FakeContext.sample
     calls = 0
 
-    def failing_sample(self: FakeContext, sampler: object) -> int:
-        nonlocal calls
-        calls += 1
-        if calls > 3:
-            raise EngineError("llama_decode failed with status -3")
-        return real_sample(self, sampler)  # type: ignore[arg-type]
+    if rig.backend.decoder is None:
+        real_decode = FakeContext.decode
 
-    monkeypatch.setattr(FakeContext, "sample", failing_sample)
+        def failing_decode(self: FakeContext, token: int, sampler: object) -> int:
+            nonlocal calls
+            calls += 1
+            if calls > 3:
+                raise EngineError("llama_decode failed with status -3")
+            return real_decode(self, token, sampler)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(FakeContext, "decode", failing_decode)
+    else:
+        real_step = FakeBatchDecoder.decode
+
+        def failing_step(self: FakeBatchDecoder, entries: list[BatchEntry]) -> None:
+            nonlocal calls
+            calls += 1
+            if calls > 3:
+                raise EngineError("llama_decode failed with status -3")
+            real_step(self, entries)
+
+        monkeypatch.setattr(FakeBatchDecoder, "decode", failing_step)
     call = rig.stub.Generate(pb.GenerateRequest(prompt="x"))
     assert (await call.read()).HasField("started")
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -115,7 +129,14 @@ async def test_loading_and_draining_refuse_with_unavailable(rig: Rig) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await rig.stub.Tokenize(pb.TokenizeRequest(text="x"))
     assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-    assert (await rig.stub.GetModelInfo(pb.GetModelInfoRequest())).pool_size == 2
+    info = await rig.stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.pool_size == 2
+    assert (
+        info.pool_mode
+        == {"contexts": pb.POOL_MODE_CONTEXTS, "batched": pb.POOL_MODE_BATCHED}[
+            rig.backend.pool_mode
+        ]
+    )
 
 
 async def test_cancel_all_ends_running_streams_with_unavailable(rig: Rig) -> None:

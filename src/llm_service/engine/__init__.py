@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from llm_service.engine.backend import Backend, ModelInfo
+from llm_service.engine.backend import Backend, ModelInfo, PoolMode
 from llm_service.engine.engine import Engine, EngineConfig
 from llm_service.engine.fake import FakeBackend
 from llm_service.engine.pool import LlamaContextPool, PoolState
@@ -41,6 +41,7 @@ __all__ = [
     "GenerationRequest",
     "LlamaContextPool",
     "ModelInfo",
+    "PoolMode",
     "PoolState",
     "SamplingParams",
     "Started",
@@ -71,7 +72,12 @@ def load_backend(settings: ServiceSettings, *, progress: bool = True) -> Backend
     show = progress and sys.stderr.isatty()
     path = resolve_model_path(settings, progress=show)
     threads = settings.threads_per_context
-    logger.info("loading model %s (%s per context)", path, plural(threads, "CPU thread"))
+    logger.info(
+        "loading model %s (%s mode, %s per context)",
+        path,
+        settings.pool_mode,
+        plural(threads, "CPU thread"),
+    )
 
     def report(fraction: float) -> None:
         if show:
@@ -83,14 +89,18 @@ def load_backend(settings: ServiceSettings, *, progress: bool = True) -> Backend
         path,
         n_ctx=settings.n_ctx,
         n_batch=settings.n_batch,
-        n_threads=settings.threads_per_context,
+        n_threads=threads,
         n_gpu_layers=settings.n_gpu_layers,
+        pool_mode=settings.pool_mode,
+        slots=settings.llama_service_threads,
+        prefill_chunk=settings.prefill_chunk,
         progress=report,
     )
 
 
 async def start_engine(backend: Backend, settings: ServiceSettings) -> Engine:
-    """Create the pool of ``LLM_LLAMA_SERVICE_THREADS`` contexts and return a ready engine."""
+    """Create the pool of ``LLM_LLAMA_SERVICE_THREADS`` contexts (or slots, in batched mode:
+    the backend was loaded for that many) and return a ready engine."""
     return await Engine.start(
         backend,
         EngineConfig(

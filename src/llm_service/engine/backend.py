@@ -8,11 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from llm_service.engine.types import ChatMessage, SamplingParams
 
-__all__ = ["Backend", "Context", "ContextResetError", "GenerationAborted", "ModelInfo", "Sampler"]
+__all__ = [
+    "Backend",
+    "Context",
+    "ContextResetError",
+    "GenerationAborted",
+    "ModelInfo",
+    "PoolMode",
+    "Sampler",
+]
+
+# How the pool's entries map onto llama.cpp (``LLM_POOL_MODE``): one ``llama_context`` per entry,
+# or one shared context with one sequence per entry, decoded together one step at a time.
+PoolMode = Literal["batched", "contexts"]
 
 
 class GenerationAborted(Exception):
@@ -53,20 +65,30 @@ class Sampler(Protocol):
 
 
 class Context(Protocol):
-    """One inference context, leased to one request at a time."""
+    """One inference context (or one slot of a shared one), leased to one request at a time.
+
+    Evaluating and sampling are one operation: in batched mode the logits of a step are valid
+    only until the next step, which may belong to another request.
+    """
 
     index: int
 
-    def prefill(self, tokens: Sequence[int], should_abort: Callable[[], bool]) -> None:
-        """Evaluate the prompt. Raises GenerationAborted when should_abort() turns true."""
+    def prefill(
+        self, tokens: Sequence[int], sampler: Sampler, should_abort: Callable[[], bool]
+    ) -> int:
+        """Evaluate the prompt, then sample the first token with ``sampler``.
+
+        Raises:
+            GenerationAborted: ``should_abort()`` turned true before the prompt was evaluated.
+            EngineError: llama.cpp failed.
+        """
         ...
 
-    def sample(self, sampler: Sampler) -> int:
-        """Pick the next token from the last evaluated position."""
-        ...
+    def decode(self, token: int, sampler: Sampler) -> int:
+        """Evaluate one generated token, then sample the next one.
 
-    def append(self, token: int) -> None:
-        """Evaluate one generated token (the engine checks for cancellation between tokens)."""
+        The engine checks for cancellation between tokens. Raises EngineError.
+        """
         ...
 
     def reset(self) -> None:
@@ -77,9 +99,15 @@ class Context(Protocol):
 
 
 class Backend(Protocol):
-    """A loaded model: tokenizer, chat template, samplers, and a factory of contexts."""
+    """A loaded model: tokenizer, chat template, samplers, and a factory of contexts.
+
+    Attributes:
+        pool_mode: what ``create_context`` makes: a context of its own, or a slot of the one
+            shared, batched context (chosen when the backend is loaded).
+    """
 
     info: ModelInfo
+    pool_mode: PoolMode
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         """Tokenize.
@@ -106,6 +134,16 @@ class Backend(Protocol):
         """Build a fresh sampler. Raises InvalidRequestError for a bad grammar or schema."""
         ...
 
-    def create_context(self, index: int) -> Context: ...
+    def create_context(self, index: int) -> Context:
+        """The pool's entry ``index``, empty (a replacement for a broken one has the same index).
 
-    def close(self) -> None: ...
+        Raises:
+            EngineError: llama.cpp could not make it, or (batched) ``index`` is not a slot.
+            ContextResetError: (batched) the slot's sequence could not be cleared.
+        """
+        ...
+
+    def close(self) -> None:
+        """Free everything (call after every context is closed): the batch scheduler and the
+        shared context if any, then the model."""
+        ...

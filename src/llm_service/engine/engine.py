@@ -12,7 +12,14 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
-from llm_service.engine.backend import Backend, Context, GenerationAborted, ModelInfo, Sampler
+from llm_service.engine.backend import (
+    Backend,
+    Context,
+    GenerationAborted,
+    ModelInfo,
+    PoolMode,
+    Sampler,
+)
 from llm_service.engine.pool import LlamaContextPool, PoolState
 from llm_service.engine.text import StreamDecoder
 from llm_service.engine.types import (
@@ -109,10 +116,18 @@ class Engine:
             for executor in (workers, prep, pool_executor):
                 executor.shutdown(wait=False)
             raise
+        n_ctx = backend.info.n_ctx
+        if backend.pool_mode == "batched":
+            layout = (
+                f"batched mode, {plural(config.pool_size, 'slot')} of {n_ctx} tokens each, as"
+                f" sequences of one shared context ({config.pool_size * n_ctx} tokens), decoded"
+                " together"
+            )
+        else:
+            layout = f"contexts mode, {plural(config.pool_size, 'context')} of {n_ctx} tokens each"
         logger.info(
-            "pool ready: %d contexts of %d tokens each (queue %d, wait at most %g s)",
-            config.pool_size,
-            backend.info.n_ctx,
+            "pool ready: %s (queue %d, wait at most %g s)",
+            layout,
             config.max_queue,
             config.queue_timeout_s,
         )
@@ -128,6 +143,10 @@ class Engine:
     @property
     def info(self) -> ModelInfo:
         return self.backend.info
+
+    @property
+    def pool_mode(self) -> PoolMode:
+        return self.backend.pool_mode
 
     def pool_state(self) -> PoolState:
         return self.pool.state()
@@ -307,7 +326,8 @@ class _Generation:
     """One request's token loop, run in a worker thread on a leased context.
 
     Events go to the event loop through ``events``; ``cancel()`` (from the loop) makes the loop
-    stop at the next token, or inside a long prefill through llama.cpp's abort callback.
+    stop at the next token; a long prefill stops too (contexts mode: through llama.cpp's
+    abort callback; batched mode: between two prompt chunks).
     """
 
     def __init__(
@@ -373,12 +393,9 @@ class _Generation:
         decoder = StreamDecoder(self._request.sampling.stop)
         try:
             t0 = time.monotonic()
-            context.prefill(self._prompt_tokens, self._should_abort)
+            token = context.prefill(self._prompt_tokens, self._sampler, self._should_abort)
             self._prefill_s = time.monotonic() - t0
             while True:
-                if self._should_abort():
-                    return self._abort_reason()
-                token = context.sample(self._sampler)
                 if self._backend.is_end_of_generation(token):
                     return FinishReason.STOP
                 self._n_generated += 1
@@ -391,7 +408,9 @@ class _Generation:
                     return FinishReason.STOP_SEQUENCE
                 if self._n_generated >= self._max_tokens:
                     return FinishReason.LENGTH
-                context.append(token)
+                if self._should_abort():
+                    return self._abort_reason()
+                token = context.decode(token, self._sampler)
         finally:
             # Whatever ended the loop, text held back (a partial character, a possible start of
             # a stop string that never completed) belongs to the output.

@@ -12,11 +12,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from llm_service.engine.backend import ContextResetError, GenerationAborted, ModelInfo, Sampler
+from llm_service.engine.backend import (
+    ContextResetError,
+    GenerationAborted,
+    ModelInfo,
+    PoolMode,
+    Sampler,
+)
+from llm_service.engine.batching import BatchEntry, BatchScheduler, BatchSlot
 from llm_service.engine.types import ChatMessage, SamplingParams
-from llm_service.errors import InvalidRequestError
+from llm_service.errors import EngineError, InvalidRequestError
 
-__all__ = ["FakeBackend", "FakeCall", "FakeContext"]
+__all__ = ["FakeBackend", "FakeBatchDecoder", "FakeCall", "FakeContext"]
 
 EOS = 256
 BOS = 257
@@ -40,6 +47,13 @@ class FakeSampler:
         self.closed = True
 
 
+def _next_token(backend: FakeBackend, sampler: Sampler, where: str) -> int:
+    assert isinstance(sampler, FakeSampler)
+    if sampler.closed:
+        backend.misuse.append(f"{where} sampled with a closed sampler")
+    return sampler.script.popleft() if sampler.script else EOS
+
+
 class FakeContext:
     """A context whose "KV cache" is the list of tokens it was fed."""
 
@@ -49,7 +63,9 @@ class FakeContext:
         self.kv: list[int] = []
         self.closed = False
 
-    def prefill(self, tokens: Sequence[int], should_abort: Callable[[], bool]) -> None:
+    def prefill(
+        self, tokens: Sequence[int], sampler: Sampler, should_abort: Callable[[], bool]
+    ) -> int:
         with self._backend._lock:
             self._backend.history.append(FakeCall(self.index, self._backend.detokenize(tokens)))
         for t in tokens:
@@ -58,17 +74,16 @@ class FakeContext:
             if self._backend.prefill_delay_s:
                 time.sleep(self._backend.prefill_delay_s)
             self.kv.append(t)
+        return self._sample(sampler)
 
-    def sample(self, sampler: Sampler) -> int:
-        assert isinstance(sampler, FakeSampler)
-        if sampler.closed:
-            self._backend.misuse.append(f"context {self.index} sampled with a closed sampler")
+    def decode(self, token: int, sampler: Sampler) -> int:
+        self.kv.append(token)
+        return self._sample(sampler)
+
+    def _sample(self, sampler: Sampler) -> int:
         if self._backend.token_delay_s:
             time.sleep(self._backend.token_delay_s)
-        return sampler.script.popleft() if sampler.script else EOS
-
-    def append(self, token: int) -> None:
-        self.kv.append(token)
+        return _next_token(self._backend, sampler, f"context {self.index}")
 
     def reset(self) -> None:
         if self._backend.fail_resets > 0:
@@ -81,15 +96,75 @@ class FakeContext:
         self.closed = True
 
 
+class FakeBatchDecoder:
+    """The fake's shared context for batched mode: one token list per sequence.
+
+    Attributes:
+        kv: the tokens of each sequence.
+        steps: every step evaluated, as its entries.
+    """
+
+    def __init__(self, backend: FakeBackend, slots: int) -> None:
+        self.slots = slots
+        self.kv: list[list[int]] = [[] for _ in range(slots)]
+        self.steps: list[list[BatchEntry]] = []
+        self.closed = False
+        self._backend = backend
+        self._prompts: dict[int, tuple[FakeCall, list[int]]] = {}  # sequences being prefilled
+
+    def decode(self, entries: Sequence[BatchEntry]) -> None:
+        backend = self._backend
+        if backend.fail_decodes > 0:
+            backend.fail_decodes -= 1
+            raise EngineError("fake llama_decode failed")
+        for entry in entries:
+            if entry.pos != len(self.kv[entry.seq]):
+                raise EngineError(f"sequence {entry.seq} is at {len(self.kv[entry.seq])}")
+        self.steps.append(list(entries))
+        n_prompt = 0
+        for entry in entries:
+            self.kv[entry.seq].extend(entry.tokens)
+            if entry.pos == 0:  # a prompt's first chunk; its last one asks for an output
+                call = FakeCall(entry.seq, "")
+                with backend._lock:
+                    backend.history.append(call)
+                self._prompts[entry.seq] = (call, [])
+            if entry.seq in self._prompts:
+                call, prompt = self._prompts[entry.seq]
+                prompt.extend(entry.tokens)
+                call.prompt = backend.detokenize(prompt)
+                n_prompt += len(entry.tokens)
+                if entry.output:
+                    del self._prompts[entry.seq]
+        time.sleep(backend.token_delay_s + n_prompt * backend.prefill_delay_s)
+
+    def sample(self, sampler: Sampler, index: int) -> int:
+        return _next_token(self._backend, sampler, f"batch token {index}")
+
+    def clear(self, seq: int) -> None:
+        if self._backend.fail_resets > 0:
+            self._backend.fail_resets -= 1
+            raise ContextResetError(f"fake slot {seq} refused to clear")
+        self.kv[seq].clear()
+        self._prompts.pop(seq, None)
+        self._backend.resets += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class FakeBackend:
     """Scripted backend. ``enqueue(text)`` sets the next reply; ``history`` records prompts and
     ``samplers`` the sampling parameters of each request, in order.
 
     Args:
         n_ctx: context size to report and enforce.
-        token_delay_s: sleep per generated token (to hold a context busy).
+        token_delay_s: sleep per generated token (to hold a context busy); per step, batched.
         prefill_delay_s: sleep per prompt token (to test cancellation during prefill).
         default_reply: the reply when nothing is enqueued.
+        pool_mode: ``batched`` runs the pool's slots on the real ``BatchScheduler``, over a
+            ``FakeBatchDecoder`` of ``slots`` sequences (see ``decoder``).
+        prefill_chunk: batched mode: prompt tokens per step.
     """
 
     def __init__(
@@ -99,7 +174,16 @@ class FakeBackend:
         token_delay_s: float = 0.0,
         prefill_delay_s: float = 0.0,
         default_reply: str = "Hello from the fake backend.",
+        pool_mode: PoolMode = "contexts",
+        slots: int = 2,
+        prefill_chunk: int = 8,
     ) -> None:
+        self.pool_mode: PoolMode = pool_mode
+        self.decoder: FakeBatchDecoder | None = None
+        self.scheduler: BatchScheduler | None = None
+        if pool_mode == "batched":
+            self.decoder = FakeBatchDecoder(self, slots)
+            self.scheduler = BatchScheduler(self.decoder, prefill_chunk=prefill_chunk)
         self.token_delay_s = token_delay_s
         self.prefill_delay_s = prefill_delay_s
         self.default_reply = default_reply
@@ -110,6 +194,7 @@ class FakeBackend:
         self.resets = 0
         self.misuse: list[str] = []  # what a real backend would crash on (use after close)
         self.fail_resets = 0  # make this many resets fail (to test replacement)
+        self.fail_decodes = 0  # batched: make this many decode steps fail
         self._replies: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
         self.info = ModelInfo(
@@ -153,10 +238,14 @@ class FakeBackend:
         self.samplers.append(sampler)
         return sampler
 
-    def create_context(self, index: int) -> FakeContext:
+    def create_context(self, index: int) -> FakeContext | BatchSlot:
+        if self.scheduler is not None:
+            return self.scheduler.create_slot(index)
         context = FakeContext(self, index)
         self.contexts.append(context)
         return context
 
     def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
         self.closed = True

@@ -1,7 +1,9 @@
 """The llama.cpp backend: the only module that imports ``llama_cpp``.
 
-It uses the pinned bindings' low-level C API directly: one ``llama_model`` loaded once, one
-``llama_context`` per pool slot, a fresh sampler chain per request.
+It uses the pinned bindings' low-level C API directly: one ``llama_model`` loaded once, a fresh
+sampler chain per request, and either one ``llama_context`` per pool entry (``contexts`` mode) or
+one shared ``llama_context`` with a sequence per entry, driven by a ``BatchScheduler``
+(``batched`` mode).
 """
 
 from __future__ import annotations
@@ -20,11 +22,25 @@ import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-from llm_service.engine.backend import ContextResetError, GenerationAborted, ModelInfo, Sampler
+from llm_service.engine.backend import (
+    ContextResetError,
+    GenerationAborted,
+    ModelInfo,
+    PoolMode,
+    Sampler,
+)
+from llm_service.engine.batching import BatchEntry, BatchScheduler, BatchSlot
 from llm_service.engine.types import ChatMessage, SamplingParams
 from llm_service.errors import EngineError, InvalidRequestError, ModelLoadError
+from llm_service.log import plural
 
-__all__ = ["LLAMA_CPP_COMMIT", "LlamaBackend", "LlamaContext", "LlamaSampler"]
+__all__ = [
+    "LLAMA_CPP_COMMIT",
+    "LlamaBackend",
+    "LlamaBatchDecoder",
+    "LlamaContext",
+    "LlamaSampler",
+]
 
 logger = logging.getLogger(__name__)
 native_logger = logging.getLogger("llm_service.llama_cpp")
@@ -36,6 +52,14 @@ LLAMA_CPP_COMMIT = (
     else f"unknown (llama-cpp-python {llama_cpp.__version__}, pinned is {PINNED_BINDINGS})"
 )
 GGUF_MAGIC = b"GGUF"
+# llama_decode's return codes (llama.h).
+_DECODE_ERRORS = {
+    1: "no room in the KV cache",
+    2: "aborted",
+    -1: "invalid batch",
+}
+# The physical batch (tokens per graph evaluation) at most: llama.cpp's own default.
+MAX_UBATCH = 512
 
 # enum ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the last line).
 _NATIVE_LEVELS = {
@@ -126,7 +150,7 @@ class LlamaContext:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = backend.n_ctx
         params.n_batch = backend.n_batch
-        params.n_ubatch = min(backend.n_batch, 512)
+        params.n_ubatch = min(backend.n_batch, MAX_UBATCH)
         params.n_seq_max = 1
         params.n_threads = backend.n_threads
         params.n_threads_batch = backend.n_threads
@@ -167,22 +191,26 @@ class LlamaContext:
         if rc == 2:
             raise GenerationAborted()
         if rc != 0:
-            raise EngineError(f"llama_decode failed with code {rc} on context {self.index}")
+            raise EngineError(f"llama_decode failed on context {self.index}: {_decode_error(rc)}")
 
-    def prefill(self, tokens: Sequence[int], should_abort: Callable[[], bool]) -> None:
+    def _sample(self, sampler: Sampler) -> int:
+        assert isinstance(sampler, LlamaSampler)
+        return int(llama_cpp.llama_sampler_sample(sampler.chain, self._ctx, -1))
+
+    def prefill(
+        self, tokens: Sequence[int], sampler: Sampler, should_abort: Callable[[], bool]
+    ) -> int:
         step = self._backend.n_batch
         for start in range(0, len(tokens), step):
             if should_abort():
                 raise GenerationAborted()
             self._decode(tokens[start : start + step], should_abort)
+        return self._sample(sampler)
 
-    def append(self, token: int) -> None:
+    def decode(self, token: int, sampler: Sampler) -> int:
         # One token decodes in milliseconds; the engine checks for cancellation between tokens.
         self._decode((token,), None)
-
-    def sample(self, sampler: Sampler) -> int:
-        assert isinstance(sampler, LlamaSampler)
-        return int(llama_cpp.llama_sampler_sample(sampler.chain, self._ctx, -1))
+        return self._sample(sampler)
 
     def reset(self) -> None:
         """Clear the whole KV cache (every sequence) and verify nothing is left."""
@@ -201,6 +229,103 @@ class LlamaContext:
             self._ctx = None
 
 
+class LlamaBatchDecoder:
+    """The shared ``llama_context`` of batched mode: ``slots`` sequences of ``n_ctx`` positions.
+
+    The KV cache is not unified, so each sequence has its own ``n_ctx`` positions and cannot
+    crowd out another. The scheduler thread drives it; ``pos_max`` may be called from anywhere.
+    """
+
+    def __init__(self, backend: LlamaBackend, slots: int, prefill_chunk: int) -> None:
+        self.slots = slots
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = backend.n_ctx * slots
+        # Room for a step: one token per slot plus the prompt chunk.
+        self._capacity = slots + prefill_chunk
+        params.n_batch = self._capacity
+        params.n_ubatch = min(self._capacity, MAX_UBATCH)
+        params.n_seq_max = slots
+        params.kv_unified = False
+        params.n_threads = backend.n_threads
+        params.n_threads_batch = backend.n_threads
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(backend.model, params)
+        if not self._ctx:
+            raise EngineError(
+                f"llama.cpp could not create the shared context ({slots} sequences of"
+                f" {backend.n_ctx} tokens)"
+            )
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
+        n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self._ctx))
+        n_seq = int(llama_cpp.llama_n_seq_max(self._ctx))
+        if n_ctx_seq < backend.n_ctx or n_seq != slots:
+            llama_cpp.llama_free(self._ctx)
+            raise EngineError(
+                f"llama.cpp made {n_seq} sequences of {n_ctx_seq} positions, not {slots} of"
+                f" {backend.n_ctx}"
+            )
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
+        # Uncontended in service (one thread drives the context); lets pos_max look in safely.
+        self._lock = threading.Lock()
+
+    def decode(self, entries: Sequence[BatchEntry]) -> None:
+        n_tokens = sum(len(e.tokens) for e in entries)
+        if n_tokens > self._capacity:  # llama.cpp would abort the process, not fail
+            raise EngineError(f"a step of {n_tokens} tokens exceeds the batch ({self._capacity})")
+        batch = self._batch
+        i = 0
+        for entry in entries:
+            for offset, token in enumerate(entry.tokens):
+                batch.token[i] = token
+                batch.pos[i] = entry.pos + offset
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = entry.seq
+                batch.logits[i] = 0
+                i += 1
+            if entry.output:
+                batch.logits[i - 1] = 1
+        batch.n_tokens = n_tokens
+        with self._lock, _NATIVE_LOG.held() as held:
+            rc = llama_cpp.llama_decode(self._ctx, batch)
+        _NATIVE_LOG.emit(held)
+        if rc != 0:
+            raise EngineError(
+                f"llama_decode failed: {_decode_error(rc)} (a step of {n_tokens} tokens over"
+                f" {plural(len(entries), 'slot')})"
+            )
+
+    def sample(self, sampler: Sampler, index: int) -> int:
+        assert isinstance(sampler, LlamaSampler)
+        return int(llama_cpp.llama_sampler_sample(sampler.chain, self._ctx, index))
+
+    def clear(self, seq: int) -> None:
+        with self._lock:
+            if not llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1):
+                raise ContextResetError(f"llama_memory_seq_rm refused to clear slot {seq}")
+        pos_max = self.pos_max(seq)
+        if pos_max != -1:
+            raise ContextResetError(f"slot {seq} still holds positions up to {pos_max}")
+
+    def pos_max(self, seq: int) -> int:
+        """The last position ``seq`` holds in the KV cache (-1: none)."""
+        with self._lock:
+            if not self._ctx:
+                raise EngineError("the shared context is closed")
+            return int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ctx:
+                llama_cpp.llama_batch_free(self._batch)
+                llama_cpp.llama_free(self._ctx)
+                self._ctx = None
+
+
+def _decode_error(rc: int) -> str:
+    return f"code {rc} ({_DECODE_ERRORS.get(rc, 'fatal error')})"
+
+
 def _never() -> bool:
     return False
 
@@ -208,7 +333,8 @@ def _never() -> bool:
 class LlamaBackend:
     """A GGUF model loaded once through llama.cpp; makes contexts and samplers on it.
 
-    Use ``LlamaBackend.load(...)``.
+    Use ``LlamaBackend.load(...)``. In batched mode it also holds the shared context and the
+    scheduler thread driving it, and ``create_context`` makes slots on them.
     """
 
     def __init__(
@@ -224,6 +350,9 @@ class LlamaBackend:
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         self.n_threads = n_threads
+        self.pool_mode: PoolMode = "contexts"
+        self.decoder: LlamaBatchDecoder | None = None  # batched mode: the shared context
+        self.scheduler: BatchScheduler | None = None  # batched mode: its thread
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         template_ptr = llama_cpp.llama_model_chat_template(model, None)
@@ -259,12 +388,22 @@ class LlamaBackend:
         n_batch: int = 512,
         n_threads: int = 2,
         n_gpu_layers: int = 0,
+        pool_mode: PoolMode = "contexts",
+        slots: int = 1,
+        prefill_chunk: int = 64,
         progress: Callable[[float], None] | None = None,
     ) -> LlamaBackend:
         """Load a GGUF model file.
 
+        Args:
+            n_ctx: tokens of one pool entry (a context, or a slot of the shared context).
+            n_batch: contexts mode: prompt tokens per llama_decode.
+            pool_mode: ``batched`` also creates the shared context, of ``slots`` sequences,
+                and its scheduler, evaluating at most ``prefill_chunk`` prompt tokens a step.
+
         Raises:
             ModelLoadError: the file is missing, unreadable, not GGUF, or rejected by llama.cpp.
+            EngineError: (batched) llama.cpp could not create the shared context.
         """
         path = Path(path).expanduser()
         if not path.is_file():
@@ -297,12 +436,34 @@ class LlamaBackend:
             why = "; ".join(line for _, line in held[-3:]) or "no reason given"
             raise ModelLoadError(f"llama.cpp could not load {path}: {why}")
         logger.info("loaded model %s in %.2f s", path, time.monotonic() - started)
-        return cls(model, path, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads)
+        backend = cls(model, path, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads)
+        if pool_mode == "batched":
+            try:
+                decoder = LlamaBatchDecoder(backend, slots, prefill_chunk)
+            except BaseException:
+                backend.close()
+                raise
+            backend.pool_mode = "batched"
+            backend.decoder = decoder
+            backend.scheduler = BatchScheduler(decoder, prefill_chunk=prefill_chunk)
+            logger.info(
+                "batched mode: one context of %d tokens, %s of %d tokens each",
+                decoder.n_ctx,
+                plural(slots, "slot"),
+                n_ctx,
+            )
+        return backend
 
-    def create_context(self, index: int) -> LlamaContext:
+    def create_context(self, index: int) -> LlamaContext | BatchSlot:
+        if self.scheduler is not None:
+            return self.scheduler.create_slot(index)
         return LlamaContext(self, index)
 
     def close(self) -> None:
+        """Stop the scheduler and free the shared context (batched), then free the model."""
+        if self.scheduler is not None:
+            self.scheduler.close()  # joins its thread, then frees the shared context
+            self.scheduler = self.decoder = None
         if self.model:
             llama_cpp.llama_model_free(self.model)
             self.model = None

@@ -68,10 +68,10 @@ class Lease(Generic[C]):
 class LlamaContextPool(Generic[C]):
     """A fixed set of contexts, leased one request at a time.
 
-    ``lease()`` hands out a free context, or waits in a bounded FIFO queue. When the lease ends,
-    for whatever reason, the context is reset (KV cache cleared and verified empty) in a worker
-    thread before anyone else can lease it. A context whose reset fails is closed and replaced
-    by a new one from ``factory``.
+    ``lease()`` hands out the free context with the lowest index, or waits in a bounded FIFO
+    queue. When the lease ends, for whatever reason, the context is reset (KV cache cleared and
+    verified empty) in a worker thread before anyone else can lease it. A context whose reset
+    fails is closed and replaced by a new one from ``factory``.
 
     Args:
         contexts: the initial contexts.
@@ -93,7 +93,7 @@ class LlamaContextPool(Generic[C]):
         if not contexts:
             raise ValueError("a pool needs at least one context")
         self._size = len(contexts)
-        self._free: collections.deque[C] = collections.deque(contexts)
+        self._free: list[C] = list(contexts)
         self._waiters: collections.deque[asyncio.Future[C]] = collections.deque()
         self._factory = factory
         self._executor = executor
@@ -162,7 +162,7 @@ class LlamaContextPool(Generic[C]):
         if self._leased:
             logger.warning("closing the pool with %d contexts still leased", self._leased)
         while self._free:
-            self._free.popleft().close()
+            self._free.pop().close()
 
     async def _acquire(self, timeout_s: float) -> C:
         if self._refusing:
@@ -170,7 +170,10 @@ class LlamaContextPool(Generic[C]):
         if self._size == 0:
             raise EngineError("every context of the pool is broken")
         if self._free and not self._waiters:
-            return self._take(self._free.popleft())
+            # The lowest-numbered free context: in batched mode, running requests then sit on
+            # consecutive sequences, which llama.cpp evaluates together (a gap splits the step).
+            lowest = min(range(len(self._free)), key=lambda i: self._free[i].index)
+            return self._take(self._free.pop(lowest))
         if self.state().waiting >= self._max_queue:
             raise OverloadedError(
                 f"every context ({self._size}) is busy and the queue is full"

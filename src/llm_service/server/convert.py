@@ -14,6 +14,7 @@ from llm_service.engine import (
     GenerationEvent,
     GenerationRequest,
     ModelInfo,
+    PoolMode,
     PoolState,
     SamplingParams,
     Started,
@@ -151,7 +152,13 @@ def pool_message(state: PoolState) -> pb.PoolStatus:
     return pb.PoolStatus(**dataclasses.asdict(state))
 
 
-def model_info_message(info: ModelInfo, *, pool_size: int) -> pb.ModelInfo:
+_POOL_MODES: dict[PoolMode, pb.PoolMode.ValueType] = {
+    "batched": pb.POOL_MODE_BATCHED,
+    "contexts": pb.POOL_MODE_CONTEXTS,
+}
+
+
+def model_info_message(info: ModelInfo, *, pool_size: int, pool_mode: PoolMode) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=info.name,
         path=info.path,
@@ -161,6 +168,7 @@ def model_info_message(info: ModelInfo, *, pool_size: int) -> pb.ModelInfo:
         n_ctx_train=info.n_ctx_train,
         n_vocab=info.n_vocab,
         pool_size=pool_size,
+        pool_mode=_POOL_MODES[pool_mode],
         llama_cpp_commit=info.llama_cpp_commit,
         description=info.description,
         has_chat_template=info.chat_template is not None,

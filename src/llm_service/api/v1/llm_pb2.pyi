@@ -69,6 +69,34 @@ FINISH_REASON_STOP_SEQUENCE: FinishReason.ValueType  # 3
 """One of the request's stop strings appeared (it is not part of the output)."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _PoolMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PoolModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PoolMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POOL_MODE_UNSPECIFIED: _PoolMode.ValueType  # 0
+    """Never sent."""
+    POOL_MODE_BATCHED: _PoolMode.ValueType  # 1
+    """One llama.cpp context with one sequence per slot; one decode per step advances every
+    running request.
+    """
+    POOL_MODE_CONTEXTS: _PoolMode.ValueType  # 2
+    """One llama.cpp context per slot, each decoded by its own thread."""
+
+class PoolMode(_PoolMode, metaclass=_PoolModeEnumTypeWrapper):
+    """How the pool runs requests together."""
+
+POOL_MODE_UNSPECIFIED: PoolMode.ValueType  # 0
+"""Never sent."""
+POOL_MODE_BATCHED: PoolMode.ValueType  # 1
+"""One llama.cpp context with one sequence per slot; one decode per step advances every
+running request.
+"""
+POOL_MODE_CONTEXTS: PoolMode.ValueType  # 2
+"""One llama.cpp context per slot, each decoded by its own thread."""
+Global___PoolMode: _TypeAlias = PoolMode  # noqa: Y015
+
 class _ServingState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -706,6 +734,7 @@ class ModelInfo(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    POOL_MODE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The GGUF's general.name, or the file's stem."""
     path: _builtins.str
@@ -730,6 +759,8 @@ class ModelInfo(_message.Message):
     """Whether the model carries a chat template (chat requests work either way)."""
     server_version: _builtins.str
     """llm_service's version."""
+    pool_mode: Global___PoolMode.ValueType
+    """How the pool runs requests together (LLM_POOL_MODE)."""
     def __init__(
         self,
         *,
@@ -745,10 +776,11 @@ class ModelInfo(_message.Message):
         description: _builtins.str = ...,
         has_chat_template: _builtins.bool = ...,
         server_version: _builtins.str = ...,
+        pool_mode: Global___PoolMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_per_slot", b"context_per_slot", "description", b"description", "has_chat_template", b"has_chat_template", "llama_cpp_commit", b"llama_cpp_commit", "n_ctx_train", b"n_ctx_train", "n_params", b"n_params", "n_vocab", b"n_vocab", "name", b"name", "path", b"path", "pool_size", b"pool_size", "server_version", b"server_version", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_per_slot", b"context_per_slot", "description", b"description", "has_chat_template", b"has_chat_template", "llama_cpp_commit", b"llama_cpp_commit", "n_ctx_train", b"n_ctx_train", "n_params", b"n_params", "n_vocab", b"n_vocab", "name", b"name", "path", b"path", "pool_mode", b"pool_mode", "pool_size", b"pool_size", "server_version", b"server_version", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

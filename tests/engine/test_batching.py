@@ -1,0 +1,216 @@
+"""The batch scheduler on the fake backend's decoder: steps, chunks, aborts, failures, resets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+
+from llm_service.engine import (
+    Engine,
+    EngineConfig,
+    FakeBackend,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    Started,
+    TokenDelta,
+)
+from llm_service.engine.backend import ContextResetError
+from llm_service.engine.batching import BatchScheduler
+from llm_service.engine.fake import FakeBatchDecoder
+from llm_service.errors import EngineError
+from tests.support import collect, final
+
+
+@pytest.fixture
+async def batched() -> AsyncIterator[tuple[FakeBackend, FakeBatchDecoder, Engine]]:
+    backend = FakeBackend(n_ctx=256, pool_mode="batched", slots=3, prefill_chunk=4)
+    assert backend.decoder is not None
+    engine = await Engine.start(backend, EngineConfig(pool_size=3, max_queue=4))
+    yield backend, backend.decoder, engine
+    await engine.aclose()
+    assert backend.decoder.closed
+
+
+def req(prompt: str, max_tokens: int, **sampling: object) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=prompt,
+        sampling=SamplingParams(max_tokens=max_tokens, **sampling),  # type: ignore[arg-type]
+    )
+
+
+async def test_a_long_prompt_is_chunked_while_the_running_streams_decode(batched) -> None:  # type: ignore[no-untyped-def]
+    backend, decoder, engine = batched
+    backend.token_delay_s = 0.002
+    backend.enqueue("a" * 200, "b" * 3)
+    running = engine.generate(req("hi", 200))
+    async with contextlib.aclosing(running) as stream:
+        async for event in stream:
+            if isinstance(event, TokenDelta):
+                break  # the first stream is decoding
+        first_long_step = len(decoder.steps)
+        long = await collect(engine, req("x" * 39, 3))  # 40 prompt tokens with BOS
+        assert final(long).text == "bbb"
+        long_steps = decoder.steps[first_long_step:]
+    long_slot = long[0].slot if isinstance(long[0], Started) else -1
+    chunks = [e for step in long_steps for e in step if e.seq == long_slot]
+    prefill = [e for e in chunks if e.pos < 40]
+    # Ten chunks of 4 tokens, in order; and the running stream decoded a token in every one
+    # of those steps, instead of waiting for the whole prompt.
+    assert [(e.pos, len(e.tokens)) for e in prefill] == [(p, 4) for p in range(0, 40, 4)]
+    assert [e.output for e in prefill] == [False] * 9 + [True]
+    prefill_steps = [step for step in long_steps if any(e in prefill for e in step)]
+    assert len(prefill_steps) == 10
+    for step in prefill_steps:
+        assert [len(e.tokens) for e in step if e.seq != long_slot] == [1]
+        assert sum(len(e.tokens) for e in step) <= 4 + 3  # the chunk, and a token per slot
+
+
+async def test_prompts_admitted_together_share_the_chunk_in_order_of_arrival(batched) -> None:  # type: ignore[no-untyped-def]
+    backend, decoder, engine = batched
+    backend.token_delay_s = 0.01
+    first, second = await asyncio.gather(
+        collect(engine, req("a" * 5, 1)), collect(engine, req("b" * 5, 1))
+    )
+    slots = [e[0].slot for e in (first, second) if isinstance(e[0], Started)]
+    prompt_steps = [[(e.seq, len(e.tokens)) for e in step] for step in decoder.steps]
+    # 6 tokens each (BOS + 5), 4 a step: the first prompt's tokens go first.
+    assert prompt_steps[:3] == [
+        [(slots[0], 4)],
+        [(slots[0], 2), (slots[1], 2)],
+        [(slots[1], 4)],
+    ]
+    # Entries are in sequence order within a step (llama.cpp needs consecutive runs).
+    for step in decoder.steps:
+        assert [e.seq for e in step] == sorted(e.seq for e in step)
+
+
+async def test_cancelling_a_prefill_stops_it_between_chunks(batched) -> None:  # type: ignore[no-untyped-def]
+    backend, decoder, engine = batched
+    backend.prefill_delay_s = 0.01  # 4 tokens a step: 40 ms a step, 2 s for the whole prompt
+    task = asyncio.create_task(collect(engine, req("p" * 199, 1)))
+    async with asyncio.timeout(2):
+        while len(decoder.steps) < 3:
+            await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(engine.pool.wait_idle(), 1)
+    assert len(decoder.steps) < 10
+    assert decoder.kv == [[], [], []]
+    assert engine.pool_state().free == 3
+
+
+async def test_a_failed_decode_fails_the_requests_of_its_step_and_nothing_else(batched) -> None:  # type: ignore[no-untyped-def]
+    backend, decoder, engine = batched
+    backend.token_delay_s = 0.005
+    backend.enqueue("a" * 100, "b" * 100)
+    streams = [engine.generate(req("one", 100)), engine.generate(req("two", 100))]
+    for stream in streams:
+        while not isinstance(await anext(stream), TokenDelta):
+            pass
+    backend.fail_decodes = 1
+    ends = []
+    for stream in streams:
+        async with contextlib.aclosing(stream):
+            ends.append([e async for e in stream][-1])
+    for end in ends:
+        assert isinstance(end, Finished) and end.finish_reason is FinishReason.ERROR
+        assert end.error == "fake llama_decode failed"
+        assert 0 < end.usage.completion_tokens < 100
+    await engine.pool.wait_idle()
+    state = engine.pool_state()
+    assert (state.free, state.replaced) == (3, 0)
+    backend.enqueue("fine")
+    assert final(await collect(engine, req("again", 10))).text == "fine"
+    assert decoder.kv == [[], [], []]
+
+
+async def test_a_slot_that_fails_its_reset_is_made_again_on_its_sequence(batched) -> None:  # type: ignore[no-untyped-def]
+    backend, decoder, engine = batched
+    backend.fail_resets = 1
+    events = await collect(engine, req("hi", 2))
+    slot = events[0].slot if isinstance(events[0], Started) else -1
+    await engine.pool.wait_idle()
+    assert engine.pool_state().replaced == 1 and engine.pool_state().free == 3
+    # The replacement cleared the sequence before it joined the pool.
+    assert decoder.kv[slot] == []
+    backend.enqueue("ok")
+    assert final(await collect(engine, req("hi", 2))).text == "ok"
+
+
+async def test_a_slot_lives_once_and_not_after_close() -> None:
+    backend = FakeBackend(pool_mode="batched", slots=2)
+    scheduler = backend.scheduler
+    assert scheduler is not None
+    slot = await asyncio.to_thread(scheduler.create_slot, 1)
+    with pytest.raises(EngineError, match="in use"):
+        scheduler.create_slot(1)
+    with pytest.raises(EngineError, match="does not exist"):
+        scheduler.create_slot(2)
+    slot.close()
+    with pytest.raises(EngineError, match="closed"):
+        slot.reset()
+    again = await asyncio.to_thread(scheduler.create_slot, 1)
+    backend.close()
+    with pytest.raises(EngineError, match="shutting down"):
+        again.reset()
+
+
+async def test_jobs_waiting_when_the_scheduler_stops_fail_instead_of_hanging() -> None:
+    decoder_backend = FakeBackend(pool_mode="batched", slots=2, prefill_delay_s=0.05)
+    scheduler = decoder_backend.scheduler
+    assert scheduler is not None
+    slot = scheduler.create_slot(0)
+    sampler = decoder_backend.create_sampler(SamplingParams())
+    outcome: list[BaseException] = []
+
+    def prefill() -> None:
+        try:
+            slot.prefill(list(range(64)), sampler, lambda: False)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=prefill)
+    worker.start()
+    await asyncio.sleep(0.1)
+    await asyncio.to_thread(scheduler.close)
+    worker.join(2)
+    assert not worker.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], EngineError)
+    assert "shutting down" in str(outcome[0])
+
+
+async def test_a_bug_in_the_scheduler_fails_every_waiter(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = FakeBackend(pool_mode="batched", slots=1)
+    engine = await Engine.start(backend, EngineConfig(pool_size=1))
+
+    def broken(self: BatchScheduler, jobs: object) -> object:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(BatchScheduler, "_step", broken)
+    done = await asyncio.wait_for(collect(engine, req("hi", 5)), 2)
+    assert final(done).finish_reason is FinishReason.ERROR
+    assert "the batch scheduler failed" in (final(done).error or "")
+    # The slot could not be cleared either: the pool knows it lost it, nothing hangs.
+    await asyncio.wait_for(engine.pool.wait_idle(), 2)
+    assert engine.pool_state().size == 0
+    with pytest.raises(EngineError, match="broken"):
+        await collect(engine, req("hi", 5))
+    await engine.aclose()
+
+
+def test_a_reset_failure_is_a_context_reset_error() -> None:
+    backend = FakeBackend(pool_mode="batched", slots=1)
+    assert backend.scheduler is not None
+    slot = backend.scheduler.create_slot(0)
+    backend.fail_resets = 1
+    with pytest.raises(ContextResetError, match="refused to clear"):
+        slot.reset()
+    slot.reset()
+    backend.close()
