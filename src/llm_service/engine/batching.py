@@ -12,6 +12,13 @@ So a long prompt is evaluated over several steps while the running streams go on
 token per step; a cancelled prompt stops between two chunks; a failed decode fails the jobs of
 its step (and only those) with EngineError; a reset runs between steps, never during one.
 
+The scheduler works one token ahead: once a slot has sampled token t, the next step evaluates t
+and samples t+1 without waiting for the request's thread to ask (it always asks for exactly
+that, unless it stops), so steps follow each other with no round trip through the worker
+threads in between. When the request stops instead (end of generation, max tokens, a stop
+string, cancellation), the token computed ahead is dropped with the slot's reset. This is why
+a request's sampler must stay open until its slot is reset (the engine closes it then).
+
 This module knows nothing of llama.cpp: the model side is a ``BatchDecoder``
 (``llm_service.engine.llama.LlamaBatchDecoder``, or the fake backend's).
 """
@@ -116,12 +123,21 @@ class _Prefill(_Job):
 
 
 class _Decode(_Job):
-    __slots__ = ("sampler", "token")
+    """Evaluate ``token`` and sample the next one.
 
-    def __init__(self, slot: BatchSlot, token: int, sampler: Sampler) -> None:
+    Attributes:
+        ahead: made by the scheduler before the worker asked (nobody waits for it yet).
+        dropped: the request stopped (its slot is being reset): the outcome goes nowhere.
+    """
+
+    __slots__ = ("ahead", "dropped", "sampler", "token")
+
+    def __init__(self, slot: BatchSlot, token: int, sampler: Sampler, *, ahead: bool = False):
         super().__init__(slot)
         self.token = token
         self.sampler = sampler
+        self.ahead = ahead
+        self.dropped = False
 
 
 class _Reset(_Job):
@@ -186,6 +202,8 @@ class BatchScheduler:
         self._lock = threading.Condition()
         # Jobs by slot, in order of arrival; a job stays here until its future is resolved.
         self._pending: dict[int, _Job] = {}
+        # Computed ahead and not asked for yet, by slot: (token evaluated, outcome).
+        self._ready: dict[int, tuple[int, int | BaseException]] = {}
         # Slots given a token by the last step: their next job is on its way (see GATHER_S).
         self._expected: set[int] = set()
         self._live: dict[int, BatchSlot] = {}
@@ -243,12 +261,48 @@ class BatchScheduler:
                 raise EngineError(self._stopped or "the engine is shutting down")
             if job.slot.closed:
                 raise EngineError(f"slot {seq} is closed")
-            if seq in self._pending:
-                raise EngineError(f"slot {seq} already has a job in progress")
-            self._pending[seq] = job
-            self._expected.discard(seq)
+            current = self._pending.get(seq)
+            if isinstance(job, _Decode):
+                if (ready := self._ready.pop(seq, None)) is not None:
+                    self._expect(job, ready[0])
+                    outcome = ready[1]
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                    self._ahead(job.slot, outcome, job.sampler)
+                    return outcome
+                if isinstance(current, _Decode) and current.ahead:
+                    self._expect(job, current.token)
+                    current.ahead = False  # claimed: its outcome is this caller's
+                    future = current.future
+                    current = job = None  # type: ignore[assignment]
+            else:  # a prefill or a reset: what was computed ahead is of no use any more
+                self._ready.pop(seq, None)
+                if isinstance(current, _Decode) and current.ahead:
+                    current.dropped = True
+                    del self._pending[seq]
+                    current = None
+            if job is not None:
+                if current is not None:
+                    raise EngineError(f"slot {seq} already has a job in progress")
+                self._pending[seq] = job
+                future = job.future
+                self._expected.discard(seq)
+                self._lock.notify()
+        return future.result()
+
+    @staticmethod
+    def _expect(job: _Decode, token: int) -> None:
+        if job.token != token:  # the protocol makes this impossible: a bug if it happens
+            raise EngineError(
+                f"slot {job.slot.index}: asked to evaluate token {job.token}, but {token} was"
+                " sampled"
+            )
+
+    def _ahead(self, slot: BatchSlot, token: int, sampler: Sampler) -> None:
+        """Queue the evaluation of ``token`` (just sampled) before the worker asks for it."""
+        if slot.index not in self._pending and not slot.closed:
+            self._pending[slot.index] = _Decode(slot, token, sampler, ahead=True)
             self._lock.notify()
-        return job.future.result()
 
     # -- the scheduler thread ------------------------------------------------------------
 
@@ -310,7 +364,8 @@ class BatchScheduler:
         budget = self._prefill_chunk
         for job in jobs:
             if isinstance(job, _Decode):
-                chunks.append((job, (job.token,), True))
+                if not job.dropped:
+                    chunks.append((job, (job.token,), True))
             elif isinstance(job, _Prefill):
                 if job.aborted():
                     outcomes.append((job, GenerationAborted()))
@@ -355,13 +410,23 @@ class BatchScheduler:
         return outcomes
 
     def _resolve(self, outcomes: list[_Outcome]) -> None:
-        # The bookkeeping first: a woken worker may submit its next job at once.
+        waiting: list[_Outcome] = []
+        # The bookkeeping first, under the lock: a woken worker may submit its next job at once.
         with self._lock:
             for job, outcome in outcomes:
-                del self._pending[job.slot.index]
+                seq = job.slot.index
+                if self._pending.get(seq) is job:
+                    del self._pending[seq]
+                if isinstance(job, _Decode) and job.dropped:
+                    continue
+                if isinstance(job, _Decode) and job.ahead:  # done before its worker asked
+                    self._ready[seq] = (job.token, outcome)  # type: ignore[assignment]
+                    self._expected.add(seq)
+                    continue
                 if isinstance(outcome, int) and not isinstance(job, _Reset):
-                    self._expected.add(job.slot.index)
-        for job, outcome in outcomes:
+                    self._ahead(job.slot, outcome, job.sampler)  # type: ignore[attr-defined]
+                waiting.append((job, outcome))
+        for job, outcome in waiting:
             if isinstance(outcome, BaseException):
                 job.future.set_exception(outcome)
             else:

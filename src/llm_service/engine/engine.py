@@ -213,9 +213,11 @@ class Engine:
         prompt_tokens = await self._run(self._prompt_tokens, request)
         max_tokens = self._check_fits(request, len(prompt_tokens))
         sampler = await self._create_sampler(request)
-        handed_over = False  # once the worker thread has the sampler, it closes it
+        handed_over = False  # once leased, the pool closes the sampler after the reset
         try:
             async with self.pool.lease(self._lease_timeout(request)) as lease:
+                lease.close_after_reset(sampler)
+                handed_over = True
                 context = lease.context
                 log.info(
                     "started on context %d: %s, max %d new, queued %.1f ms",
@@ -238,7 +240,6 @@ class Engine:
                     asyncio.get_running_loop(),
                 )
                 lease.hold(self._workers.submit(run.execute, context))
-                handed_over = True
                 try:
                     while True:
                         event = await run.events.get()
@@ -369,7 +370,7 @@ class _Generation:
         return FinishReason.CANCELLED if self._cancelled.is_set() else FinishReason.DEADLINE
 
     def execute(self, context: Context) -> None:
-        """The token loop. Always ends by emitting exactly one Finished; closes the sampler."""
+        """The token loop. Always ends by emitting exactly one Finished."""
         self._text_parts: list[str] = []
         self._n_generated = 0
         self._first_token_at: float | None = None
@@ -385,8 +386,6 @@ class _Generation:
         except BaseException:
             reason, error = FinishReason.ERROR, "internal engine error"
             RequestLogger(logger, self._request.request_id).exception("generation failed")
-        finally:
-            self._sampler.close()
         self._emit(self._finished(reason, error))
 
     def _loop_tokens(self, context: Context) -> FinishReason:

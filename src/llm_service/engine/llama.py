@@ -130,15 +130,29 @@ llama_cpp.llama_backend_init()
 
 
 class LlamaSampler:
-    """A llama.cpp sampler chain built for one request (freed by ``close``, or when collected)."""
+    """A llama.cpp sampler chain built for one request (freed by ``close``, or when collected).
+
+    Sampling and closing exclude each other: in batched mode the scheduler thread may sample
+    one token ahead while the request's thread closes the sampler, and a chain freed under a
+    running sample would crash the process.
+    """
 
     def __init__(self, chain: Any) -> None:
         self.chain = chain
+        self._lock = threading.Lock()
         self._free = weakref.finalize(self, llama_cpp.llama_sampler_free, chain)
 
+    def sample(self, ctx: Any, index: int) -> int:
+        """The next token from the logits of ``ctx``'s output ``index`` (-1: the last)."""
+        with self._lock:
+            if self.chain is None:
+                raise EngineError("the request's sampler is closed")
+            return int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
+
     def close(self) -> None:
-        self._free()
-        self.chain = None
+        with self._lock:
+            self._free()
+            self.chain = None
 
 
 class LlamaContext:
@@ -195,7 +209,7 @@ class LlamaContext:
 
     def _sample(self, sampler: Sampler) -> int:
         assert isinstance(sampler, LlamaSampler)
-        return int(llama_cpp.llama_sampler_sample(sampler.chain, self._ctx, -1))
+        return sampler.sample(self._ctx, -1)
 
     def prefill(
         self, tokens: Sequence[int], sampler: Sampler, should_abort: Callable[[], bool]
@@ -297,7 +311,7 @@ class LlamaBatchDecoder:
 
     def sample(self, sampler: Sampler, index: int) -> int:
         assert isinstance(sampler, LlamaSampler)
-        return int(llama_cpp.llama_sampler_sample(sampler.chain, self._ctx, index))
+        return sampler.sample(self._ctx, index)
 
     def clear(self, seq: int) -> None:
         with self._lock:

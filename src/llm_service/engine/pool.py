@@ -18,6 +18,10 @@ __all__ = ["Lease", "LlamaContextPool", "PoolState"]
 logger = logging.getLogger(__name__)
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 class Poolable(Protocol):
     index: int
 
@@ -55,6 +59,15 @@ class Lease(Generic[C]):
         self.context = context
         self.queue_wait_s = queue_wait_s
         self._holds: list[concurrent.futures.Future[object]] = []
+        self._after_reset: list[Closable] = []
+
+    def close_after_reset(self, resource: Closable) -> None:
+        """Close ``resource`` once the context is reset (or discarded), not before.
+
+        For what the context's own work may use until then: in batched mode the scheduler may
+        still be sampling one token ahead with the request's sampler.
+        """
+        self._after_reset.append(resource)
 
     def hold(self, future: concurrent.futures.Future[object]) -> None:
         """Keep the context from being reset until ``future`` is done.
@@ -216,6 +229,13 @@ class LlamaContextPool(Generic[C]):
             self._all_free.set()
 
     async def _recycle(self, lease: Lease[C]) -> None:
+        try:
+            await self._reset_and_return(lease)
+        finally:
+            for resource in lease._after_reset:
+                resource.close()
+
+    async def _reset_and_return(self, lease: Lease[C]) -> None:
         context = lease.context
         loop = asyncio.get_running_loop()
         if lease._holds:
