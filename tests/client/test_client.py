@@ -35,7 +35,9 @@ def wait_all_free(client: Client, within: float = 1.0) -> float:
     return time.monotonic() - started
 
 
-def test_sync_stream_adds_up_to_the_completion(client: Callable[..., Client]) -> None:
+def test_sync_stream_adds_up_to_the_completion(
+    client: Callable[..., Client], service: Service
+) -> None:
     c = client()
     chunks = list(c.stream(COUNTING, max_tokens=12, temperature=0))
     last = chunks[-1]
@@ -44,10 +46,13 @@ def test_sync_stream_adds_up_to_the_completion(client: Callable[..., Client]) ->
     assert last.usage is not None and last.usage.completion_tokens == 12
     assert sum(len(ch.token_ids) for ch in chunks) == 12
     assert last.timings is not None and last.timings.time_to_first_token_ms
-    done = c.generate(COUNTING, max_tokens=12, temperature=0)
+    done = c.generate(COUNTING, max_tokens=12, temperature=0, request_id="rq-whole")
     assert done.text == "".join(ch.text for ch in chunks)
+    time.sleep(0.2)
+    assert "[rq-whole] finished: length" in service.log
+    assert "[rq-whole] call cancelled" not in service.log  # a finished call is not cancelled
     assert "9" in done.text
-    assert len(done.request_id) == 32
+    assert done.request_id == "rq-whole"
 
 
 async def test_async_stream_and_chat_messages(aclient: AsyncClient) -> None:

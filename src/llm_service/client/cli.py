@@ -59,6 +59,9 @@ __all__ = ["EXIT_CODES", "main"]
 PROG = "llm_cli"
 EXIT_ERROR, EXIT_USAGE, EXIT_CONNECTION, EXIT_INVALID, EXIT_OVERLOADED = 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130
+# Tokens a reply gets unless --max-tokens says otherwise (the service's own default is as many
+# as the context holds, minutes of text for a small model that does not stop by itself).
+DEFAULT_MAX_TOKENS = 512
 # Errors with their own exit code (the first matching class wins); any other error: EXIT_ERROR.
 EXIT_CODES: tuple[tuple[type[LLMServiceError], int], ...] = (
     (ConfigurationError, EXIT_USAGE),
@@ -104,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print tokens, time to first token and tokens/s on stderr at the end",
     )  # fmt: skip
     gen.add_argument("--request-id", help="id for the service's logs (default: a fresh one)")
-    add_sampling_flags(gen)
+    add_sampling_flags(gen, max_tokens=DEFAULT_MAX_TOKENS)
 
     chat = command(
         "chat",
@@ -114,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         " message, /exit or Ctrl-D leaves.",
     )
     chat.add_argument("--system", help="system message")
-    add_sampling_flags(chat)
+    add_sampling_flags(chat, max_tokens=DEFAULT_MAX_TOKENS)
 
     info = command("info", "the model served", "Print the model and how it is served.")
     info.add_argument("--json", action="store_true", help="print JSON")
