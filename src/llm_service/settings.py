@@ -16,9 +16,19 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from llm_service.errors import ConfigurationError
 
-__all__ = ["ClientSettings", "ServiceSettings", "default_certs_dir", "read_file", "read_pem"]
+__all__ = [
+    "ClientSettings",
+    "PoolMode",
+    "ServiceSettings",
+    "default_certs_dir",
+    "read_file",
+    "read_pem",
+]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+# How the pool's entries map onto llama.cpp (``LLM_POOL_MODE``): one ``llama_context`` per
+# entry, or one shared context with one sequence per entry, decoded together a step at a time.
+PoolMode = Literal["batched", "contexts"]
 
 
 def read_file(path: Path, option: str, what: str = "file") -> bytes:
@@ -65,8 +75,7 @@ class ServiceSettings(BaseSettings):
         description="Pool size: requests served at once (slots of the shared context, or"
         " contexts); requests beyond it queue.",
     )
-    # The same values as llm_service.engine.backend.PoolMode (which cannot be imported here).
-    pool_mode: Literal["batched", "contexts"] = Field(
+    pool_mode: PoolMode = Field(
         "batched",
         description="How the pool runs requests together. 'batched': one llama.cpp context with"
         " one sequence per slot, every running request advanced by one shared llama_decode per"

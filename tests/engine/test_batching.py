@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -21,7 +22,7 @@ from llm_service.engine import (
     TokenDelta,
 )
 from llm_service.engine.backend import ContextResetError
-from llm_service.engine.batching import BatchScheduler
+from llm_service.engine.batching import BatchEntry, BatchScheduler
 from llm_service.engine.fake import FakeBatchDecoder
 from llm_service.errors import EngineError
 from tests.support import collect, final
@@ -214,4 +215,34 @@ def test_a_reset_failure_is_a_context_reset_error() -> None:
     with pytest.raises(ContextResetError, match="refused to clear"):
         slot.reset()
     slot.reset()
+    backend.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.001)
+
+
+def test_the_scheduler_works_one_token_ahead_and_evaluates_each_token_once() -> None:
+    backend = FakeBackend(pool_mode="batched", slots=1, prefill_chunk=8)
+    decoder, scheduler = backend.decoder, backend.scheduler
+    assert decoder is not None and scheduler is not None
+    backend.enqueue("abc")
+    slot = scheduler.create_slot(0)
+    sampler = backend.create_sampler(SamplingParams())
+    prompt = backend.tokenize("hi", add_special=True, parse_special=False)
+    t1 = slot.prefill(prompt, sampler, lambda: False)
+    # The sampled token is evaluated (and the next one sampled) before anyone asks for it.
+    wait_until(lambda: 0 in scheduler._ready)
+    assert decoder.steps[1] == [BatchEntry(0, len(prompt), (t1,), True)]
+    t2 = slot.decode(t1, sampler)  # answered from what was computed ahead
+    wait_until(lambda: len(decoder.steps) == 3)
+    assert decoder.kv[0] == [*prompt, t1, t2]  # every token evaluated once, in order
+    with pytest.raises(EngineError, match="asked to evaluate"):
+        slot.decode(t2 + 1, sampler)  # not the token it sampled: refused, nothing evaluated
+    slot.reset()
+    assert decoder.kv[0] == []
+    sampler.close()
     backend.close()

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 from llm_service.engine.types import ChatMessage, SamplingParams
+from llm_service.settings import PoolMode
 
 __all__ = [
     "Backend",
@@ -21,10 +22,6 @@ __all__ = [
     "PoolMode",
     "Sampler",
 ]
-
-# How the pool's entries map onto llama.cpp (``LLM_POOL_MODE``): one ``llama_context`` per entry,
-# or one shared context with one sequence per entry, decoded together one step at a time.
-PoolMode = Literal["batched", "contexts"]
 
 
 class GenerationAborted(Exception):

@@ -17,7 +17,8 @@ and samples t+1 without waiting for the request's thread to ask (it always asks 
 that, unless it stops), so steps follow each other with no round trip through the worker
 threads in between. When the request stops instead (end of generation, max tokens, a stop
 string, cancellation), the token computed ahead is dropped with the slot's reset. This is why
-a request's sampler must stay open until its slot is reset (the engine closes it then).
+a request's sampler must stay open until its slot is reset (the pool closes it then, see
+``Lease.close_after_reset``).
 
 This module knows nothing of llama.cpp: the model side is a ``BatchDecoder``
 (``llm_service.engine.llama.LlamaBatchDecoder``, or the fake backend's).
@@ -255,40 +256,46 @@ class BatchScheduler:
 
     def _submit(self, job: _Job) -> int | None:
         """Submit ``job`` and wait for its outcome (called from the slot's worker thread)."""
-        seq = job.slot.index
         with self._lock:
             if self._stopped is not None or self._closing:
                 raise EngineError(self._stopped or "the engine is shutting down")
             if job.slot.closed:
-                raise EngineError(f"slot {seq} is closed")
-            current = self._pending.get(seq)
-            if isinstance(job, _Decode):
-                if (ready := self._ready.pop(seq, None)) is not None:
-                    self._expect(job, ready[0])
-                    outcome = ready[1]
-                    if isinstance(outcome, BaseException):
-                        raise outcome
-                    self._ahead(job.slot, outcome, job.sampler)
-                    return outcome
-                if isinstance(current, _Decode) and current.ahead:
-                    self._expect(job, current.token)
-                    current.ahead = False  # claimed: its outcome is this caller's
-                    future = current.future
-                    current = job = None  # type: ignore[assignment]
-            else:  # a prefill or a reset: what was computed ahead is of no use any more
-                self._ready.pop(seq, None)
-                if isinstance(current, _Decode) and current.ahead:
-                    current.dropped = True
-                    del self._pending[seq]
-                    current = None
-            if job is not None:
-                if current is not None:
-                    raise EngineError(f"slot {seq} already has a job in progress")
-                self._pending[seq] = job
-                future = job.future
-                self._expected.discard(seq)
-                self._lock.notify()
+                raise EngineError(f"slot {job.slot.index} is closed")
+            future = self._enqueue(job)
         return future.result()
+
+    def _enqueue(self, job: _Job) -> concurrent.futures.Future[int | None]:
+        """The future ``job``'s caller waits on (under the lock)."""
+        seq = job.slot.index
+        current = self._pending.get(seq)
+        if isinstance(job, _Decode):
+            if (ready := self._ready.pop(seq, None)) is not None:  # computed ahead, done
+                self._expected.discard(seq)
+                self._expect(job, ready[0])
+                answered: concurrent.futures.Future[int | None] = concurrent.futures.Future()
+                if isinstance(ready[1], BaseException):
+                    answered.set_exception(ready[1])
+                else:
+                    answered.set_result(ready[1])
+                    self._ahead(job.slot, ready[1], job.sampler)
+                return answered
+            if isinstance(current, _Decode) and current.ahead:  # being computed ahead
+                self._expect(job, current.token)
+                current.ahead = False  # claimed: its outcome is this caller's
+                return current.future
+        else:  # a prefill or a reset: what was computed ahead is of no use any more
+            self._ready.pop(seq, None)
+            self._expected.discard(seq)
+            if isinstance(current, _Decode) and current.ahead:
+                current.dropped = True
+                del self._pending[seq]
+                current = None
+        if current is not None:
+            raise EngineError(f"slot {seq} already has a job in progress")
+        self._pending[seq] = job
+        self._expected.discard(seq)
+        self._lock.notify()
+        return job.future
 
     @staticmethod
     def _expect(job: _Decode, token: int) -> None:

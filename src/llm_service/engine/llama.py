@@ -132,9 +132,10 @@ llama_cpp.llama_backend_init()
 class LlamaSampler:
     """A llama.cpp sampler chain built for one request (freed by ``close``, or when collected).
 
-    Sampling and closing exclude each other: in batched mode the scheduler thread may sample
-    one token ahead while the request's thread closes the sampler, and a chain freed under a
-    running sample would crash the process.
+    Sampling and closing exclude each other, and sampling a closed chain raises EngineError: a
+    chain freed under a running sample would crash the process. The pool closes a request's
+    sampler only after its slot's reset (when batched mode's scheduler, which samples one token
+    ahead, is done with it), so this guards only against misuse.
     """
 
     def __init__(self, chain: Any) -> None:
