@@ -51,12 +51,16 @@ def llm_cli(
     )  # fmt: skip
 
 
-def test_generate_streams_a_prompt_from_stdin(cli_env: dict[str, str]) -> None:
+def test_generate_streams_a_prompt_from_stdin(cli_env: dict[str, str], service: Service) -> None:
     result = llm_cli(
         "generate", "--temperature", "0", "--max-tokens", "8", "--stats",
-        env=cli_env, stdin=COUNTING,
+        "--request-id", "rq-cli", env=cli_env, stdin=COUNTING,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    time.sleep(0.2)
+    assert "[rq-cli] finished: length" in service.log
+    # The command ends right after `done`; the call must be over by then, not cancelled.
+    assert "[rq-cli] call cancelled" not in service.log
     assert result.stdout.startswith(" 9, 10,")
     assert result.stderr.startswith("[length: 8 tokens, prompt ")
     assert "first token after" in result.stderr and "tokens/s" in result.stderr

@@ -383,6 +383,10 @@ class AsyncStream:
                 )
                 raise error
             chunk = self._event(response)  # type: ignore[arg-type]  # not EOF: a response
+            if chunk is not None and chunk.final:
+                # The status follows `done` at once: take it, so that the call is over before
+                # anyone closes the stream or the channel (which would cancel it on the server).
+                await self._call.code()
             if chunk is not None:
                 return chunk
         raise StopAsyncIteration
@@ -429,15 +433,9 @@ class AsyncStream:
         self.started = None
 
     def cancel(self) -> None:
-        """Cancel the call on the server (safe to call from any thread, and more than once).
-
-        A stream that already delivered its ``done`` is left to end by itself: its status is on
-        the way, and cancelling it would log a cancellation on the server for a finished call.
-        """
+        """Cancel the call on the server (safe to call from any thread, and more than once)."""
         call, self._call = self._call, None
         self._finished = True
-        if self.completion is not None:
-            return
         if call is not None and not call.done() and self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: so is the call
                 self._loop.call_soon_threadsafe(call.cancel)
