@@ -152,12 +152,14 @@ def test_exit_codes(
     code, line = rc("generate", "Hi", "--top-p", "2")
     assert code == 4 and line.startswith("llm_cli: error: sampling.top_p: must be in (0, 1]")
     assert "INVALID_ARGUMENT, request " in line
-    code, line = rc("generate", "Hi", "--timeout", "0.3", "--max-tokens", "900")
+    code, line = rc(
+        "generate", COUNTING, "--timeout", "0.3", "--max-tokens", "900", "--temperature", "0"
+    )
     assert code == 1 and "DEADLINE_EXCEEDED" in line
 
     busy = start_service({"LLM_LLAMA_SERVICE_THREADS": "1", "LLM_MAX_QUEUE": "0"})
     with Client(target(busy), **options(certs)) as c:
-        hold = c.stream(COUNTING, max_tokens=900)
+        hold = c.stream(COUNTING, max_tokens=900, temperature=0)
         next(hold)
         code, line = rc(
             "generate", "Hi", "--max-retries", "0", env=cli_env | {"LLM_TARGET": target(busy)}
@@ -170,7 +172,7 @@ def test_ctrl_c_interrupts_generate_with_130(
     cli_env: dict[str, str], client: Callable[..., Client]
 ) -> None:
     process = subprocess.Popen(
-        [LLM_CLI, "generate", COUNTING, "--max-tokens", "900"],
+        [LLM_CLI, "generate", COUNTING, "--max-tokens", "900", "--temperature", "0"],
         env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert process.stdout is not None

@@ -23,7 +23,7 @@ from tests.server.service import Certs, Service, free_port
 pytestmark = pytest.mark.model
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy output keeps counting: long and predictable
-LONG = 900  # tokens: far more than a test waits for
+LONG = 900  # tokens: far more than a test waits for (greedy: it never stops sooner)
 
 
 def wait_all_free(client: Client, within: float = 1.0) -> float:
@@ -89,16 +89,16 @@ def test_leaving_a_sync_stream_early_cancels_it_on_the_server(
     c = client()
     cancelled = service.metric("llm_requests_cancelled_total")
     if how == "break in with":
-        with c.stream(COUNTING, max_tokens=LONG) as stream:
+        with c.stream(COUNTING, max_tokens=LONG, temperature=0) as stream:
             for i, _ in enumerate(stream):
                 if i == 2:
                     break
     elif how == "close":
-        stream = c.stream(COUNTING, max_tokens=LONG)
+        stream = c.stream(COUNTING, max_tokens=LONG, temperature=0)
         next(stream), next(stream)
         stream.close()
     else:
-        for i, _ in enumerate(c.stream(COUNTING, max_tokens=LONG)):
+        for i, _ in enumerate(c.stream(COUNTING, max_tokens=LONG, temperature=0)):
             if i == 2:
                 break  # the stream is garbage once the loop is left
         gc.collect()
@@ -110,14 +110,14 @@ async def test_leaving_an_async_stream_early_cancels_it_on_the_server(
     aclient: AsyncClient, client: Callable[..., Client], service: Service
 ) -> None:
     cancelled = service.metric("llm_requests_cancelled_total")
-    async with aclient.stream(COUNTING, max_tokens=LONG) as stream:
+    async with aclient.stream(COUNTING, max_tokens=LONG, temperature=0) as stream:
         async for chunk in stream:
             if chunk.token_ids:
                 break
-    stream = aclient.stream(COUNTING, max_tokens=LONG)
+    stream = aclient.stream(COUNTING, max_tokens=LONG, temperature=0)
     await anext(stream)
     del stream  # garbage collection cancels too
-    task = asyncio.create_task(aclient.generate(COUNTING, max_tokens=LONG))
+    task = asyncio.create_task(aclient.generate(COUNTING, max_tokens=LONG, temperature=0))
     await asyncio.sleep(0.5)
     task.cancel()  # and so does cancelling the task that waits for it
     with pytest.raises(asyncio.CancelledError):
@@ -131,7 +131,7 @@ def test_ctrl_c_while_reading_cancels_the_stream(
 ) -> None:
     c = client()
     cancelled = service.metric("llm_requests_cancelled_total")
-    stream = c.stream(COUNTING, max_tokens=LONG)
+    stream = c.stream(COUNTING, max_tokens=LONG, temperature=0)
     next(stream)
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt):
@@ -145,7 +145,7 @@ def test_deadline_per_call(client: Callable[..., Client]) -> None:
     c = client(timeout=30)
     started = time.monotonic()
     with pytest.raises(errors.DeadlineExceededError) as info:
-        c.generate(COUNTING, max_tokens=LONG, timeout=0.5)
+        c.generate(COUNTING, max_tokens=LONG, temperature=0, timeout=0.5)
     assert time.monotonic() - started < 3
     assert info.value.status == "DEADLINE_EXCEEDED" and info.value.request_id
     wait_all_free(c)
@@ -205,7 +205,7 @@ def test_overload_is_retried_with_back_off_then_reported(
         Client(target(svc), **options(certs)) as c,
         Client(target(svc), **options(certs, max_retries=0)) as impatient,
     ):
-        hold = c.stream(COUNTING, max_tokens=LONG)
+        hold = c.stream(COUNTING, max_tokens=LONG, temperature=0)
         next(hold)
         with pytest.raises(errors.OverloadedError) as overloaded:
             impatient.generate("Hi", max_tokens=2)
@@ -222,7 +222,7 @@ def test_draining_service_is_unavailable_not_a_connection_failure(
 ) -> None:
     svc = start_service()
     with Client(target(svc), **options(certs, max_retries=0)) as c:
-        hold = c.stream(COUNTING, max_tokens=LONG)
+        hold = c.stream(COUNTING, max_tokens=LONG, temperature=0)
         next(hold)
         svc.signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
