@@ -44,7 +44,9 @@ __all__ = [
 S = TypeVar("S", bound=BaseSettings)
 
 # Flags whose name differs from the field's.
-FLAG_NAMES = {"model_path": "--model"}
+FLAG_NAMES = {"model_path": "--model", "backends": "--backend"}
+# Fields whose flag is repeated, once per value.
+REPEATED = {"backends"}
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
@@ -58,7 +60,7 @@ def add_settings_flags(
     group = parser.add_argument_group(title)
     for name in fields:
         info = settings.model_fields[name]
-        flag, env = flag_name(name), "LLM_" + name.upper()
+        flag, env = flag_name(name), env_name(name, settings)
         default = info.get_default(call_default_factory=True)
         hidden = default is None or default is False or default == ()
         shown = "" if hidden else f" Default: {default}."
@@ -67,6 +69,11 @@ def add_settings_flags(
             group.add_argument(
                 flag, dest=name, action="store_const", const=True, default=None, help=help_text
             )
+        elif name in REPEATED:
+            group.add_argument(
+                flag, dest=name, action="append", default=None, help=help_text,
+                metavar=flag.removeprefix("--").upper(),
+            )  # fmt: skip
         else:
             choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
             group.add_argument(
@@ -131,17 +138,24 @@ def flag_name(field: str) -> str:
     return FLAG_NAMES.get(field, "--" + field.replace("_", "-"))
 
 
+def env_name(field: str, settings: type[BaseSettings] = ServiceSettings) -> str:
+    """The environment variable of a settings field."""
+    return f"{settings.model_config.get('env_prefix', '')}{field.upper()}"
+
+
 def settings_from(args: argparse.Namespace, settings: type[S]) -> S:
     """Settings from the environment, overridden by the flags that were given."""
     given = {k: v for k, v in vars(args).items() if k in settings.model_fields and v is not None}
     return settings(**given)
 
 
-def report_invalid_settings(prog: str, exc: ValidationError) -> int:
+def report_invalid_settings(
+    prog: str, exc: ValidationError, settings: type[BaseSettings] = ServiceSettings
+) -> int:
     """Print one line per invalid setting, naming its flag and variable; the usage exit code."""
     for err in exc.errors():
         field = str(err["loc"][0]) if err["loc"] else "?"
-        where = f"{flag_name(field)} / LLM_{field.upper()}"
+        where = f"{flag_name(field)} / {env_name(field, settings)}"
         print(f"{prog}: invalid setting {where}: {err['msg']}", file=sys.stderr)
     return EXIT_USAGE
 
@@ -247,6 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nllm_service: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def llm_gateway() -> int:
+    """Entry point of ``llm-gateway`` (``llm_service.gateway``); gRPC core kept quiet first."""
+    quiet_grpc_core()
+    from llm_service.gateway.cli import main as gateway_main
+
+    return gateway_main()
 
 
 def llm_cli() -> int:

@@ -6,8 +6,11 @@ a table, to its own status codes; nothing else decides a status from an exceptio
 ```
 LLMServiceError
  ├── InvalidRequestError        bad input; ``field`` names the offending field
- │    └── PromptTooLongError    prompt (+ max_tokens) does not fit the context; both numbers kept
+ │    ├── PromptTooLongError    prompt (+ max_tokens) does not fit the context; both numbers kept
+ │    └── ModelNotFoundError    the gateway serves no model of that name
+ ├── AuthenticationError        the gateway got no API key, or an unknown one
  ├── OverloadedError            no context free: the waiting queue is full, or the wait timed out
+ │    └── RateLimitedError      an API key went over its requests or tokens per minute
  ├── DeadlineExceededError      the request's deadline passed before it could finish
  ├── RequestCancelledError      the client went away
  ├── UnavailableError           the service is not serving now (loading, draining); try elsewhere
@@ -23,7 +26,8 @@ LLMServiceError
 
 ``kind`` names each class on the wire (gRPC trailing metadata ``llm-error``), so that the
 client (``llm_service.client``) raises the same class the server raised. Errors raised by the
-client also carry the ``request_id`` of the call and its gRPC ``status`` name.
+client also carry the ``request_id`` of the call and its gRPC ``status`` name. The gateway maps
+the same tree to HTTP statuses and OpenAI error bodies (``llm_service.gateway.status``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import ClassVar
 from llm_service.log import plural
 
 __all__ = [
+    "AuthenticationError",
     "ConfigurationError",
     "ConnectionFailedError",
     "DeadlineExceededError",
@@ -42,9 +47,11 @@ __all__ = [
     "LLMServiceError",
     "ModelFetchError",
     "ModelLoadError",
+    "ModelNotFoundError",
     "OverloadedError",
     "PermissionDeniedError",
     "PromptTooLongError",
+    "RateLimitedError",
     "RequestCancelledError",
     "UnavailableError",
     "UnsupportedError",
@@ -111,6 +118,18 @@ class PromptTooLongError(InvalidRequestError):
         self.limit = limit
 
 
+class ModelNotFoundError(InvalidRequestError):
+    """The request names a model that no healthy backend serves (``field`` is ``model``)."""
+
+    kind = "model_not_found"
+
+
+class AuthenticationError(LLMServiceError):
+    """The request carries no API key, or one that is not accepted."""
+
+    kind = "authentication"
+
+
 class OverloadedError(LLMServiceError):
     """No context could be leased: the queue is full or the wait timed out.
 
@@ -123,6 +142,13 @@ class OverloadedError(LLMServiceError):
     def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class RateLimitedError(OverloadedError):
+    """An API key used up its requests or tokens per minute; ``retry_after_s`` says when more
+    are available."""
+
+    kind = "rate_limited"
 
 
 class DeadlineExceededError(LLMServiceError):

@@ -7,6 +7,8 @@ these same fields (see ``llm_service.cli``). Nothing else in the package reads `
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,7 +19,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from llm_service.errors import ConfigurationError
 
 __all__ = [
+    "BackendAddress",
     "ClientSettings",
+    "GatewaySettings",
     "PoolMode",
     "ServiceSettings",
     "default_certs_dir",
@@ -214,10 +218,176 @@ class ClientSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _development_certificates(self) -> ClientSettings:
-        given = (self.tls_ca, self.tls_cert, self.tls_key)
-        if self.insecure or any(given):
-            return self
-        files = [self.certs_dir / n for n in ("ca.crt", "client.crt", "client.key")]
-        if all(f.is_file() for f in files):
-            self.tls_ca, self.tls_cert, self.tls_key = files
+        if not self.insecure:
+            _use_development_certificates(self)
+        return self
+
+
+def _use_development_certificates(settings: ClientSettings | GatewaySettings) -> None:
+    """With no TLS file given, take the client files in ``certs_dir`` when they all exist."""
+    if any((settings.tls_ca, settings.tls_cert, settings.tls_key)):
+        return
+    files = [settings.certs_dir / n for n in ("ca.crt", "client.crt", "client.key")]
+    if all(f.is_file() for f in files):
+        settings.tls_ca, settings.tls_cert, settings.tls_key = files
+
+
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendAddress:
+    """One llm_service replica the gateway sends requests to.
+
+    Attributes:
+        target: its gRPC address, ``HOST:PORT``.
+        health: its plain-HTTP health address, ``HOST:PORT``; None: the gRPC host with the
+            port the replica reports (``ModelInfo.http_port``).
+    """
+
+    target: str
+    health: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> BackendAddress:
+        """``HOST:PORT`` or ``HOST:PORT,health=HOST:PORT``.
+
+        Raises:
+            ValueError: anything else (the message shows the expected form).
+        """
+        target, _, rest = spec.strip().partition(",")
+        health = None
+        if rest:
+            key, _, health = rest.partition("=")
+            if key.strip() != "health" or not _HOST_PORT.match(health.strip()):
+                raise ValueError(f"{spec!r}: expected HOST:PORT or HOST:PORT,health=HOST:PORT")
+            health = health.strip()
+        if not _HOST_PORT.match(target.strip()):
+            raise ValueError(f"{spec!r}: expected HOST:PORT or HOST:PORT,health=HOST:PORT")
+        return cls(target.strip(), health)
+
+    def __str__(self) -> str:
+        return self.target
+
+
+class GatewaySettings(BaseSettings):
+    """Settings of llm-gateway (environment prefix ``LLM_GATEWAY_``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_GATEWAY_", protected_namespaces=(), extra="ignore", validate_default=True
+    )
+
+    backends: Annotated[tuple[BackendAddress, ...], NoDecode] = Field(
+        (),
+        description="An llm_service replica: HOST:PORT of its gRPC port, or"
+        " HOST:PORT,health=HOST:PORT to name its HTTP health port too (default: the port the"
+        " replica reports). Repeat the flag for each replica; the variable takes them separated"
+        " by spaces.",
+    )
+    listen: str = Field("127.0.0.1:8000", description="Address the HTTP API listens on.")
+    tls_ca: Path | None = Field(
+        None, description="CA (PEM) that signed the replicas' certificates."
+    )
+    tls_cert: Path | None = Field(
+        None, description="The gateway's client certificate (PEM) for mutual TLS to the replicas."
+    )
+    tls_key: Path | None = Field(None, description="Private key (PEM) of that certificate.")
+    tls_server_name: str | None = Field(
+        None, description="Name to expect in the replicas' certificates (default: each host)."
+    )
+    certs_dir: Path = Field(
+        default_factory=default_certs_dir,
+        description="Development certificates (ca.crt, client.crt, client.key) used when no TLS"
+        " file is given.",
+    )
+    insecure_backends: bool = Field(
+        False, description="Talk to the replicas in plaintext (only to --insecure replicas)."
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="File of accepted API keys, one per line: the key, or sha256:HEX of it;"
+        " '#' starts a comment. No file: no authentication (a warning is logged).",
+    )
+    rate_limit_rpm: int = Field(
+        0, ge=0, description="Requests per minute allowed to each API key (0: no limit)."
+    )
+    rate_limit_tpm: int = Field(
+        0,
+        ge=0,
+        description="Tokens (prompt + completion) per minute allowed to each API key"
+        " (0: no limit).",
+    )
+    request_timeout: float = Field(
+        600.0, gt=0, description="Seconds a request may take in all before it fails with 504."
+    )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=10,
+        description="Replicas tried for one request when one refuses it before its first token"
+        " (connection refused, unavailable, overloaded).",
+    )
+    retry_budget: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Retries allowed as a fraction of requests (over the last 10 s, plus 10),"
+        " so that retries cannot multiply the load of a failing fleet.",
+    )
+    health_interval: float = Field(
+        2.0, gt=0, description="Seconds between health checks of each replica."
+    )
+    health_timeout: float = Field(
+        2.0, gt=0, description="Seconds a health check may take before it counts as failed."
+    )
+    healthy_after: int = Field(
+        2, ge=1, description="Passed checks in a row that bring an unhealthy replica back."
+    )
+    unhealthy_after: int = Field(
+        2, ge=1, description="Failed checks in a row that take a replica out of rotation."
+    )
+    eject_after: int = Field(
+        3,
+        ge=1,
+        description="Failed requests in a row (connection refused, unavailable) that eject a"
+        " replica before its health check notices.",
+    )
+    ejection_time: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds a replica stays ejected the first time; doubled at each ejection"
+        " in a row, up to 60 x this.",
+    )
+    keepalive_interval: float = Field(
+        3.0,
+        gt=0,
+        description="While a stream waits for its first token, a ': ping' comment is sent every"
+        " this many seconds, so proxies and clients do not time out.",
+    )
+    shutdown_grace: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM/SIGINT, seconds open requests get to finish before the"
+        " gateway closes them.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level of llm-gateway."
+    )
+    log_json: bool = Field(False, description="Write logs as JSON lines.")
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _parse_backends(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split()
+        if isinstance(value, list | tuple):
+            return tuple(
+                v if isinstance(v, BackendAddress) else BackendAddress.parse(str(v)) for v in value
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _development_certificates(self) -> GatewaySettings:
+        if not self.insecure_backends:
+            _use_development_certificates(self)
         return self

@@ -16,6 +16,9 @@ EXAMPLES: list[errors.LLMServiceError] = [
         "sampling.max_tokens", prompt_tokens=5000, requested_tokens=5100, limit=4096
     ),
     errors.OverloadedError("queue full", retry_after_s=2.5),
+    errors.RateLimitedError("60 requests per minute", retry_after_s=0.75),
+    errors.ModelNotFoundError("model", "no model 'gpt-4'"),
+    errors.AuthenticationError("no API key"),
     errors.DeadlineExceededError("late"),
     errors.RequestCancelledError("gone"),
     errors.UnavailableError("draining"),

@@ -241,6 +241,7 @@ class AsyncClient:
             description=m.description,
             has_chat_template=m.has_chat_template,
             server_version=m.server_version,
+            http_port=m.http_port,
         )
 
     async def status(self, *, timeout: float | None = None) -> ServerStatus:

@@ -13,6 +13,7 @@ import grpc
 
 from llm_service.api.v1 import metadata as md
 from llm_service.errors import (
+    AuthenticationError,
     ConnectionFailedError,
     DeadlineExceededError,
     InternalServerError,
@@ -47,7 +48,7 @@ ERRORS_BY_CODE: dict[grpc.StatusCode, type[LLMServiceError]] = {
     # listening, the TLS handshake refused, the connection lost.
     grpc.StatusCode.UNAVAILABLE: ConnectionFailedError,
     grpc.StatusCode.DATA_LOSS: InternalServerError,
-    grpc.StatusCode.UNAUTHENTICATED: PermissionDeniedError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
 }
 
 # Codes worth trying again (on a fresh call), as long as no token was received.
@@ -88,12 +89,14 @@ def error_for(
                 requested_tokens=int(meta[md.REQUESTED_TOKENS]),
                 limit=int(meta[md.CONTEXT_SIZE]),
             )
-        else:
+        elif issubclass(cls, PromptTooLongError):
             error = InvalidRequestError(field, detail)
+        else:
+            error = cls(field, detail)
     elif issubclass(cls, OverloadedError):
         retry_ms = meta.get(md.RETRY_AFTER_MS, "")
         retry_after_s = int(retry_ms) / 1000 if retry_ms.isdigit() else 1.0
-        error = OverloadedError(message, retry_after_s=retry_after_s)
+        error = cls(message, retry_after_s=retry_after_s)
     else:
         error = cls(message)
     error.request_id = request_id

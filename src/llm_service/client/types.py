@@ -130,6 +130,7 @@ class ModelInfo:
     description: str
     has_chat_template: bool
     server_version: str
+    http_port: int = 0  # the server's health port (0: not said)
 
 
 @dataclass(frozen=True, slots=True)

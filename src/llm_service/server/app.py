@@ -187,6 +187,7 @@ async def serve(settings: ServiceSettings) -> int:
         raise ConfigurationError(
             f"--http-addr: cannot listen on {settings.http_addr}: {exc.strerror}"
         ) from None
+    state.http_port = http.addresses[0][1]
     loop = asyncio.get_running_loop()
     shutdown = _Shutdown(state)
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -205,7 +206,7 @@ async def serve(settings: ServiceSettings) -> int:
             grpc_host,
             grpc_port,
             http_host,
-            http.addresses[0][1],
+            state.http_port,
         )
         if credentials is None:
             logger.warning("--insecure: the gRPC port accepts anyone, unencrypted")

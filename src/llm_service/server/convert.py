@@ -158,7 +158,9 @@ _POOL_MODES: dict[PoolMode, pb.PoolMode.ValueType] = {
 }
 
 
-def model_info_message(info: ModelInfo, *, pool_size: int, pool_mode: PoolMode) -> pb.ModelInfo:
+def model_info_message(
+    info: ModelInfo, *, pool_size: int, pool_mode: PoolMode, http_port: int = 0
+) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=info.name,
         path=info.path,
@@ -173,4 +175,5 @@ def model_info_message(info: ModelInfo, *, pool_size: int, pool_mode: PoolMode) 
         description=info.description,
         has_chat_template=info.chat_template is not None,
         server_version=__version__,
+        http_port=http_port,
     )

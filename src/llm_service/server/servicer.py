@@ -236,7 +236,10 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
         async def call(engine: Engine) -> pb.ModelInfo:
             return convert.model_info_message(
-                engine.info, pool_size=self._state.pool_size, pool_mode=engine.pool_mode
+                engine.info,
+                pool_size=self._state.pool_size,
+                pool_mode=engine.pool_mode,
+                http_port=self._state.http_port,
             )
 
         return await self._unary(context, call, while_draining=True)

@@ -31,6 +31,7 @@ class ServerState:
         self.phase = Phase.LOADING
         self.engine: Engine | None = None
         self.pool_size = pool_size
+        self.http_port = 0  # the health port once it listens (GetModelInfo tells clients)
         self.started_at = time.monotonic()
         self.calls: set[asyncio.Task[Any]] = set()
 

@@ -10,6 +10,7 @@ import grpc
 
 from llm_service.api.v1 import metadata as md
 from llm_service.errors import (
+    AuthenticationError,
     ConfigurationError,
     ConnectionFailedError,
     DeadlineExceededError,
@@ -19,9 +20,11 @@ from llm_service.errors import (
     LLMServiceError,
     ModelFetchError,
     ModelLoadError,
+    ModelNotFoundError,
     OverloadedError,
     PermissionDeniedError,
     PromptTooLongError,
+    RateLimitedError,
     RequestCancelledError,
     UnavailableError,
     UnsupportedError,
@@ -52,6 +55,10 @@ STATUS_CODES: dict[type[LLMServiceError], grpc.StatusCode] = {
     ConnectionFailedError: grpc.StatusCode.UNAVAILABLE,
     UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
     InternalServerError: grpc.StatusCode.INTERNAL,
+    # Raised by the gateway only (it speaks HTTP), mapped here for the same reason.
+    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    AuthenticationError: grpc.StatusCode.UNAUTHENTICATED,
+    RateLimitedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 

@@ -735,6 +735,7 @@ class ModelInfo(_message.Message):
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
     POOL_MODE_FIELD_NUMBER: _builtins.int
+    HTTP_PORT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The GGUF's general.name, or the file's stem."""
     path: _builtins.str
@@ -761,6 +762,10 @@ class ModelInfo(_message.Message):
     """llm_service's version."""
     pool_mode: Global___PoolMode.ValueType
     """How the pool runs requests together (LLM_POOL_MODE)."""
+    http_port: _builtins.int
+    """Port of the server's plain-HTTP health port (/livez, /readyz, /metrics), on the same host
+    as the gRPC port unless the deployment says otherwise (LLM_HTTP_ADDR).
+    """
     def __init__(
         self,
         *,
@@ -777,10 +782,11 @@ class ModelInfo(_message.Message):
         has_chat_template: _builtins.bool = ...,
         server_version: _builtins.str = ...,
         pool_mode: Global___PoolMode.ValueType = ...,
+        http_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_per_slot", b"context_per_slot", "description", b"description", "has_chat_template", b"has_chat_template", "llama_cpp_commit", b"llama_cpp_commit", "n_ctx_train", b"n_ctx_train", "n_params", b"n_params", "n_vocab", b"n_vocab", "name", b"name", "path", b"path", "pool_mode", b"pool_mode", "pool_size", b"pool_size", "server_version", b"server_version", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_per_slot", b"context_per_slot", "description", b"description", "has_chat_template", b"has_chat_template", "http_port", b"http_port", "llama_cpp_commit", b"llama_cpp_commit", "n_ctx_train", b"n_ctx_train", "n_params", b"n_params", "n_vocab", b"n_vocab", "name", b"name", "path", b"path", "pool_mode", b"pool_mode", "pool_size", b"pool_size", "server_version", b"server_version", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,485 @@
+"""The llm_service replicas behind the gateway: health, load, ejection, and routing.
+
+Each replica (``Backend``) is checked every ``health_interval`` seconds on both of its ports
+(gRPC health of ``llm.v1.Inference`` and HTTP ``/readyz``). A replica enters rotation after
+``healthy_after`` passed checks in a row and leaves it after ``unhealthy_after`` failures in a
+row (its first check decides at once). Independently, ``eject_after`` failed requests in a row
+(refused connections, unavailable, engine failures) eject it for ``ejection_time``, doubled at
+each ejection in a row; at most half of the replicas are ejected at once.
+
+A request goes to the less loaded of two random healthy replicas serving its model (load:
+requests in flight / pool size), and, while it has sent no token to the client, is retried on
+another replica when one refuses it (``RoutedStream``), within a fleet-wide retry budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import json
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Iterator
+from pathlib import PurePosixPath
+from typing import Any
+
+import aiohttp
+
+from llm_service.client import AsyncClient, Chunk, ModelInfo
+from llm_service.client.types import ClientOptions, Message, Sampling
+from llm_service.errors import (
+    EngineError,
+    InternalServerError,
+    LLMServiceError,
+    ModelNotFoundError,
+    OverloadedError,
+    UnavailableError,
+)
+from llm_service.log import RequestLogger
+from llm_service.settings import BackendAddress, GatewaySettings
+
+__all__ = ["Backend", "BackendPool", "BackendState", "RetryBudget", "RoutedStream"]
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "llm.v1.Inference"
+# Ejections double in length each time in a row, up to this many times the first one.
+MAX_EJECTION_FACTOR = 60
+
+
+class BackendState(enum.Enum):
+    """Where a replica stands; only ``HEALTHY`` replicas get requests."""
+
+    UNKNOWN = "unknown"  # not checked yet
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"  # failing its health checks
+    EJECTED = "ejected"  # failing requests: out for a while, whatever its checks say
+
+
+class Backend:
+    """One llm_service replica, its client, and what the gateway knows of it.
+
+    Attributes:
+        address: its gRPC (and perhaps health) address.
+        client: the gRPC client (no retries of its own: the gateway retries on other replicas).
+        model: what it serves, from ``GetModelInfo`` (None until it first answered).
+        outstanding: requests the gateway has in flight on it.
+    """
+
+    def __init__(self, address: BackendAddress, options: ClientOptions) -> None:
+        self.address = address
+        self.client = AsyncClient(address.target, **(options | {"max_retries": 0}))
+        self.model: ModelInfo | None = None
+        self.outstanding = 0
+        self.healthy: bool | None = None  # the health checks' verdict; None: not checked yet
+        self.passes = 0
+        self.fails = 0
+        self.request_failures = 0
+        self.ejections_in_row = 0
+        self.ejected_until = 0.0
+        self.last_error = ""
+
+    def __str__(self) -> str:
+        return self.address.target
+
+    @property
+    def pool_size(self) -> int:
+        return self.model.pool_size if self.model is not None and self.model.pool_size else 1
+
+    @property
+    def load(self) -> float:
+        return self.outstanding / self.pool_size
+
+    def state(self, now: float | None = None) -> BackendState:
+        if self.ejected_until > (time.monotonic() if now is None else now):
+            return BackendState.EJECTED
+        if self.healthy is None:
+            return BackendState.UNKNOWN
+        return BackendState.HEALTHY if self.healthy else BackendState.UNHEALTHY
+
+    @property
+    def model_id(self) -> str | None:
+        """The id clients name its model by: the model file's name without ``.gguf``."""
+        return model_id(self.model) if self.model is not None else None
+
+    def serves(self, model: str) -> bool:
+        return self.model_id == model
+
+    def health_url(self) -> str | None:
+        if self.address.health is not None:
+            return f"http://{self.address.health}/readyz"
+        if self.model is None or not self.model.http_port:
+            return None
+        host = self.address.target.rsplit(":", 1)[0]
+        return f"http://{host}:{self.model.http_port}/readyz"
+
+
+class RetryBudget:
+    """Retries allowed: ``ratio`` x the requests of the last ``window`` seconds, plus ``floor``.
+
+    Bounds the extra load retries put on a fleet that is failing (Finagle's retry budget).
+    """
+
+    def __init__(self, ratio: float, *, floor: int = 10, window: float = 10.0) -> None:
+        self.ratio = ratio
+        self.floor = floor
+        self.window = window
+        self._requests: deque[float] = deque()
+        self._retries: deque[float] = deque()
+
+    def _prune(self, now: float) -> None:
+        for times in (self._requests, self._retries):
+            while times and times[0] < now - self.window:
+                times.popleft()
+
+    def request(self) -> None:
+        self._requests.append(time.monotonic())
+
+    def try_retry(self) -> bool:
+        """Spend one retry if the budget has one."""
+        now = time.monotonic()
+        self._prune(now)
+        if len(self._retries) >= self.floor + self.ratio * len(self._requests):
+            return False
+        self._retries.append(now)
+        return True
+
+
+class BackendPool:
+    """The replicas, their health checks, and the choice of one for each request."""
+
+    def __init__(self, settings: GatewaySettings, options: ClientOptions) -> None:
+        self.settings = settings
+        self.backends = [Backend(a, options) for a in settings.backends]
+        self.budget = RetryBudget(settings.retry_budget)
+        self.retries: dict[str, int] = {}  # by reason, for the metrics
+        self.ejections: dict[str, int] = {}  # by backend
+        self.changed = asyncio.Event()  # set whenever a replica's state changes
+        self._http: aiohttp.ClientSession | None = None
+        self._checker: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Check every replica once, then keep checking them in the background."""
+        timeout = aiohttp.ClientTimeout(total=self.settings.health_timeout)
+        self._http = aiohttp.ClientSession(timeout=timeout)
+        await self.check_all()
+        self._checker = asyncio.create_task(self._check_forever(), name="health-checks")
+
+    async def close(self) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checker
+        for backend in self.backends:
+            await backend.client.close()
+        if self._http is not None:
+            await self._http.close()
+
+    # -- health ---------------------------------------------------------------------------
+
+    async def _check_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            await self.check_all()
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self._check(b) for b in self.backends))
+
+    async def _check(self, backend: Backend) -> None:
+        try:
+            async with asyncio.timeout(self.settings.health_timeout):
+                reason = await self._probe(backend)
+        except TimeoutError:
+            reason = f"no answer within {self.settings.health_timeout:g} s"
+        self._record_check(backend, reason)
+
+    async def _probe(self, backend: Backend) -> str | None:
+        """None if the replica serves; else why not."""
+        client = backend.client
+        try:
+            if backend.healthy is not True or backend.model is None:
+                # (Re)read what it serves: a replica that comes back may serve another model.
+                backend.model = await client.model_info()
+            status = await client.health(SERVICE_NAME)
+            if status != "SERVING":
+                return f"gRPC health is {status}"
+        except LLMServiceError as exc:
+            return str(exc)
+        url = backend.health_url()
+        if url is None:
+            return None  # an older replica that does not say where its health port is
+        assert self._http is not None
+        try:
+            async with self._http.get(url) as response:
+                if response.status != 200:
+                    return f"{url} answered {response.status}"
+                body = json.loads(await response.read())
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            return f"{url}: {exc or type(exc).__name__}"
+        pool = body.get("pool") if isinstance(body, dict) else None
+        if isinstance(pool, dict) and isinstance(pool.get("size"), int) and backend.model:
+            # The pool may shrink when a context fails and cannot be replaced.
+            backend.model = _with_pool_size(backend.model, pool["size"])
+        return None
+
+    def _record_check(self, backend: Backend, failure: str | None) -> None:
+        before = backend.state()
+        if failure is None:
+            backend.passes, backend.fails = backend.passes + 1, 0
+            if backend.healthy is None or backend.passes >= self.settings.healthy_after:
+                backend.healthy = True
+        else:
+            backend.passes, backend.fails = 0, backend.fails + 1
+            backend.last_error = failure
+            if backend.healthy is None or backend.fails >= self.settings.unhealthy_after:
+                backend.healthy = False
+        self._state_changed(backend, before)
+
+    def _state_changed(self, backend: Backend, before: BackendState) -> None:
+        after = backend.state()
+        if after is before:
+            return
+        name = backend.model_id
+        if after is BackendState.HEALTHY:
+            logger.info("backend %s is healthy (model %r, pool of %d)", backend, name,
+                        backend.pool_size)  # fmt: skip
+        elif after is BackendState.EJECTED:
+            seconds = backend.ejected_until - time.monotonic()
+            logger.warning(
+                "backend %s ejected for %.0f s: %s", backend, seconds, backend.last_error
+            )
+        else:
+            logger.warning("backend %s is %s: %s", backend, after.value, backend.last_error)
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    # -- passive outlier detection ----------------------------------------------------------
+
+    def record_result(self, backend: Backend, error: LLMServiceError | None) -> None:
+        """Account a request's outcome on ``backend``; eject it after failures in a row."""
+        if error is None or not _is_backend_failure(error):
+            backend.request_failures = 0
+            if error is None and backend.state() is BackendState.HEALTHY:
+                backend.ejections_in_row = 0
+            return
+        backend.request_failures += 1
+        backend.last_error = str(error)
+        if backend.request_failures < self.settings.eject_after:
+            return
+        now = time.monotonic()
+        ejected = sum(b.state(now) is BackendState.EJECTED for b in self.backends)
+        if backend.state(now) is BackendState.EJECTED or ejected + 1 > len(self.backends) // 2:
+            return  # never more than half of the fleet out at once
+        before = backend.state(now)
+        factor = min(MAX_EJECTION_FACTOR, 2**backend.ejections_in_row)
+        backend.ejected_until = now + self.settings.ejection_time * factor
+        backend.ejections_in_row += 1
+        backend.request_failures = 0
+        self.ejections[str(backend)] = self.ejections.get(str(backend), 0) + 1
+        self._state_changed(backend, before)
+        loop = asyncio.get_running_loop()
+        loop.call_at(loop.time() + self.settings.ejection_time * factor + 0.001,
+                     self._ejection_over, backend)  # fmt: skip
+
+    def _ejection_over(self, backend: Backend) -> None:
+        if backend.state() is not BackendState.EJECTED:
+            self._state_changed(backend, BackendState.EJECTED)
+
+    # -- routing ----------------------------------------------------------------------------
+
+    def models(self) -> list[str]:
+        """The ids of the models healthy replicas serve, sorted."""
+        healthy = (b for b, s in self.states() if s is BackendState.HEALTHY)
+        return sorted({b.model_id for b in healthy if b.model_id is not None})
+
+    @property
+    def ready(self) -> bool:
+        return any(b.state() is BackendState.HEALTHY for b in self.backends)
+
+    def choose(self, model: str, exclude: set[Backend]) -> Backend:
+        """The replica for a request: the less loaded of two random healthy ones serving
+        ``model``, leaving out ``exclude`` (the ones that already refused it).
+
+        Raises:
+            ModelNotFoundError: no healthy replica serves ``model``.
+            UnavailableError: no replica is healthy, or all that serve it were tried.
+        """
+        healthy = [b for b in self.backends if b.state() is BackendState.HEALTHY]
+        if not healthy:
+            raise UnavailableError(
+                f"no healthy backend: all {len(self.backends)} are unhealthy or ejected"
+            )
+        serving = [b for b in healthy if b.serves(model)]
+        if not serving:
+            names = ", ".join(repr(m) for m in self.models()) or "none"
+            raise ModelNotFoundError("model", f"no model {model!r} is served; served: {names}")
+        left = [b for b in serving if b not in exclude]
+        if not left:
+            raise UnavailableError(f"every backend serving {model!r} refused the request")
+        if len(left) == 1:
+            return left[0]
+        a, b = random.sample(left, 2)
+        if a.load == b.load:
+            return a
+        return a if a.load < b.load else b
+
+    def states(self) -> Iterator[tuple[Backend, BackendState]]:
+        now = time.monotonic()
+        for b in self.backends:
+            yield b, b.state(now)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The replicas, for ``/readyz``."""
+        return [
+            {
+                "target": str(b),
+                "state": state.value,
+                "model": b.model_id,
+                "pool_size": b.pool_size,
+                "outstanding": b.outstanding,
+                "last_error": b.last_error if state is not BackendState.HEALTHY else None,
+            }
+            for b, state in self.states()
+        ]
+
+
+def model_id(model: ModelInfo) -> str:
+    """A model's id in the OpenAI API: its file's name without ``.gguf``
+    (``SmolLM2-135M-Instruct.Q4_1``), as the GGUF's own name is often a training run's."""
+    return PurePosixPath(model.path).name.removesuffix(".gguf") or model.name
+
+
+def _with_pool_size(model: ModelInfo, size: int) -> ModelInfo:
+    return model if model.pool_size == size else dataclasses.replace(model, pool_size=size)
+
+
+def _is_backend_failure(error: LLMServiceError) -> bool:
+    """Errors that say the replica, not the request, is at fault (overload is not one)."""
+    return isinstance(error, UnavailableError | EngineError | InternalServerError)
+
+
+def _retryable(error: LLMServiceError) -> bool:
+    """Errors another replica may not give: refused, unavailable, overloaded, failed engine."""
+    return isinstance(error, UnavailableError | OverloadedError | EngineError)
+
+
+class RoutedStream:
+    """One generation through the pool: the chunks of whichever replica serves it.
+
+    Until a chunk has been returned, a replica that refuses the request (``_retryable``) is left
+    for another one, up to ``max_attempts`` replicas and within the retry budget; after that, an
+    error ends the stream. ``cancel()`` (synchronous, safe in ``finally`` under cancellation)
+    cancels the call on the replica.
+
+    Attributes:
+        backend: the replica serving (or last tried).
+        prompt_tokens: tokens in the prompt, once a replica started on it.
+        completion_tokens: tokens received so far.
+        accounted: whether its tokens were charged to the caller (the gateway does it once).
+    """
+
+    def __init__(
+        self,
+        pool: BackendPool,
+        model: str,
+        prompt: str | tuple[Message, ...],
+        sampling: Sampling,
+        *,
+        request_id: str,
+        deadline: float,
+    ) -> None:
+        self.pool = pool
+        self.model = model
+        self.prompt = prompt
+        self.sampling = sampling
+        self.request_id = request_id
+        self.deadline = deadline
+        self.backend: Backend | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.accounted = False  # set once its tokens were charged and counted
+        self._stream: Any = None  # the AsyncStream of the current attempt
+        self._tried: set[Backend] = set()
+        self._delivered = False
+        self._log = RequestLogger(logger, request_id)
+        pool.budget.request()
+
+    def __aiter__(self) -> RoutedStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        refused: LLMServiceError | None = None  # the last refusal, when retrying
+        while True:
+            if self._stream is None:
+                try:
+                    self._open()
+                except LLMServiceError:
+                    if refused is not None:
+                        raise refused from None  # no replica left to try: say why
+                    raise
+            try:
+                chunk: Chunk = await self._stream.__anext__()
+            except StopAsyncIteration:
+                self._release(None)
+                raise
+            except LLMServiceError as exc:
+                self._release(exc)
+                if not self._may_retry(exc):
+                    raise
+                refused = exc
+                continue
+            if self._stream.started is not None:
+                self.prompt_tokens = self._stream.started.prompt_tokens
+            self.completion_tokens += len(chunk.token_ids)
+            self._delivered = True
+            if chunk.final:
+                self._release(None)
+            return chunk
+
+    def _open(self) -> None:
+        backend = self.pool.choose(self.model, self._tried)
+        self._tried.add(backend)
+        self.backend = backend
+        remaining = max(0.001, self.deadline - time.monotonic())
+        self._stream = backend.client.stream(
+            list(self.prompt) if isinstance(self.prompt, tuple) else self.prompt,
+            timeout=remaining,
+            request_id=self.request_id,
+            **self.sampling,
+        )
+        backend.outstanding += 1
+        self._log.debug("sent to backend %s (load %.2f)", backend, backend.load)
+
+    def _may_retry(self, exc: LLMServiceError) -> bool:
+        if self._delivered or not _retryable(exc):
+            return False
+        if len(self._tried) >= self.pool.settings.max_attempts:
+            return False
+        if time.monotonic() >= self.deadline:
+            return False
+        if not self.pool.budget.try_retry():
+            self._log.warning("retry budget spent: not retrying after %s", exc.kind)
+            return False
+        reason = exc.kind
+        self.pool.retries[reason] = self.pool.retries.get(reason, 0) + 1
+        self._log.info("backend %s refused (%s): trying another one", self.backend, exc)
+        return True
+
+    def _release(self, error: LLMServiceError | None) -> None:
+        if self._stream is None:
+            return
+        self._stream = None
+        assert self.backend is not None
+        self.backend.outstanding -= 1
+        self.pool.record_result(self.backend, error)
+
+    def cancel(self) -> None:
+        """Stop: cancel the call on the replica, if one is running (idempotent)."""
+        stream = self._stream
+        if stream is not None:
+            stream.cancel()
+            self._release(None)

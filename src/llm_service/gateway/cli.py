@@ -1,0 +1,105 @@
+"""``llm-gateway``: run the OpenAI-compatible gateway in front of llm_service replicas.
+
+Every flag is also an ``LLM_GATEWAY_*`` environment variable (see ``GatewaySettings``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+from pydantic import ValidationError
+
+from llm_service.cli import (
+    EXIT_ERROR,
+    EXIT_USAGE,
+    add_settings_flags,
+    report_invalid_settings,
+    settings_from,
+)
+from llm_service.errors import ConfigurationError, LLMServiceError
+from llm_service.gateway.app import build_gateway, create_app
+from llm_service.log import configure_logging
+from llm_service.settings import GatewaySettings
+
+__all__ = ["main"]
+
+PROG = "llm-gateway"
+logger = logging.getLogger("llm_service.gateway")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,"
+        " /v1/models) in front of llm_service replicas, which it reaches over gRPC with mutual"
+        " TLS. It sends each request to the less loaded of two healthy replicas, retries a"
+        " refused one elsewhere before its first token, and cancels the replica's work when a"
+        " client goes away. Also /healthz, /readyz, /metrics and /openapi.json.",
+        epilog="example: llm-gateway --backend 127.0.0.1:50051 --backend 127.0.0.1:50052"
+        " --listen 127.0.0.1:8000",
+    )
+    add_settings_flags(
+        parser,
+        list(GatewaySettings.model_fields),
+        GatewaySettings,
+        "settings (each also an LLM_GATEWAY_* environment variable)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from(args, GatewaySettings)
+    except ValidationError as exc:
+        return report_invalid_settings(PROG, exc, GatewaySettings)
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    try:
+        host, port = _address(settings.listen)
+        gateway = build_gateway(settings)
+    except ConfigurationError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if gateway.keys is None:
+        logger.warning("no --api-keys-file: every request is served without an API key")
+    else:
+        logger.info("%d API key(s) accepted", len(gateway.keys))
+    if settings.insecure_backends:
+        logger.warning("--insecure-backends: requests go to the replicas unencrypted")
+    config = uvicorn.Config(
+        create_app(gateway),
+        host=host,
+        port=port,
+        log_config=None,  # our logging, configured above
+        access_log=False,  # the gateway logs each request itself, with its request id
+        timeout_graceful_shutdown=round(settings.shutdown_grace),
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    logger.info("listening on http://%s:%d (OpenAI API under /v1)", host, port)
+    try:
+        asyncio.run(server.serve())
+    except LLMServiceError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        pass
+    if not server.started:
+        print(f"{PROG}: error: could not listen on {settings.listen}", file=sys.stderr)
+        return EXIT_ERROR
+    logger.info("stopped")
+    return 0
+
+
+def _address(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigurationError(
+            f"--listen / LLM_GATEWAY_LISTEN: expected HOST:PORT, got {listen!r}"
+        )
+    return host.strip("[]"), int(port)

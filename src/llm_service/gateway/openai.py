@@ -1,0 +1,309 @@
+"""The OpenAI wire format: request bodies in, completion objects and stream chunks out.
+
+Requests are pydantic models (unknown fields ignored, wrong types refused); ``to_generation``
+turns one into what the backend is asked, and ``ResponseBuilder`` writes the OpenAI objects
+(``chat.completion``, ``chat.completion.chunk``, ``text_completion``) from the backend's chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llm_service.client.types import ChatMessage, Chunk, Completion, FinishReason, Sampling, Usage
+from llm_service.errors import InvalidRequestError
+
+__all__ = [
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "Generation",
+    "ResponseBuilder",
+    "invalid_request",
+    "to_generation",
+]
+
+# OpenAI's role names; "developer" is the newer name of "system".
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES |= {"tool": "tool", "function": "tool"}
+
+
+class _Body(BaseModel):
+    # Strict types (a string is not a number), unknown fields ignored as OpenAI's clients send
+    # fields this gateway does not know.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Body):
+    """A text part of a message's content."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ContentPart(_Body):
+    """Any content part; only ``text`` parts are served (others are refused with 400)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class Message(_Body):
+    """One chat message."""
+
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class JsonSchemaFormat(_Body):
+    """``response_format.json_schema``."""
+
+    name: str = "response"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Body):
+    """``response_format``: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StreamOptions(_Body):
+    """``stream_options``."""
+
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    """The parameters both endpoints share."""
+
+    model: str = Field(description="A model id from GET /v1/models.")
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    n: int | None = Field(None, description="Only 1 is served.")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = Field(None, description="Recorded in the gateway's log only.")
+    logprobs: bool | int | None = Field(None, description="Not served: only false or absent.")
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[str]
+    echo: bool | None = Field(None, description="Not served: only false or absent.")
+    suffix: str | None = Field(None, description="Not served: only null or absent.")
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """What the backend is asked: a prompt or chat messages, and the sampling options."""
+
+    prompt: str | tuple[ChatMessage, ...]
+    sampling: Sampling
+    stream: bool
+    include_usage: bool
+
+
+def invalid_request(errors: Sequence[Mapping[str, Any]]) -> InvalidRequestError:
+    """The first of a body's validation errors, naming the field (``messages[0].role``)."""
+    if not errors:
+        return InvalidRequestError("body", "is not valid")
+    err = errors[0]
+    param = _param(err["loc"])
+    detail = err["msg"]
+    if err["type"] == "missing":
+        detail = "is required"
+    elif err["type"] == "json_invalid":
+        return InvalidRequestError("body", f"is not valid JSON: {err['ctx'].get('error', detail)}")
+    return InvalidRequestError(param or "body", detail[0].lower() + detail[1:])
+
+
+def _param(loc: Sequence[int | str]) -> str:
+    # FastAPI puts "body" first; pydantic adds the member a union tried ("str", "list[...]").
+    parts = [p for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif "[" in p or p in ("str", "int", "float", "bool", "dict", "list", "function-after"):
+            continue
+        else:
+            out += f".{p}" if out else p
+    return out
+
+
+def to_generation(body: ChatCompletionRequest | CompletionRequest) -> Generation:
+    """The backend request for an OpenAI body.
+
+    Raises:
+        InvalidRequestError: a value the gateway cannot serve (``n`` > 1, image content, an
+            unknown role, logprobs, ...), naming the parameter.
+    """
+    if body.n is not None and body.n != 1:
+        raise InvalidRequestError("n", f"only n=1 is supported, got {body.n}")
+    if body.logprobs:
+        raise InvalidRequestError("logprobs", "log probabilities are not supported")
+    sampling: Sampling = {}
+    max_tokens = body.max_tokens
+    if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
+        max_tokens = body.max_completion_tokens
+    if max_tokens is not None:
+        sampling["max_tokens"] = max_tokens
+    for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
+        value = getattr(body, name)
+        if value is not None:
+            sampling[name] = value
+    if body.stop:
+        sampling["stop"] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
+    schema = _schema(body.response_format)
+    if schema is not None:
+        sampling["json_schema"] = schema
+    prompt: str | tuple[ChatMessage, ...]
+    if isinstance(body, ChatCompletionRequest):
+        prompt = tuple(_message(i, m) for i, m in enumerate(body.messages))
+    else:
+        prompt = _prompt(body)
+    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+    return Generation(prompt, sampling, bool(body.stream), include_usage)
+
+
+def _schema(fmt: ResponseFormat | None) -> str | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return json.dumps({"type": "object"})
+    if fmt.json_schema is None or not fmt.json_schema.schema_:
+        raise InvalidRequestError(
+            "response_format.json_schema", "is required when type is json_schema"
+        )
+    return json.dumps(fmt.json_schema.schema_)
+
+
+def _message(i: int, m: Message) -> ChatMessage:
+    role = _ROLES.get(m.role)
+    if role is None:
+        raise InvalidRequestError(
+            f"messages[{i}].role",
+            f"unknown role {m.role!r}; expected one of {', '.join(sorted(_ROLES))}",
+        )
+    if m.content is None or isinstance(m.content, str):
+        return ChatMessage(role, m.content or "")
+    texts = []
+    for j, part in enumerate(m.content):
+        if part.type != "text" or part.text is None:
+            raise InvalidRequestError(
+                f"messages[{i}].content[{j}]",
+                f"content of type {part.type!r} is not supported (text only)",
+            )
+        texts.append(part.text)
+    return ChatMessage(role, "".join(texts))
+
+
+def _prompt(body: CompletionRequest) -> str:
+    if body.echo:
+        raise InvalidRequestError("echo", "echoing the prompt is not supported")
+    if body.suffix:
+        raise InvalidRequestError("suffix", "suffixes (insertion) are not supported")
+    if isinstance(body.prompt, str):
+        return body.prompt
+    if len(body.prompt) != 1:
+        raise InvalidRequestError(
+            "prompt", f"exactly one prompt per request is supported, got {len(body.prompt)}"
+        )
+    return body.prompt[0]
+
+
+def finish_reason(reason: FinishReason | None) -> str | None:
+    """OpenAI's finish reason: a stop string counts as ``stop``."""
+    if reason is None:
+        return None
+    return "length" if reason is FinishReason.LENGTH else "stop"
+
+
+def usage_object(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+class ResponseBuilder:
+    """The OpenAI objects of one request: same ``id``, ``created`` and ``model`` in every one.
+
+    Args:
+        chat: chat completions (else text completions).
+        request_id: the request's id; the object id is ``chatcmpl-<id>`` / ``cmpl-<id>``.
+        model: the model id the client asked for.
+    """
+
+    def __init__(self, *, chat: bool, request_id: str, model: str) -> None:
+        self.chat = chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
+        self.created = int(time.time())
+        self.model = model
+        self._role_sent = False
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def completion(self, done: Completion) -> dict[str, Any]:
+        """The whole answer (``stream`` false)."""
+        reason = finish_reason(done.finish_reason)
+        choice: dict[str, Any]
+        if self.chat:
+            message = {"role": "assistant", "content": done.text, "refusal": None}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+            head = self._head("chat.completion")
+        else:
+            choice = {"index": 0, "text": done.text, "logprobs": None, "finish_reason": reason}
+            head = self._head("text_completion")
+        return head | {"choices": [choice], "usage": usage_object(done.usage)}
+
+    def chunk(self, chunk: Chunk, *, include_usage: bool) -> dict[str, Any]:
+        """One stream event for ``chunk``; the first one carries the assistant role."""
+        reason = finish_reason(chunk.finish_reason)
+        choice: dict[str, Any]
+        if self.chat:
+            delta: dict[str, Any] = {} if chunk.final else {"content": chunk.text}
+            if not self._role_sent:
+                delta = {"role": "assistant", "content": chunk.text}
+                self._role_sent = True
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            head = self._head("chat.completion.chunk")
+        else:
+            choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": reason}
+            head = self._head("text_completion")
+        out = head | {"choices": [choice]}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        """The last event with ``stream_options.include_usage``: no choices, the usage."""
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return self._head(obj) | {"choices": [], "usage": usage_object(usage)}
