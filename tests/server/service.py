@@ -101,12 +101,13 @@ class Service:
         *,
         env: dict[str, str] | None = None,
         pool_mode: str = "batched",
+        ports: tuple[int, int] | None = None,
     ) -> None:
+        """``ports``: the gRPC and HTTP ports (default: free ones), to restart a service."""
         self.certs = certs
         self.terminating = False
         self.pool_mode = pool_mode
-        self.grpc_port = free_port()
-        self.http_port = free_port()
+        self.grpc_port, self.http_port = ports or (free_port(), free_port())
         self.log_path = workdir / f"service-{self.grpc_port}.log"
         settings = {
             "LLM_MODEL_PATH": str(model_path),
@@ -127,7 +128,7 @@ class Service:
                 "LLM_TLS_CA": str(certs.ca),
             }
         base = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
-        with self.log_path.open("wb") as log:
+        with self.log_path.open("ab") as log:  # a restarted service adds to its log
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "llm_service", "serve"],
                 env=base | settings | (env or {}),

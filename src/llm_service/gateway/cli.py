@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import uvicorn
 from pydantic import ValidationError
@@ -80,10 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_graceful_shutdown=round(settings.shutdown_grace),
         server_header=False,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     logger.info("listening on http://%s:%d (OpenAI API under /v1)", host, port)
     try:
-        asyncio.run(server.serve())
+        asyncio.run(_serve(server, settings.shutdown_grace))
     except LLMServiceError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -94,6 +96,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     logger.info("stopped")
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with our own signal handling.
+
+    uvicorn re-raises SIGTERM after its graceful shutdown, so the process would end "killed by
+    SIGTERM" instead of exiting 0 after a clean drain.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve(server: _Server, grace: float) -> None:
+    def stop(signum: signal.Signals) -> None:
+        if server.should_exit:  # a second signal: stop now
+            logger.warning("%s again: closing open requests now", signum.name)
+            server.force_exit = True
+            return
+        logger.info("%s: finishing open requests (up to %g s), then stopping", signum.name, grace)
+        server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signum)
+    await server.serve()
 
 
 def _address(listen: str) -> tuple[str, int]:

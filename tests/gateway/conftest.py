@@ -1,0 +1,206 @@
+"""Two real llm_service replicas (mutual TLS, the real model) and llm-gateway processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+# The server tests' fixtures: certificates and the model.
+from tests.server.conftest import certs, model_path  # noqa: F401
+from tests.server.service import Certs, Service, free_port
+
+MODEL = "SmolLM2-135M-Instruct.Q4_1"  # the default model's id: its file name without .gguf
+KEY = "sk-test-key-one"
+HASHED_KEY = "sk-test-key-two"  # in the keys file as sha256:HEX only
+
+
+class Gateway:
+    """One ``llm-gateway`` subprocess on a free port, in front of ``backends``."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        files: Certs,
+        backends: list[Service],
+        *,
+        env: dict[str, str] | None = None,
+        keys_file: Path | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"gateway-{self.port}.log"
+        settings = {
+            "LLM_GATEWAY_BACKENDS": " ".join(f"127.0.0.1:{b.grpc_port}" for b in backends),
+            "LLM_GATEWAY_LISTEN": f"127.0.0.1:{self.port}",
+            "LLM_GATEWAY_TLS_CA": str(files.ca),
+            "LLM_GATEWAY_TLS_CERT": str(files.client.cert),
+            "LLM_GATEWAY_TLS_KEY": str(files.client.key),
+            "LLM_GATEWAY_HEALTH_INTERVAL": "0.5",
+            "LLM_GATEWAY_HEALTH_TIMEOUT": "1",
+            "LLM_GATEWAY_LOG_LEVEL": "DEBUG",
+        }
+        if keys_file is not None:
+            settings["LLM_GATEWAY_API_KEYS_FILE"] = str(keys_file)
+        base = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "llm_service.gateway"],
+                env=base | settings | (env or {}),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def readyz(self) -> tuple[int, dict[str, Any]]:
+        status, body = self.get("/readyz")
+        return status, json.loads(body)
+
+    def states(self) -> dict[str, str]:
+        """Each backend's state, by gRPC port."""
+        return {b["target"].rsplit(":", 1)[1]: b["state"] for b in self.readyz()[1]["backends"]}
+
+    def metric(self, name: str, **labels: str) -> float:
+        for family in text_string_to_metric_families(self.get("/metrics")[1]):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
+
+    def wait_ready(self, timeout: float = 30) -> Gateway:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llm-gateway exited {self.process.returncode}:\n{self.log}")
+            try:
+                if self.readyz()[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"llm-gateway not ready after {timeout} s:\n{self.log}")
+
+    def wait_state(self, backend: Service, state: str, timeout: float = 15) -> float:
+        """Wait until ``backend`` is in ``state``; the seconds it took."""
+        start = time.monotonic()
+        while (now := self.states().get(str(backend.grpc_port))) != state:
+            assert time.monotonic() - start < timeout, f"backend is {now}, not {state}"
+            time.sleep(0.05)
+        return time.monotonic() - start
+
+    def client(self, key: str | None = KEY, **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=self.url + "/v1", api_key=key or "", max_retries=0, timeout=60, **kwargs
+        )
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+
+def _service(
+    workdir: Path, files: Certs, model: Path, env: dict[str, str] | None = None, **kwargs: Any
+) -> Service:
+    env = {"LLM_TLS_ALLOWED_CLIENTS": "llm-client"} | (env or {})
+    return Service(workdir, files, model, env=env, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("keys") / "keys.txt"
+    digest = hashlib.sha256(HASHED_KEY.encode()).hexdigest()
+    path.write_text(f"# test keys\n{KEY}\n\nsha256:{digest}  # the second key, hashed\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def backends(
+    tmp_path_factory: pytest.TempPathFactory,
+    certs: Certs,  # noqa: F811
+    model_path: Path,  # noqa: F811
+) -> Iterator[list[Service]]:
+    """Two replicas shared by the tests that do not stop them (pool of 2 each)."""
+    workdir = tmp_path_factory.mktemp("backends")
+    started = [_service(workdir, certs, model_path) for _ in range(2)]
+    try:
+        yield [s.wait_ready() for s in started]
+    finally:
+        for s in started:
+            assert s.stop() == 0, s.log
+
+
+@pytest.fixture(scope="session")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory,
+    certs: Certs,  # noqa: F811
+    backends: list[Service],
+    keys_file: Path,
+) -> Iterator[Gateway]:
+    """A gateway over both shared replicas, with API keys."""
+    gw = Gateway(tmp_path_factory.mktemp("gateway"), certs, backends, keys_file=keys_file)
+    try:
+        yield gw.wait_ready()
+    finally:
+        assert gw.stop() == 0, gw.log
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path, certs: Certs) -> Iterator[Callable[..., Gateway]]:  # noqa: F811
+    """Dedicated gateways: ``start_gateway(backends, env={...})``; stopped at the end."""
+    started: list[Gateway] = []
+
+    def start(backends: list[Service], **kwargs: Any) -> Gateway:
+        started.append(Gateway(tmp_path, certs, backends, **kwargs))
+        return started[-1].wait_ready()
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture
+def start_backend(
+    tmp_path: Path,
+    certs: Certs,  # noqa: F811
+    model_path: Path,  # noqa: F811
+) -> Iterator[Callable[..., Service]]:
+    """Dedicated replicas: ``start_backend(env={...}, ports=...)``; killed at the end."""
+    started: list[Service] = []
+
+    def start(*, ready: bool = True, **kwargs: Any) -> Service:
+        started.append(_service(tmp_path, certs, model_path, **kwargs))
+        return started[-1].wait_ready() if ready else started[-1]
+
+    yield start
+    for s in started:
+        if s.process.poll() is None:
+            s.process.kill()
+            s.process.wait()

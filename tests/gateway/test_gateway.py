@@ -1,0 +1,281 @@
+"""The OpenAI surface of llm-gateway, through the official ``openai`` client and raw HTTP,
+in front of two real llm_service replicas (mutual TLS, the real model)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import subprocess
+import time
+from typing import Any
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.gateway.conftest import HASHED_KEY, KEY, MODEL, Gateway
+from tests.server.service import Service
+
+pytestmark = pytest.mark.model
+
+QUESTION = [{"role": "user", "content": "Name three colours."}]
+
+
+def test_chat_streaming_adds_up_to_the_whole_answer(gateway: Gateway) -> None:
+    client = gateway.client()
+    whole = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=24, temperature=0
+    )
+    assert whole.object == "chat.completion"
+    assert whole.model == MODEL
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage is not None and whole.usage.completion_tokens > 0
+
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    *deltas, last = chunks
+    assert deltas[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in deltas) == (
+        whole.choices[0].message.content
+    )
+    assert [c.choices[0].finish_reason for c in deltas][-1] == whole.choices[0].finish_reason
+    assert all(c.usage is None for c in deltas)
+    assert last.choices == [] and last.usage == whole.usage
+    assert len({(c.id, c.created) for c in chunks}) == 1
+
+
+def test_completions_whole_and_streamed(gateway: Gateway) -> None:
+    client = gateway.client()
+    whole = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=12, temperature=0)
+    assert whole.object == "text_completion"
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage is not None and whole.usage.completion_tokens == 12
+    streamed = client.completions.create(
+        model=MODEL, prompt="1, 2, 3,", max_tokens=12, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+
+
+def test_stop_strings_and_seed(gateway: Gateway) -> None:
+    client = gateway.client()
+    done = client.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0, stop=[" 7"]
+    )
+    assert done.choices[0].finish_reason == "stop"
+    assert "7" not in done.choices[0].text and "6" in done.choices[0].text
+    a, b = (
+        client.completions.create(
+            model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=1.0, seed=42
+        )
+        .choices[0]
+        .text
+        for _ in range(2)
+    )
+    assert a == b
+
+
+def test_models_list_and_retrieve(gateway: Gateway) -> None:
+    client = gateway.client()
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).owned_by == "llm-service"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_api_keys(gateway: Gateway) -> None:
+    assert [m.id for m in gateway.client(HASHED_KEY).models.list()] == [MODEL]
+    with pytest.raises(openai.AuthenticationError) as caught:
+        gateway.client("sk-wrong").chat.completions.create(model=MODEL, messages=QUESTION)
+    error = caught.value.body
+    assert isinstance(error, dict) and error["type"] == "authentication_error"
+    assert error["code"] == "invalid_api_key" and "sk-wrong" not in caught.value.message
+    assert "sk-wrong" not in gateway.log and KEY not in gateway.log
+    missing = httpx.get(gateway.url + "/v1/models")
+    assert missing.status_code == 401
+    assert "Authorization header" in missing.json()["error"]["message"]
+    # Authentication comes before the body is read: a bad body without a key is still a 401.
+    response = httpx.post(gateway.url + "/v1/completions", content=b"{not json")
+    assert response.status_code == 401
+
+
+def test_prompt_too_long_is_context_length_exceeded(gateway: Gateway) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        gateway.client().completions.create(model=MODEL, prompt="word " * 1500, max_tokens=8)
+    assert caught.value.code == "context_length_exceeded"
+    assert "1024" in caught.value.message  # the replicas' context size
+
+
+def test_json_schema_response_validates(gateway: Gateway) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    done = gateway.client().chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        max_tokens=64,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+    )
+    jsonschema.validate(json.loads(done.choices[0].message.content or ""), schema)
+    any_object = gateway.client().chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": "Reply with a JSON object with the key ok set to true."}
+        ],
+        max_tokens=48,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(any_object.choices[0].message.content or ""), dict)
+
+
+def _post(gateway: Gateway, body: Any, path: str = "/v1/chat/completions") -> httpx.Response:
+    headers = {"authorization": f"Bearer {KEY}"}
+    if isinstance(body, bytes):
+        return httpx.post(gateway.url + path, content=body, headers=headers, timeout=60)
+    return httpx.post(gateway.url + path, json=body, headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code"),
+    [
+        ({"model": MODEL, "messages": QUESTION, "n": 2}, 400, "n", None),
+        ({"model": MODEL, "messages": QUESTION, "temperature": "hot"}, 400, "temperature", None),
+        ({"model": MODEL, "messages": QUESTION, "temperature": 3}, 400, "temperature", None),
+        ({"model": MODEL, "messages": QUESTION, "max_tokens": 0}, 400, "max_tokens", None),
+        ({"model": MODEL, "messages": []}, 400, "messages", None),
+        ({"messages": QUESTION}, 400, "model", None),
+        ({"model": MODEL, "messages": [{"role": "robot", "content": "hi"}]}, 400,
+         "messages[0].role", None),
+        ({"model": MODEL, "messages": [{"role": "user", "content": 5}]}, 400,
+         "messages[0].content", None),
+        ({"model": MODEL, "messages": QUESTION, "stop": 5}, 400, "stop", None),
+        ({"model": MODEL, "messages": QUESTION, "top_p": 0.5, "top_k": 1000000}, 200, None, None),
+        ({"model": "gpt-4", "messages": QUESTION}, 404, "model", "model_not_found"),
+        ([1, 2], 400, "body", None),
+        (b"{not json", 400, "body", None),
+    ],
+)  # fmt: skip
+def test_bad_requests_get_openai_errors(
+    gateway: Gateway, body: Any, status: int, param: str | None, code: str | None
+) -> None:
+    if isinstance(body, dict) and status == 200:
+        body |= {"max_tokens": 4}  # top_k is not an OpenAI field: ignored
+    response = _post(gateway, body)
+    assert response.status_code == status, response.text
+    if status != 200:
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["type"] == "invalid_request_error"
+        assert (error["param"], error["code"]) == (param, code)
+        assert error["message"].startswith(f"{param}: ")
+
+
+def test_request_id_goes_through_to_the_replica(gateway: Gateway, backends: list[Service]) -> None:
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 4}
+    response = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {KEY}", "x-request-id": "trace-4711"},
+        timeout=60,
+    )
+    assert response.headers["x-request-id"] == "trace-4711"
+    assert response.json()["id"] == "chatcmpl-trace-4711"
+    assert "[trace-4711]" in gateway.log
+    assert sum("[trace-4711] Generate from" in b.log for b in backends) == 1
+    generated = _post(gateway, body).headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    assert _post(gateway, [1]).headers["x-request-id"]  # errors carry one too
+
+
+def _events(response: httpx.Response) -> tuple[list[str], bytes]:
+    raw = response.read()
+    return raw.decode().split("\n\n"), raw
+
+
+def test_sse_wire_format(gateway: Gateway) -> None:
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 8, "stream": True}
+    headers = {"authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body,
+                      headers=headers, timeout=60) as response:  # fmt: skip
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/event-stream"
+        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["x-accel-buffering"] == "no"
+        events, raw = _events(response)
+    assert raw.endswith(b"data: [DONE]\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    chunks = []
+    for event in events[:-2]:
+        assert event.startswith("data: {") and "\n" not in event, event
+        chunks.append(json.loads(event.removeprefix("data: ")))
+    assert not re.search(rb"^(id|retry|event):", raw, re.MULTILINE)
+    assert len({(c["id"], c["created"], c["model"]) for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert all("usage" not in c for c in chunks)  # only with stream_options.include_usage
+
+
+def test_routes_without_the_v1_prefix(gateway: Gateway) -> None:
+    done = _post(gateway, {"model": MODEL, "prompt": "Hi", "max_tokens": 2}, "/completions")
+    assert done.status_code == 200 and done.json()["object"] == "text_completion"
+    models = httpx.get(gateway.url + "/models", headers={"authorization": f"Bearer {KEY}"})
+    assert models.json()["data"][0]["id"] == MODEL
+    missing = httpx.get(gateway.url + "/v2/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_health_readiness_metrics_and_openapi(gateway: Gateway, backends: list[Service]) -> None:
+    assert gateway.get("/healthz") == (200, '{"status":"alive"}')
+    status, ready = gateway.readyz()
+    assert status == 200 and ready["ready"] is True
+    assert {b["state"] for b in ready["backends"]} == {"healthy"}
+    assert {b["pool_size"] for b in ready["backends"]} == {2}
+    _post(gateway, {"model": MODEL, "prompt": "Hi", "max_tokens": 2}, "/v1/completions")
+    route = "/v1/completions"
+    assert gateway.metric("llm_gateway_requests_total", route=route, status="200", model=MODEL)
+    assert gateway.metric("llm_gateway_tokens_total", model=MODEL, kind="completion") >= 2
+    for b in backends:
+        labels = {"backend": f"127.0.0.1:{b.grpc_port}"}
+        assert gateway.metric("llm_gateway_backend_state", state="healthy", **labels) == 1
+    schema = json.loads(gateway.get("/openapi.json")[1])
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(schema["paths"])
+
+
+def test_curl_sees_chunks_as_they_are_generated(gateway: Gateway) -> None:
+    body = json.dumps(
+        {"model": MODEL, "prompt": "1, 2, 3,", "max_tokens": 64, "temperature": 0, "stream": True}
+    )
+    curl = subprocess.Popen(
+        ["curl", "-sN", gateway.url + "/v1/completions", "-H", f"authorization: Bearer {KEY}",
+         "-H", "content-type: application/json", "-d", body],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert curl.stdout is not None
+    arrivals = []
+    for line in curl.stdout:
+        if line.startswith(b"data: {"):
+            arrivals.append(time.monotonic())
+    assert curl.wait() == 0
+    assert len(arrivals) >= 60
+    # Tokens come about every 10 ms: chunks that arrived together would show no spread.
+    spread = arrivals[-1] - arrivals[0]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert spread > 0.2, f"all {len(arrivals)} chunks arrived within {spread:.3f} s"
+    assert sum(g > 0.002 for g in gaps) >= len(gaps) // 2, gaps
