@@ -305,8 +305,9 @@ class BackendPool:
         ``model``, leaving out ``exclude`` (the ones that already refused it).
 
         Raises:
-            ModelNotFoundError: no healthy replica serves ``model``.
-            UnavailableError: no replica is healthy, or all that serve it were tried.
+            ModelNotFoundError: no replica serves ``model``.
+            UnavailableError: no replica is healthy, none that serves ``model`` is, or all
+                that serve it were tried.
         """
         healthy = [b for b in self.backends if b.state() is BackendState.HEALTHY]
         if not healthy:
@@ -315,6 +316,8 @@ class BackendPool:
             )
         serving = [b for b in healthy if b.serves(model)]
         if not serving:
+            if any(b.serves(model) for b in self.backends):
+                raise UnavailableError(f"no healthy backend serves {model!r} now")
             names = ", ".join(repr(m) for m in self.models()) or "none"
             raise ModelNotFoundError("model", f"no model {model!r} is served; served: {names}")
         left = [b for b in serving if b not in exclude]
@@ -405,6 +408,7 @@ class RoutedStream:
         self._stream: Any = None  # the AsyncStream of the current attempt
         self._tried: set[Backend] = set()
         self._delivered = False
+        self._finished = False
         self._log = RequestLogger(logger, request_id)
         pool.budget.request()
 
@@ -413,7 +417,7 @@ class RoutedStream:
 
     async def __anext__(self) -> Chunk:
         refused: LLMServiceError | None = None  # the last refusal, when retrying
-        while True:
+        while not self._finished:
             if self._stream is None:
                 try:
                     self._open()
@@ -424,11 +428,13 @@ class RoutedStream:
             try:
                 chunk: Chunk = await self._stream.__anext__()
             except StopAsyncIteration:
+                self._finished = True
                 self._release(None)
                 raise
             except LLMServiceError as exc:
                 self._release(exc)
                 if not self._may_retry(exc):
+                    self._finished = True
                     raise
                 refused = exc
                 continue
@@ -437,8 +443,10 @@ class RoutedStream:
             self.completion_tokens += len(chunk.token_ids)
             self._delivered = True
             if chunk.final:
+                self._finished = True
                 self._release(None)
             return chunk
+        raise StopAsyncIteration
 
     def _open(self) -> None:
         backend = self.pool.choose(self.model, self._tried)
@@ -479,6 +487,7 @@ class RoutedStream:
 
     def cancel(self) -> None:
         """Stop: cancel the call on the replica, if one is running (idempotent)."""
+        self._finished = True
         stream = self._stream
         if stream is not None:
             stream.cancel()

@@ -289,7 +289,7 @@ class ResponseBuilder:
         reason = finish_reason(chunk.finish_reason)
         choice: dict[str, Any]
         if self.chat:
-            delta: dict[str, Any] = {} if chunk.final else {"content": chunk.text}
+            delta: dict[str, Any] = {"content": chunk.text} if chunk.text or not chunk.final else {}
             if not self._role_sent:
                 delta = {"role": "assistant", "content": chunk.text}
                 self._role_sent = True

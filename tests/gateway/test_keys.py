@@ -1,0 +1,210 @@
+"""API keys (file, bearer header) and per-caller rate limits on a fake clock."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from llm_service.errors import AuthenticationError, ConfigurationError, RateLimitedError
+from llm_service.gateway.keys import ApiKeys, RateLimiter
+
+KEY = "sk-test-0123456789abcdef"
+OTHER_KEY = "sk-other-key"
+HASHED_KEY = "sk-hashed-secret"
+
+
+def keys_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "keys.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> ApiKeys:
+    digest = hashlib.sha256(HASHED_KEY.encode()).hexdigest()
+    text = f"# gateway keys\n\n{KEY}\n  {OTHER_KEY}  # the batch jobs\nsha256:{digest.upper()}\n"
+    return ApiKeys.load(keys_file(tmp_path, text))
+
+
+def test_keys_are_named_by_their_line(keys: ApiKeys) -> None:
+    assert len(keys) == 3
+    assert keys.identify(f"Bearer {KEY}") == "key-3"
+    assert keys.identify(f"Bearer {OTHER_KEY}") == "key-4"
+
+
+def test_a_hashed_key_is_matched_by_its_digest(keys: ApiKeys) -> None:
+    assert keys.identify(f"Bearer {HASHED_KEY}") == "key-5"
+    digest = hashlib.sha256(HASHED_KEY.encode()).hexdigest()
+    with pytest.raises(AuthenticationError):
+        keys.identify(f"Bearer sha256:{digest}")  # the digest is not itself a key
+
+
+def test_the_scheme_is_case_insensitive(keys: ApiKeys) -> None:
+    assert keys.identify(f"bearer {KEY}") == "key-3"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        f"Basic {KEY}",
+        f"Token {KEY}",
+        KEY,
+        f"Bearer {KEY}x",
+        f"Bearer {KEY[:-1]}",
+        "Bearer sk-not-a-key-at-all",
+    ],
+)
+def test_anything_but_a_known_bearer_key_is_refused(keys: ApiKeys, header: str | None) -> None:
+    with pytest.raises(AuthenticationError) as info:
+        keys.identify(header)
+    for presented in (w for w in (header or "").split() if w.startswith("sk-")):
+        assert presented not in str(info.value)
+        assert all(presented not in str(arg) for arg in info.value.args)
+
+
+def test_a_line_of_two_words_is_refused_by_number_not_content(tmp_path: Path) -> None:
+    path = keys_file(tmp_path, f"{KEY}\n# comment\nsk-first sk-second\n")
+    with pytest.raises(ConfigurationError) as info:
+        ApiKeys.load(path)
+    message = str(info.value)
+    assert "line 3" in message
+    assert "sk-first" not in message and "sk-second" not in message
+    assert KEY not in message
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n   # another\n"])
+def test_a_file_without_keys_is_refused(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigurationError, match="no key"):
+        ApiKeys.load(keys_file(tmp_path, text))
+
+
+def test_an_unreadable_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        ApiKeys.load(tmp_path / "missing.txt")
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        ApiKeys.load(tmp_path)  # a directory
+
+
+def test_a_binary_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "keys.bin"
+    path.write_bytes(b"\xff\xfe\x00key")
+    with pytest.raises(ConfigurationError, match="UTF-8"):
+        ApiKeys.load(path)
+
+
+# -- rate limits -----------------------------------------------------------------------------
+
+
+class FakeClock:
+    """Seconds that move only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def test_requests_per_minute(clock: FakeClock) -> None:
+    limiter = RateLimiter(2, 0, clock=clock)
+    limiter.admit("key-1")
+    limiter.admit("key-1")
+    with pytest.raises(RateLimitedError) as info:
+        limiter.admit("key-1")
+    assert info.value.retry_after_s == pytest.approx(30.0)
+    assert "2 requests per minute" in str(info.value)
+    clock.advance(29.0)
+    with pytest.raises(RateLimitedError) as info:
+        limiter.admit("key-1")
+    assert info.value.retry_after_s == pytest.approx(1.0)
+    clock.advance(1.0)
+    limiter.admit("key-1")
+    with pytest.raises(RateLimitedError):
+        limiter.admit("key-1")
+
+
+def test_a_refused_request_takes_nothing(clock: FakeClock) -> None:
+    limiter = RateLimiter(1, 0, clock=clock)
+    limiter.admit("key-1")
+    for _ in range(5):
+        with pytest.raises(RateLimitedError):
+            limiter.admit("key-1")
+    clock.advance(60.0)
+    limiter.admit("key-1")
+
+
+def test_the_allowance_does_not_grow_past_a_minute(clock: FakeClock) -> None:
+    limiter = RateLimiter(2, 0, clock=clock)
+    clock.advance(3600.0)
+    limiter.admit("key-1")
+    limiter.admit("key-1")
+    with pytest.raises(RateLimitedError):
+        limiter.admit("key-1")
+
+
+def test_tokens_per_minute(clock: FakeClock) -> None:
+    limiter = RateLimiter(0, 60, clock=clock)
+    limiter.admit("key-1")
+    limiter.charge("key-1", 90)  # one large request overdraws by 30 tokens
+    with pytest.raises(RateLimitedError) as info:
+        limiter.admit("key-1")
+    assert info.value.retry_after_s == pytest.approx(30.0)
+    assert "60 tokens per minute" in str(info.value)
+    clock.advance(20.0)
+    with pytest.raises(RateLimitedError) as info:
+        limiter.admit("key-1")
+    assert info.value.retry_after_s == pytest.approx(10.0)
+    clock.advance(10.0)
+    limiter.admit("key-1")
+
+
+def test_tokens_within_the_allowance_do_not_limit(clock: FakeClock) -> None:
+    limiter = RateLimiter(0, 100, clock=clock)
+    for _ in range(3):
+        limiter.admit("key-1")
+        limiter.charge("key-1", 33)
+    limiter.admit("key-1")
+    limiter.charge("key-1", 2)
+    with pytest.raises(RateLimitedError):
+        limiter.admit("key-1")
+
+
+def test_callers_are_limited_apart(clock: FakeClock) -> None:
+    limiter = RateLimiter(1, 10, clock=clock)
+    limiter.admit("key-1")
+    with pytest.raises(RateLimitedError):
+        limiter.admit("key-1")
+    limiter.admit("key-2")
+    limiter.charge("key-3", 100)
+    with pytest.raises(RateLimitedError):
+        limiter.admit("key-3")
+    clock.advance(60.0)
+    limiter.admit("key-1")
+    limiter.admit("key-2")
+
+
+def test_no_limits_never_limit(clock: FakeClock) -> None:
+    limiter = RateLimiter(0, 0, clock=clock)
+    assert not limiter.enabled
+    for _ in range(1000):
+        limiter.admit("key-1")
+        limiter.charge("key-1", 10_000)
+
+
+def test_either_limit_enables_the_limiter() -> None:
+    assert RateLimiter(1, 0).enabled
+    assert RateLimiter(0, 1).enabled
