@@ -166,6 +166,36 @@ def llm_service(s: Setup, mode: str) -> tuple[Server, str]:
     return server, f"localhost:{grpc_port}"
 
 
+def llm_gateway(s: Setup, backend: str) -> tuple[Server, str]:
+    """llm-gateway in front of one llm_service (gRPC ``backend``), and its base URL."""
+    port = free_port()
+    env = {
+        "LLM_GATEWAY_BACKENDS": backend,
+        "LLM_GATEWAY_LISTEN": f"127.0.0.1:{port}",
+        "LLM_GATEWAY_TLS_CA": str(s.certs["ca.crt"]),
+        "LLM_GATEWAY_TLS_CERT": str(s.certs["client.crt"]),
+        "LLM_GATEWAY_TLS_KEY": str(s.certs["client.key"]),
+        "LLM_GATEWAY_LOG_LEVEL": "WARNING",
+    }
+    server = Server(
+        "llm-gateway",
+        [sys.executable, "-m", "llm_service.gateway"],
+        f"http://127.0.0.1:{port}/readyz",
+        env,
+    )
+    return server, f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class Stack:
+    """Servers measured together (the gateway and its replica): RSS adds up."""
+
+    servers: list[Server]
+
+    def rss_mb(self) -> float:
+        return sum(s.rss_mb() for s in self.servers)
+
+
 def grpc_opener(client: AsyncClient) -> StreamOpener:
     """Streams Generate through the Python client; counts the tokens of each delta."""
 
@@ -178,11 +208,11 @@ def grpc_opener(client: AsyncClient) -> StreamOpener:
     return stream
 
 
-def openai_opener(session: aiohttp.ClientSession, base: str) -> StreamOpener:
+def openai_opener(session: aiohttp.ClientSession, base: str, model: str) -> StreamOpener:
     """Streams /v1/completions (OpenAI wire format); each streamed choice is one token."""
 
     async def stream(prompt_index: int, max_tokens: int) -> AsyncIterator[int]:
-        body = {"prompt": bench_prompt(prompt_index), "max_tokens": max_tokens,
+        body = {"model": model, "prompt": bench_prompt(prompt_index), "max_tokens": max_tokens,
                 "temperature": 0, "stream": True}  # fmt: skip
         async with session.post(f"{base}/v1/completions", json=body) as response:
             if response.status != 200:
@@ -201,7 +231,7 @@ def openai_opener(session: aiohttp.ClientSession, base: str) -> StreamOpener:
 async def measure(
     name: str,
     opener: StreamOpener,
-    server: Server,
+    server: Server | Stack,
     levels: list[int],
     per_stream: int,
     max_tokens: int,
@@ -343,6 +373,25 @@ def check_targets(report: dict[str, Any]) -> list[tuple[str, bool, str]]:
     return checks
 
 
+def gateway_overhead(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """llm-gateway (HTTP + SSE, then gRPC) against llm_service batched reached directly."""
+    by = {(r["target"], r["concurrency"]): r for r in report["runs"]}
+    rows = []
+    for c in report["concurrency"]:
+        gw, direct = by.get(("llm-gateway", c)), by.get(("llm_service batched", c))
+        if gw is None or direct is None:
+            continue
+        g50, d50 = gw["ttft_ms"]["p50"], direct["ttft_ms"]["p50"]
+        rows.append({
+            "concurrency": c,
+            "tokens_per_s_ratio": round(gw["tokens_per_s"] / direct["tokens_per_s"], 3),
+            "ttft_p50_added_ms": round(g50 - d50, 1) if g50 and d50 else None,
+            "itl_p50_added_ms": round(gw["itl_ms"]["p50"] - direct["itl_ms"]["p50"], 2)
+            if gw["itl_ms"]["p50"] and direct["itl_ms"]["p50"] else None,
+        })  # fmt: skip
+    return rows
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -397,6 +446,7 @@ async def run(args: argparse.Namespace) -> int:
     print("bench: llama-bench tg128 ...", file=sys.stderr)
     report["llama_bench_tg128"] = round(llama_bench_tg(setup), 2)
     targets = [t for t in args.targets.split(",") if t]
+    model_id = model.name.removesuffix(".gguf")  # the gateway's id of it; the others ignore it
     # A fresh connection per request: llama-server closes a connection after a stream, and a
     # reused one fails with "server disconnected".
     connector = aiohttp.TCPConnector(force_close=True)
@@ -409,12 +459,29 @@ async def run(args: argparse.Namespace) -> int:
                 server.start(workdir)
                 try:
                     server.wait_ready()
-                    opener = openai_opener(session, url)
+                    opener = openai_opener(session, url, model_id)
                     report["runs"] += await measure(
                         target, opener, server, levels, args.requests_per_stream, args.max_tokens
                     )
                 finally:
                     server.stop()
+            elif target == "llm-gateway":
+                # The OpenAI path of llm_service: HTTP to the gateway, gRPC + mTLS to the replica.
+                service, grpc_target = llm_service(setup, "batched")
+                gateway, url = llm_gateway(setup, grpc_target)
+                service.start(workdir)
+                try:
+                    service.wait_ready()
+                    gateway.start(workdir)
+                    gateway.wait_ready()
+                    opener = openai_opener(session, url, model_id)
+                    report["runs"] += await measure(
+                        target, opener, Stack([service, gateway]), levels,
+                        args.requests_per_stream, args.max_tokens,
+                    )  # fmt: skip
+                finally:
+                    gateway.stop()
+                    service.stop()
             else:
                 mode = target.removeprefix("llm_service-")
                 server, grpc_target = llm_service(setup, mode)
@@ -447,6 +514,13 @@ async def run(args: argparse.Namespace) -> int:
     print(f"llm_service memory when ready: {mem['rss_1_slot_mb']:.0f} MB with 1 slot,"
           f" {many:.0f} MB with {args.slots}: {mem['mb_per_extra_slot']:.1f} MB per extra slot"
           f" ({args.ctx_per_slot} tokens of KV cache each)")  # fmt: skip
+    report["gateway_overhead"] = gateway_overhead(report)
+    if report["gateway_overhead"]:
+        print("\nllm-gateway vs llm_service batched reached directly (same replica settings):")
+        for g in report["gateway_overhead"]:
+            print(f"  {g['concurrency']:>3} streams: tokens/s x{g['tokens_per_s_ratio']:.2f},"
+                  f" TTFT p50 {g['ttft_p50_added_ms']:+} ms, ITL p50"
+                  f" {g['itl_p50_added_ms']:+} ms")  # fmt: skip
     report["targets"] = [
         {"target": name, "met": met, "measured": measured}
         for name, met, measured in check_targets(report)
@@ -474,7 +548,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
     parser.add_argument(
         "--targets",
-        default="llama-server,llm_service-batched,llm_service-contexts,llama-cpp-python",
+        default="llama-server,llm_service-batched,llm-gateway,llm_service-contexts,"
+        "llama-cpp-python",
         help="which servers, comma-separated",
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
