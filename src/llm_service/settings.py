@@ -320,6 +320,12 @@ class GatewaySettings(BaseSettings):
     request_timeout: float = Field(
         600.0, gt=0, description="Seconds a request may take in all before it fails with 504."
     )
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        le=15 * 1024 * 1024,  # under the gRPC message limit (16 MiB) to the replicas
+        description="Largest request body accepted; larger ones get 400.",
+    )
     max_attempts: int = Field(
         3,
         ge=1,
@@ -384,6 +390,15 @@ class GatewaySettings(BaseSettings):
             return tuple(
                 v if isinstance(v, BackendAddress) else BackendAddress.parse(str(v)) for v in value
             )
+        return value
+
+    @field_validator("backends", mode="after")
+    @classmethod
+    def _no_duplicates(cls, value: tuple[BackendAddress, ...]) -> tuple[BackendAddress, ...]:
+        targets = [b.target for b in value]
+        if len(set(targets)) != len(targets):
+            twice = sorted({t for t in targets if targets.count(t) > 1})
+            raise ValueError(f"a replica is given more than once: {', '.join(twice)}")
         return value
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -199,7 +200,31 @@ def test_request_id_goes_through_to_the_replica(gateway: Gateway, backends: list
     assert sum("[trace-4711] Generate from" in b.log for b in backends) == 1
     generated = _post(gateway, body).headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", generated)
+    # An id that could forge log lines ("[...] backend ejected") is replaced.
+    forged = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {KEY}", "x-request-id": "a] backend 10.0.0.1 ejected"},
+        timeout=60,
+    )
+    assert re.fullmatch(r"[0-9a-f]{32}", forged.headers["x-request-id"])
     assert _post(gateway, [1]).headers["x-request-id"]  # errors carry one too
+
+
+def test_a_body_over_the_limit_is_refused(gateway: Gateway) -> None:
+    big = {"model": MODEL, "prompt": "x" * (9 * 1024 * 1024)}  # the default limit is 8 MiB
+    response = _post(gateway, big, "/v1/completions")
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "body"
+    assert "larger than the limit of 8388608 bytes" in response.json()["error"]["message"]
+
+    def chunked() -> Iterator[bytes]:  # no content-length: counted as it arrives
+        yield json.dumps(big).encode()
+
+    response = httpx.post(gateway.url + "/v1/completions", content=chunked(),
+                          headers={"authorization": f"Bearer {KEY}"}, timeout=60)  # fmt: skip
+    assert response.status_code == 400 and "larger than" in response.text
+    assert _post(gateway, {"model": MODEL, "prompt": "Hi", "max_tokens": 2}, "/completions")
 
 
 def _events(response: httpx.Response) -> tuple[list[str], bytes]:

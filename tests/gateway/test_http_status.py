@@ -89,20 +89,36 @@ def test_an_unknown_model_is_404() -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "status"),
+    ("error", "status", "retry"),
     [
-        (errors.UnavailableError("no healthy backend"), 503),
-        (errors.ConnectionFailedError("refused"), 503),
-        (errors.DeadlineExceededError("late"), 504),
-        (errors.EngineError("decode failed"), 502),
-        (errors.RequestCancelledError("gone"), 499),
+        (errors.UnavailableError("no healthy backend"), 503, None),
+        (errors.ConnectionFailedError("ipv4:10.0.0.5:50051: Connection refused"), 503, None),
+        (errors.DeadlineExceededError("late"), 504, "false"),
+        (errors.EngineError("decode failed"), 502, None),
+        (errors.RequestCancelledError("cancelled by the server"), 503, None),
+        (errors.PermissionDeniedError("CN=gateway not allowed"), 502, "false"),
     ],
 )
-def test_backend_failures(error: errors.LLMServiceError, status: int) -> None:
+def test_backend_failures(error: errors.LLMServiceError, status: int, retry: str | None) -> None:
     mapping, body, headers = http_error(error)
     assert mapping.status == status
-    assert body["error"]["message"] == str(error)
-    assert headers == {}
+    assert headers.get("x-should-retry") == retry  # OpenAI's clients retry 5xx unless told
+    if mapping.message is None:
+        assert body["error"]["message"] == str(error)
+    else:  # backend internals (addresses, certificate names) stay in the gateway's log
+        assert body["error"]["message"] == mapping.message
+        assert str(error) not in body["error"]["message"]
+
+
+def test_backend_field_names_become_openai_params() -> None:
+    for field, param in [
+        ("sampling.json_schema", "response_format"),
+        ("sampling.max_tokens", "max_tokens"),
+        ("messages[1].role", "messages[1].role"),
+    ]:
+        _, body, _ = http_error(errors.InvalidRequestError(field, "is bad"))
+        assert body["error"]["param"] == param
+        assert body["error"]["message"] == f"{param}: is bad"
 
 
 @pytest.mark.parametrize(
@@ -122,11 +138,11 @@ def test_internal_errors_hide_their_message(cls: type[errors.LLMServiceError]) -
     assert body["error"]["type"] == "server_error"
 
 
-def test_only_500s_hide_their_message() -> None:
+def test_only_5xx_hide_their_message() -> None:
     for cls in all_error_classes():
         error = instance(cls)
         mapping, body, _ = http_error(error)
-        hidden = body["error"]["message"] == INTERNAL_MESSAGE
-        assert hidden == (mapping.status == 500), cls
-        if not hidden:
-            assert body["error"]["message"] == str(error)
+        if mapping.status == 500:
+            assert body["error"]["message"] == INTERNAL_MESSAGE
+        if mapping.status < 500:
+            assert body["error"]["message"] == str(error), cls

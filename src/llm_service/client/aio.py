@@ -115,6 +115,10 @@ class AsyncClient:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
+            # Reconnect within seconds once a service is back (gRPC's default backs off to 120 s,
+            # and fails calls at once meanwhile).
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5_000),
         ]
         if server_name := options.get("tls_server_name"):
             self._options.append(("grpc.ssl_target_name_override", server_name))

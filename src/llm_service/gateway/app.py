@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -30,10 +31,10 @@ from llm_service import __version__
 from llm_service.client.types import Chunk, ClientOptions, Completion
 from llm_service.errors import (
     ConfigurationError,
+    InvalidRequestError,
     LLMServiceError,
     ModelNotFoundError,
     RateLimitedError,
-    RequestCancelledError,
 )
 from llm_service.gateway.backends import BackendPool, RoutedStream
 from llm_service.gateway.keys import ANONYMOUS, ApiKeys, RateLimiter
@@ -48,14 +49,13 @@ from llm_service.gateway.openai import (
 )
 from llm_service.gateway.status import INTERNAL_MESSAGE, error_body, http_error
 from llm_service.log import RequestLogger
-from llm_service.settings import GatewaySettings
+from llm_service.settings import GatewaySettings, read_pem
 
 __all__ = ["Gateway", "build_gateway", "create_app"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions")
 API_PREFIXES = ("/v1/", "/chat/", "/completions", "/models")
 # Server-Sent Events, unbuffered by proxies (nginx honours X-Accel-Buffering).
 SSE_HEADERS = {
@@ -63,7 +63,8 @@ SSE_HEADERS = {
     "cache-control": "no-cache",
     "x-accel-buffering": "no",
 }
-MAX_REQUEST_ID_CHARS = 128
+# A request id the caller sends is used only if it is this safe to put in logs and headers.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def error_response(exc: LLMServiceError) -> JSONResponse:
@@ -77,9 +78,7 @@ def _sse(obj: dict[str, Any]) -> bytes:
 
 def _request_id(headers: Headers) -> str:
     given = headers.get("x-request-id", "")
-    if 0 < len(given) <= MAX_REQUEST_ID_CHARS and given.isascii() and given.isprintable():
-        return given
-    return uuid.uuid4().hex
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
 class Gateway:
@@ -134,138 +133,166 @@ class Gateway:
         Raises:
             LLMServiceError: before anything was sent (the route answers with its HTTP status).
         """
-        chat = isinstance(body, ChatCompletionRequest)
         gen = to_generation(body)
         state = request.state
-        log = RequestLogger(logger, state.request_id)
         state.model = body.model if body.model in self.pool.models() else "-"
-        log.info(
+        exchange = _Exchange(self, body, gen, state.request_id, state.caller)
+        exchange.log.info(
             "%s model=%r stream=%s caller=%s%s",
-            "chat" if chat else "completion", body.model, gen.stream, state.caller,
-            f" user={body.user!r}" if body.user else "",
+            "chat" if exchange.builder.chat else "completion", body.model, gen.stream,
+            state.caller, f" user={body.user!r}" if body.user else "",
         )  # fmt: skip
-        stream = RoutedStream(
-            self.pool,
-            body.model,
-            gen.prompt,
-            gen.sampling,
-            request_id=state.request_id,
-            deadline=time.monotonic() + self.settings.request_timeout,
-        )
-        builder = ResponseBuilder(chat=chat, request_id=state.request_id, model=body.model)
-        arrived = time.monotonic()
-        if not gen.stream:
-            try:
-                done = await _unless_disconnected(request, self._collect(stream, arrived))
-            except RequestCancelledError:
-                self.metrics.disconnects.inc()
-                log.info("client went away: backend call cancelled")
-                raise
-            finally:
-                self._account(stream, state.caller, body.model)
-            log.info("done: %s, %d tokens", done.finish_reason.value, done.usage.completion_tokens)
-            return JSONResponse(builder.completion(done))
-
-        first = asyncio.ensure_future(anext(stream))
         try:
+            if not gen.stream:
+                done = await _unless_disconnected(request, exchange.collect())
+                return JSONResponse(exchange.builder.completion(done))
             # A refusal or a bad request before the first token is an HTTP status; a wait longer
             # than the keep-alive interval starts the stream, with pings until the token comes.
-            await _unless_disconnected(
-                request, asyncio.wait({first}, timeout=self.settings.keepalive_interval)
-            )
-            if first.done() and first.exception() is not None:
-                raise first.exception()  # type: ignore[misc]
-        except BaseException as exc:
-            first.cancel()
-            stream.cancel()
-            self._account(stream, state.caller, body.model)
-            if isinstance(exc, RequestCancelledError):
-                self.metrics.disconnects.inc()
-                log.info("client went away before the first token: backend call cancelled")
-            raise
-        events = self._events(stream, first, builder, gen, log, arrived, state.caller, body.model)
-        return StreamingResponse(events, headers=SSE_HEADERS)
-
-    async def _collect(self, stream: RoutedStream, arrived: float) -> Completion:
-        text: list[str] = []
-        try:
-            async for chunk in stream:
-                if not text:
-                    self._first_token(stream, arrived)
-                text.append(chunk.text)
-                if chunk.final:
-                    assert chunk.finish_reason and chunk.usage and chunk.timings
-                    return Completion(
-                        "".join(text),
-                        chunk.finish_reason,
-                        chunk.usage,
-                        chunk.timings,
-                        stream.request_id,
-                    )
-        finally:
-            stream.cancel()
-        raise AssertionError("unreachable: a stream ends with its final chunk")  # pragma: no cover
-
-    async def _events(
-        self,
-        stream: RoutedStream,
-        first: asyncio.Future[Chunk],
-        builder: ResponseBuilder,
-        gen: Generation,
-        log: RequestLogger,
-        arrived: float,
-        caller: str,
-        model: str,
-    ) -> AsyncIterator[bytes]:
-        """The SSE body: pings until the first token, one event per chunk, then ``[DONE]``.
-
-        An error after the response started is sent as a last ``data: {"error": ...}`` event.
-        If the client goes away, Starlette cancels this generator: the ``finally`` cancels the
-        backend call synchronously (no await can run in a cancelled scope).
-        """
-        try:
-            while not first.done():
-                done, _ = await asyncio.wait({first}, timeout=self.settings.keepalive_interval)
-                if not done:
-                    yield b": ping\n\n"
-            chunk = first.result()
-            self._first_token(stream, arrived)
-            yield _sse(builder.chunk(chunk, include_usage=gen.include_usage))
-            while not chunk.final:
-                chunk = await anext(stream)
-                if chunk.text or chunk.final:
-                    yield _sse(builder.chunk(chunk, include_usage=gen.include_usage))
-            if gen.include_usage:
-                assert chunk.usage is not None
-                yield _sse(builder.usage_chunk(chunk.usage))
-            log.info("done: %s, %d tokens", chunk.finish_reason, stream.completion_tokens)
-        except LLMServiceError as exc:
-            log.warning("stream failed after it started: %s (%s)", exc, exc.kind)
-            yield _sse(http_error(exc)[1])
-        except asyncio.CancelledError:
+            first = exchange.first = asyncio.ensure_future(anext(exchange.stream))
+            wait = asyncio.wait({first}, timeout=self.settings.keepalive_interval)
+            await _unless_disconnected(request, wait)
+            if first.done() and (error := first.exception()) is not None:
+                raise error
+        except _ClientGone:
+            exchange.close()
             self.metrics.disconnects.inc()
-            log.info("client went away mid-stream: backend call cancelled")
+            exchange.log.info("client went away: backend call cancelled")
+            return Response(status_code=499)  # nobody reads it; logged and counted as 499
+        except BaseException:
+            exchange.close()
             raise
-        finally:
-            first.cancel()
-            stream.cancel()
-            self._account(stream, caller, model)
-        yield b"data: [DONE]\n\n"
+        return _EventStream(exchange)
 
-    def _first_token(self, stream: RoutedStream, arrived: float) -> None:
-        self.metrics.ttft.labels(stream.model).observe(time.monotonic() - arrived)
-
-    def _account(self, stream: RoutedStream, caller: str, model: str) -> None:
-        """Charge the caller's token allowance and count the tokens (once per request)."""
-        if stream.accounted:
-            return
-        stream.accounted = True
-        used = stream.prompt_tokens + stream.completion_tokens
-        self.limiter.charge(caller, used)
+    def account(self, stream: RoutedStream, caller: str, model: str) -> None:
+        """Charge the caller's token allowance and count the tokens of a finished request."""
+        self.limiter.charge(caller, stream.prompt_tokens + stream.completion_tokens)
         if stream.prompt_tokens:
             self.metrics.tokens.labels(model, "prompt").inc(stream.prompt_tokens)
         if stream.completion_tokens:
             self.metrics.tokens.labels(model, "completion").inc(stream.completion_tokens)
+
+
+class _Exchange:
+    """One generation request, from arrival to its last byte: the routed stream, the OpenAI
+    objects it becomes, and its clean-up, done once however the request ends."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        body: ChatCompletionRequest | CompletionRequest,
+        gen: Generation,
+        request_id: str,
+        caller: str,
+    ) -> None:
+        self.gateway = gateway
+        self.gen = gen
+        self.caller = caller
+        self.model = body.model
+        self.log = RequestLogger(logger, request_id)
+        self.arrived = time.monotonic()
+        self.stream = RoutedStream(
+            gateway.pool,
+            body.model,
+            gen.prompt,
+            gen.sampling,
+            request_id=request_id,
+            deadline=self.arrived + gateway.settings.request_timeout,
+        )
+        chat = isinstance(body, ChatCompletionRequest)
+        self.builder = ResponseBuilder(chat=chat, request_id=request_id, model=body.model)
+        self.first: asyncio.Future[Chunk] | None = None  # a stream's first chunk, being read
+        self._closed = False
+
+    def close(self) -> None:
+        """Cancel the backend call if it runs, and account the tokens (synchronous, so that it
+        runs in a ``finally`` under cancellation; idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.first is not None:
+            self.first.cancel()
+        self.stream.cancel()
+        self.gateway.account(self.stream, self.caller, self.model)
+
+    def _first_token(self) -> None:
+        elapsed = time.monotonic() - self.arrived
+        self.gateway.metrics.ttft.labels(self.model).observe(elapsed)
+
+    async def collect(self) -> Completion:
+        """The whole answer (a request without ``stream``)."""
+        text: list[str] = []
+        try:
+            async for chunk in self.stream:
+                if not text:
+                    self._first_token()
+                text.append(chunk.text)
+                if chunk.final:
+                    assert chunk.finish_reason and chunk.usage and chunk.timings
+                    self.log.info("done: %s, %d tokens", chunk.finish_reason.value,
+                                  chunk.usage.completion_tokens)  # fmt: skip
+                    return Completion("".join(text), chunk.finish_reason, chunk.usage,
+                                      chunk.timings, self.stream.request_id)  # fmt: skip
+        finally:
+            self.close()
+        raise AssertionError("unreachable: a stream ends with its final chunk")  # pragma: no cover
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """The SSE body: pings until the first token, one event per chunk, then ``[DONE]``.
+
+        An error after the response started is sent as a last ``data: {"error": ...}`` event.
+        If the client goes away, Starlette cancels the response; ``_EventStream`` then calls
+        ``close()``, whether or not this generator ever ran.
+        """
+        assert self.first is not None
+        interval = self.gateway.settings.keepalive_interval
+        try:
+            if not self.first.done():
+                yield b": ping\n\n"  # the response starts only because the token is late
+            while not self.first.done():
+                done, _ = await asyncio.wait({self.first}, timeout=interval)
+                if not done:
+                    yield b": ping\n\n"
+            chunk = self.first.result()
+            self._first_token()
+            include_usage = self.gen.include_usage
+            yield _sse(self.builder.chunk(chunk, include_usage=include_usage))
+            while not chunk.final:
+                chunk = await anext(self.stream)
+                if chunk.text or chunk.final:
+                    yield _sse(self.builder.chunk(chunk, include_usage=include_usage))
+            if include_usage:
+                assert chunk.usage is not None
+                yield _sse(self.builder.usage_chunk(chunk.usage))
+            self.log.info("done: %s, %d tokens", chunk.finish_reason, self.stream.completion_tokens)
+        except LLMServiceError as exc:
+            self.log.warning("stream failed after it started: %s (%s)", exc, exc.kind)
+            yield _sse(http_error(exc)[1])
+        except asyncio.CancelledError:
+            self.gateway.metrics.disconnects.inc()
+            self.log.info("client went away mid-stream: backend call cancelled")
+            raise
+        finally:
+            self.close()
+        yield b"data: [DONE]\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """The SSE response of an exchange; closes it however the response ends (even when the
+    client left before the body was first iterated)."""
+
+    def __init__(self, exchange: _Exchange) -> None:
+        super().__init__(exchange.events(), headers=SSE_HEADERS)
+        self.exchange = exchange
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.exchange.close()
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before the answer was ready."""
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -278,7 +305,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """``await work``, unless the client goes away first: then it is cancelled.
 
     Raises:
-        RequestCancelledError: the client disconnected.
+        _ClientGone: the client disconnected.
     """
     task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnected(request.receive))
@@ -291,7 +318,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     if task.cancelled():
-        raise RequestCancelledError("the client closed the connection")
+        raise _ClientGone
     return task.result()
 
 
@@ -315,24 +342,31 @@ class _RequestContext:
         path: str = scope["path"]
         state = scope.setdefault("state", {})
         state.update(request_id=request_id, caller=ANONYMOUS, model="-")
-        status = 500
+        status, responded = 500, False
         started = time.monotonic()
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
                 MutableHeaders(scope=message)["x-request-id"] = request_id
             await send(message)
 
+        log = RequestLogger(logger, request_id)
         try:
             if path.startswith(API_PREFIXES):
                 try:
                     state["caller"] = self.gateway.admit(headers, path)
+                    receive = self._limited(headers, receive)
                 except LLMServiceError as exc:
                     await error_response(exc)(scope, receive, send_with_id)
                     return
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            log.error("internal error", exc_info=exc)
+            if not responded:  # say so (once a response started, it just ends)
+                body = error_body(INTERNAL_MESSAGE, "server_error", code="internal_error")
+                await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
         finally:
             route = path if path in _ROUTES else "other"
             elapsed = time.monotonic() - started
@@ -340,9 +374,31 @@ class _RequestContext:
             m.requests.labels(route, str(status), state["model"]).inc()
             m.duration.labels(route).observe(elapsed)
             if route not in ("/healthz", "/readyz", "/metrics"):
-                RequestLogger(logger, request_id).info(
-                    "%s %s -> %d in %.0f ms", scope["method"], path, status, elapsed * 1000
-                )
+                log.info("%s %s -> %d in %.0f ms", scope["method"], path, status, elapsed * 1000)
+
+    def _limited(self, headers: Headers, receive: Receive) -> Receive:
+        """``receive``, refusing a body over ``max_request_bytes`` (declared or sent).
+
+        Raises:
+            InvalidRequestError: the declared ``content-length`` is over the limit (the body
+                read by the route raises it too, when more is sent than the limit).
+        """
+        limit = self.gateway.settings.max_request_bytes
+        declared = headers.get("content-length", "")
+        too_large = InvalidRequestError("body", f"is larger than the limit of {limit} bytes")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise too_large
+            return message
+
+        return receive_limited
 
 
 _ROUTES = {
@@ -361,9 +417,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await gateway.pool.start()
-        for backend, state in gateway.pool.states():
-            logger.info("backend %s: %s, model %r", backend, state.value, backend.model_id)
+        await gateway.pool.start()  # logs each backend's state
         if not gateway.pool.ready:
             logger.warning("no backend is healthy yet: requests get 503 until one is")
         try:
@@ -384,7 +438,12 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.exception_handler(LLMServiceError)
     async def on_error(request: Request, exc: LLMServiceError) -> Response:
-        return error_response(exc)
+        response = error_response(exc)
+        if response.status_code >= 500:  # the client gets a generic message: the log has more
+            RequestLogger(logger, request.state.request_id).warning(
+                "%d: %s (%s)", response.status_code, exc, exc.kind
+            )
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -392,16 +451,12 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, exc: HTTPException) -> Response:
+        if isinstance(exc.__cause__, LLMServiceError):  # raised while FastAPI read the body
+            return error_response(exc.__cause__)
         code = "not_found" if exc.status_code == 404 else "invalid_request"
         message = f"{request.method} {request.url.path}: {exc.detail}"
         body = error_body(message, "invalid_request_error", code=code)
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, exc: Exception) -> Response:
-        RequestLogger(logger, request.state.request_id).error("internal error", exc_info=exc)
-        body = error_body(INTERNAL_MESSAGE, "server_error", code="internal_error")
-        return JSONResponse(body, status_code=500)
 
     auth = [Security(bearer)]
 
@@ -466,6 +521,7 @@ def build_gateway(settings: GatewaySettings) -> Gateway:
             "no backend: give each llm_service replica with --backend HOST:PORT"
             " (or LLM_GATEWAY_BACKENDS='HOST:PORT HOST:PORT')"
         )
+    _check_tls(settings)
     options = ClientOptions(
         tls_ca=settings.tls_ca,
         tls_cert=settings.tls_cert,
@@ -474,7 +530,38 @@ def build_gateway(settings: GatewaySettings) -> Gateway:
         insecure=settings.insecure_backends,
         timeout=None,
     )
-    pool = BackendPool(settings, options)
+    pool = BackendPool(settings, options)  # (the clients read the TLS files checked above)
     keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file else None
     limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
     return Gateway(settings, pool, keys, limiter, GatewayMetrics(pool))
+
+
+def _check_tls(settings: GatewaySettings) -> None:
+    """The TLS material to the replicas, checked with the gateway's own option names.
+
+    Raises:
+        ConfigurationError: missing, unreadable, not PEM, or given with --insecure-backends.
+    """
+    files = {
+        "--tls-ca / LLM_GATEWAY_TLS_CA": (settings.tls_ca, "CA certificate"),
+        "--tls-cert / LLM_GATEWAY_TLS_CERT": (settings.tls_cert, "client certificate"),
+        "--tls-key / LLM_GATEWAY_TLS_KEY": (settings.tls_key, "client key"),
+    }
+    given = {option: f for option, f in files.items() if f[0] is not None}
+    if settings.insecure_backends:
+        if given:
+            raise ConfigurationError(
+                f"--insecure-backends cannot be combined with {', '.join(given)}"
+            )
+        return
+    if len(given) != len(files):
+        missing = ", ".join(option for option in files if option not in given)
+        raise ConfigurationError(
+            f"mutual TLS to the replicas needs {missing}: give the CA that signed the replicas'"
+            " certificates and the gateway's own certificate and key, write development"
+            " certificates with `llm_service certs` (found in LLM_GATEWAY_CERTS_DIR), or use"
+            " --insecure-backends for replicas started with --insecure"
+        )
+    for option, (path, what) in given.items():
+        assert path is not None
+        read_pem(path, option, what)

@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from llm_service.client import AsyncClient, Chunk, ModelInfo
+from llm_service.client import AsyncClient, AsyncStream, Chunk, ModelInfo
 from llm_service.client.types import ClientOptions, Message, Sampling
 from llm_service.errors import (
     EngineError,
@@ -37,6 +37,7 @@ from llm_service.errors import (
     LLMServiceError,
     ModelNotFoundError,
     OverloadedError,
+    RequestCancelledError,
     UnavailableError,
 )
 from llm_service.log import RequestLogger
@@ -137,7 +138,9 @@ class RetryBudget:
                 times.popleft()
 
     def request(self) -> None:
-        self._requests.append(time.monotonic())
+        now = time.monotonic()
+        self._prune(now)
+        self._requests.append(now)
 
     def try_retry(self) -> bool:
         """Spend one retry if the budget has one."""
@@ -158,7 +161,6 @@ class BackendPool:
         self.budget = RetryBudget(settings.retry_budget)
         self.retries: dict[str, int] = {}  # by reason, for the metrics
         self.ejections: dict[str, int] = {}  # by backend
-        self.changed = asyncio.Event()  # set whenever a replica's state changes
         self._http: aiohttp.ClientSession | None = None
         self._checker: asyncio.Task[None] | None = None
 
@@ -195,15 +197,22 @@ class BackendPool:
                 reason = await self._probe(backend)
         except TimeoutError:
             reason = f"no answer within {self.settings.health_timeout:g} s"
+        except Exception as exc:  # a bug here must not stop the checks of every replica
+            logger.exception("health check of backend %s failed", backend)
+            reason = f"health check failed: {exc!r}"
         self._record_check(backend, reason)
 
     async def _probe(self, backend: Backend) -> str | None:
         """None if the replica serves; else why not."""
         client = backend.client
         try:
-            if backend.healthy is not True or backend.model is None:
-                # (Re)read what it serves: a replica that comes back may serve another model.
-                backend.model = await client.model_info()
+            # What it serves, at every check: a replica restarted quicker than the checks notice
+            # may serve another model (or another pool size) on the same address.
+            model = await client.model_info()
+            if backend.model is not None and model_id(model) != backend.model_id:
+                logger.warning("backend %s now serves %r (was %r)", backend, model_id(model),
+                               backend.model_id)  # fmt: skip
+            backend.model = model
             status = await client.health(SERVICE_NAME)
             if status != "SERVING":
                 return f"gRPC health is {status}"
@@ -218,7 +227,12 @@ class BackendPool:
                 if response.status != 200:
                     return f"{url} answered {response.status}"
                 body = json.loads(await response.read())
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            return (
+                f"{url}: {exc or type(exc).__name__} (the replica's --http-addr must be reachable"
+                " from the gateway; or give --backend HOST:PORT,health=HOST:PORT)"
+            )
+        except (aiohttp.ClientError, ValueError) as exc:
             return f"{url}: {exc or type(exc).__name__}"
         pool = body.get("pool") if isinstance(body, dict) else None
         if isinstance(pool, dict) and isinstance(pool.get("size"), int) and backend.model:
@@ -254,8 +268,6 @@ class BackendPool:
             )
         else:
             logger.warning("backend %s is %s: %s", backend, after.value, backend.last_error)
-        self.changed.set()
-        self.changed = asyncio.Event()
 
     # -- passive outlier detection ----------------------------------------------------------
 
@@ -271,9 +283,10 @@ class BackendPool:
         if backend.request_failures < self.settings.eject_after:
             return
         now = time.monotonic()
-        ejected = sum(b.state(now) is BackendState.EJECTED for b in self.backends)
-        if backend.state(now) is BackendState.EJECTED or ejected + 1 > len(self.backends) // 2:
-            return  # never more than half of the fleet out at once
+        peers = [b for b in self.backends if b.model_id == backend.model_id]
+        ejected = sum(b.state(now) is BackendState.EJECTED for b in peers)
+        if backend.state(now) is BackendState.EJECTED or ejected + 1 > len(peers) // 2:
+            return  # never more than half of a model's replicas out at once
         before = backend.state(now)
         factor = min(MAX_EJECTION_FACTOR, 2**backend.ejections_in_row)
         backend.ejected_until = now + self.settings.ejection_time * factor
@@ -281,12 +294,14 @@ class BackendPool:
         backend.request_failures = 0
         self.ejections[str(backend)] = self.ejections.get(str(backend), 0) + 1
         self._state_changed(backend, before)
-        loop = asyncio.get_running_loop()
-        loop.call_at(loop.time() + self.settings.ejection_time * factor + 0.001,
-                     self._ejection_over, backend)  # fmt: skip
+        self._ejection_over(backend)
 
     def _ejection_over(self, backend: Backend) -> None:
-        if backend.state() is not BackendState.EJECTED:
+        """Log the end of an ejection when it comes (the event loop's clock may run early)."""
+        left = backend.ejected_until - time.monotonic()
+        if left > 0:
+            asyncio.get_running_loop().call_later(left + 0.001, self._ejection_over, backend)
+        else:
             self._state_changed(backend, BackendState.EJECTED)
 
     # -- routing ----------------------------------------------------------------------------
@@ -330,6 +345,13 @@ class BackendPool:
             return a
         return a if a.load < b.load else b
 
+    def has_other(self, model: str, exclude: set[Backend]) -> bool:
+        """Whether a healthy replica serving ``model`` is left besides ``exclude``."""
+        return any(
+            b.state() is BackendState.HEALTHY and b.serves(model) and b not in exclude
+            for b in self.backends
+        )
+
     def states(self) -> Iterator[tuple[Backend, BackendState]]:
         now = time.monotonic()
         for b in self.backends:
@@ -366,8 +388,11 @@ def _is_backend_failure(error: LLMServiceError) -> bool:
 
 
 def _retryable(error: LLMServiceError) -> bool:
-    """Errors another replica may not give: refused, unavailable, overloaded, failed engine."""
-    return isinstance(error, UnavailableError | OverloadedError | EngineError)
+    """Errors another replica may not give: refused, unavailable, overloaded, failed engine,
+    or a call the replica cancelled (a drain that ran out of grace)."""
+    return isinstance(
+        error, UnavailableError | OverloadedError | EngineError | RequestCancelledError
+    )
 
 
 class RoutedStream:
@@ -382,7 +407,6 @@ class RoutedStream:
         backend: the replica serving (or last tried).
         prompt_tokens: tokens in the prompt, once a replica started on it.
         completion_tokens: tokens received so far.
-        accounted: whether its tokens were charged to the caller (the gateway does it once).
     """
 
     def __init__(
@@ -404,8 +428,7 @@ class RoutedStream:
         self.backend: Backend | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
-        self.accounted = False  # set once its tokens were charged and counted
-        self._stream: Any = None  # the AsyncStream of the current attempt
+        self._stream: AsyncStream | None = None  # the current attempt
         self._tried: set[Backend] = set()
         self._delivered = False
         self._finished = False
@@ -418,15 +441,16 @@ class RoutedStream:
     async def __anext__(self) -> Chunk:
         refused: LLMServiceError | None = None  # the last refusal, when retrying
         while not self._finished:
-            if self._stream is None:
+            stream = self._stream
+            if stream is None:
                 try:
-                    self._open()
+                    stream = self._open()
                 except LLMServiceError:
                     if refused is not None:
                         raise refused from None  # no replica left to try: say why
                     raise
             try:
-                chunk: Chunk = await self._stream.__anext__()
+                chunk: Chunk = await stream.__anext__()
             except StopAsyncIteration:
                 self._finished = True
                 self._release(None)
@@ -438,8 +462,8 @@ class RoutedStream:
                     raise
                 refused = exc
                 continue
-            if self._stream.started is not None:
-                self.prompt_tokens = self._stream.started.prompt_tokens
+            if stream.started is not None:
+                self.prompt_tokens = stream.started.prompt_tokens
             self.completion_tokens += len(chunk.token_ids)
             self._delivered = True
             if chunk.final:
@@ -448,12 +472,12 @@ class RoutedStream:
             return chunk
         raise StopAsyncIteration
 
-    def _open(self) -> None:
+    def _open(self) -> AsyncStream:
         backend = self.pool.choose(self.model, self._tried)
         self._tried.add(backend)
         self.backend = backend
         remaining = max(0.001, self.deadline - time.monotonic())
-        self._stream = backend.client.stream(
+        stream = self._stream = backend.client.stream(
             list(self.prompt) if isinstance(self.prompt, tuple) else self.prompt,
             timeout=remaining,
             request_id=self.request_id,
@@ -461,11 +485,14 @@ class RoutedStream:
         )
         backend.outstanding += 1
         self._log.debug("sent to backend %s (load %.2f)", backend, backend.load)
+        return stream
 
     def _may_retry(self, exc: LLMServiceError) -> bool:
         if self._delivered or not _retryable(exc):
             return False
         if len(self._tried) >= self.pool.settings.max_attempts:
+            return False
+        if not self.pool.has_other(self.model, self._tried):
             return False
         if time.monotonic() >= self.deadline:
             return False
@@ -477,13 +504,15 @@ class RoutedStream:
         self._log.info("backend %s refused (%s): trying another one", self.backend, exc)
         return True
 
-    def _release(self, error: LLMServiceError | None) -> None:
+    def _release(self, error: LLMServiceError | None, *, judged: bool = True) -> None:
+        """End the current attempt; ``judged``: its outcome counts for outlier detection."""
         if self._stream is None:
             return
         self._stream = None
         assert self.backend is not None
         self.backend.outstanding -= 1
-        self.pool.record_result(self.backend, error)
+        if judged:
+            self.pool.record_result(self.backend, error)
 
     def cancel(self) -> None:
         """Stop: cancel the call on the replica, if one is running (idempotent)."""
@@ -491,4 +520,4 @@ class RoutedStream:
         stream = self._stream
         if stream is not None:
             stream.cancel()
-            self._release(None)
+            self._release(None, judged=False)  # a cancelled call says nothing of the replica

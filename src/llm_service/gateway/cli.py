@@ -9,7 +9,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import signal
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -31,7 +33,7 @@ from llm_service.settings import GatewaySettings
 __all__ = ["main"]
 
 PROG = "llm-gateway"
-logger = logging.getLogger("llm_service.gateway")
+logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,20 +81,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=port,
         log_config=None,  # our logging, configured above
         access_log=False,  # the gateway logs each request itself, with its request id
-        timeout_graceful_shutdown=round(settings.shutdown_grace),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
         server_header=False,
     )
     server = _Server(config)
-    logger.info("listening on http://%s:%d (OpenAI API under /v1)", host, port)
     try:
         asyncio.run(_serve(server, settings.shutdown_grace))
     except LLMServiceError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        pass
-    if not server.started:
-        print(f"{PROG}: error: could not listen on {settings.listen}", file=sys.stderr)
+    except SystemExit:  # uvicorn's way out when it cannot start (its log says why)
+        print(f"{PROG}: error: could not start on {settings.listen}", file=sys.stderr)
         return EXIT_ERROR
     logger.info("stopped")
     return 0
@@ -108,6 +107,14 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host = self.config.host
+            shown = f"[{host}]" if ":" in host else host
+            logger.info("listening on http://%s:%d (OpenAI API under /v1)", shown,
+                        self.config.port)  # fmt: skip
 
 
 async def _serve(server: _Server, grace: float) -> None:

@@ -8,7 +8,7 @@ import math
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from llm_service.errors import AuthenticationError, ConfigurationError, RateLimitedError
@@ -48,7 +48,8 @@ class ApiKeys:
             raise ConfigurationError(f"{option}: {path} is not UTF-8 text") from None
         digests: dict[str, bytes] = {}
         for number, raw in enumerate(text.splitlines(), 1):
-            line = raw.split("#", 1)[0].strip()
+            # A comment starts a line or follows a space: a key may hold "#".
+            line = re.sub(r"(^|\s)#.*", "", raw).strip()
             if not line:
                 continue
             if any(c.isspace() for c in line):
@@ -81,7 +82,8 @@ class ApiKeys:
             raise AuthenticationError(
                 "no API key: send it in the Authorization header as 'Bearer KEY'"
             )
-        digest = hashlib.sha256(key.encode(errors="surrogateescape")).digest()
+        # Headers arrive decoded as latin-1; their bytes are the key's UTF-8 bytes.
+        digest = hashlib.sha256(key.encode("latin-1", errors="replace")).digest()
         found = None
         for name, stored in self._digests.items():
             if hmac.compare_digest(stored, digest):
@@ -111,9 +113,10 @@ class _Bucket:
 
 @dataclass
 class _Caller:
+    """One caller's allowances (callers are the keys of the file, or one anonymous)."""
+
     requests: _Bucket | None
     tokens: _Bucket | None
-    last_seen: float = field(default=0.0)
 
 
 class RateLimiter:
@@ -147,14 +150,11 @@ class RateLimiter:
     def _caller(self, name: str, now: float) -> _Caller:
         caller = self._callers.get(name)
         if caller is None:
-            if len(self._callers) > 10_000:  # forget callers idle for over a minute (full again)
-                self._callers = {k: c for k, c in self._callers.items() if now - c.last_seen < 60}
             caller = _Caller(
                 _Bucket(self.rpm, self.rpm / 60, self.rpm, now) if self.rpm else None,
                 _Bucket(self.tpm, self.tpm / 60, self.tpm, now) if self.tpm else None,
             )
             self._callers[name] = caller
-        caller.last_seen = now
         return caller
 
     def admit(self, name: str) -> None:

@@ -27,6 +27,8 @@ __all__ = [
     "to_generation",
 ]
 
+# llama.cpp seeds are in [0, 2**32 - 2] (2**32 - 1 means "random").
+MAX_SEED = 2**32 - 1
 # OpenAI's role names; "developer" is the newer name of "system".
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _ROLES |= {"tool": "tool", "function": "tool"}
@@ -36,13 +38,6 @@ class _Body(BaseModel):
     # Strict types (a string is not a number), unknown fields ignored as OpenAI's clients send
     # fields this gateway does not know.
     model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class TextPart(_Body):
-    """A text part of a message's content."""
-
-    type: Literal["text"]
-    text: str
 
 
 class ContentPart(_Body):
@@ -92,7 +87,9 @@ class _Sampling(_Body):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(
+        None, description="Reproducible sampling; negative: random (as llama.cpp's -1)."
+    )
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     n: int | None = Field(None, description="Only 1 is served.")
@@ -173,10 +170,12 @@ def to_generation(body: ChatCompletionRequest | CompletionRequest) -> Generation
         max_tokens = body.max_completion_tokens
     if max_tokens is not None:
         sampling["max_tokens"] = max_tokens
-    for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"):
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         value = getattr(body, name)
         if value is not None:
             sampling[name] = value
+    if body.seed is not None and body.seed >= 0:
+        sampling["seed"] = body.seed % MAX_SEED  # any integer, folded into llama.cpp's range
     if body.stop:
         sampling["stop"] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
     schema = _schema(body.response_format)

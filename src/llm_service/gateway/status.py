@@ -27,22 +27,33 @@ from llm_service.errors import (
     UnsupportedError,
 )
 
-__all__ = ["HTTP_ERRORS", "HttpError", "error_body", "http_error"]
+__all__ = ["HTTP_ERRORS", "INTERNAL_MESSAGE", "HttpError", "error_body", "http_error"]
 
 INTERNAL_MESSAGE = "internal error; the gateway's log has the details"
 
 
 @dataclass(frozen=True, slots=True)
 class HttpError:
-    """How one error class goes out: status, OpenAI ``type`` and ``code``."""
+    """How one error class goes out.
+
+    Attributes:
+        status: the HTTP status.
+        type: OpenAI's error ``type``.
+        code: OpenAI's error ``code``.
+        message: said instead of the error's own message, which names backend internals
+            (addresses, certificates) that the gateway's log keeps for the operator.
+        retry: False to tell OpenAI's clients not to retry (``x-should-retry: false``): a
+            request that ran out of time, or a gateway the backends refuse, fails again.
+    """
 
     status: int
     type: str
     code: str | None = None
+    message: str | None = None
+    retry: bool | None = None
 
 
-# Backend errors the gateway could not hide (it retries what another replica may serve).
-# 499 is the de-facto "client closed request": logged and counted, never received by anyone.
+_BACKEND_DOWN = "no backend could be reached to serve the request; retry later"
 HTTP_ERRORS: dict[type[LLMServiceError], HttpError] = {
     InvalidRequestError: HttpError(400, "invalid_request_error"),
     PromptTooLongError: HttpError(400, "invalid_request_error", "context_length_exceeded"),
@@ -50,20 +61,33 @@ HTTP_ERRORS: dict[type[LLMServiceError], HttpError] = {
     AuthenticationError: HttpError(401, "authentication_error", "invalid_api_key"),
     RateLimitedError: HttpError(429, "rate_limit_error", "rate_limit_exceeded"),
     OverloadedError: HttpError(429, "rate_limit_error", "overloaded"),
-    RequestCancelledError: HttpError(499, "invalid_request_error", "cancelled"),
-    DeadlineExceededError: HttpError(504, "timeout_error", "deadline_exceeded"),
+    DeadlineExceededError: HttpError(504, "timeout_error", "deadline_exceeded", retry=False),
     UnavailableError: HttpError(503, "service_unavailable_error", "no_backend_available"),
-    ConnectionFailedError: HttpError(503, "service_unavailable_error", "no_backend_available"),
-    EngineError: HttpError(502, "server_error", "backend_error"),
+    ConnectionFailedError: HttpError(
+        503, "service_unavailable_error", "no_backend_available", _BACKEND_DOWN
+    ),
+    # A backend cancelled the call (it drained past its grace), as the client never does here.
+    RequestCancelledError: HttpError(
+        503, "service_unavailable_error", "backend_cancelled", "the backend stopped the request"
+    ),
+    EngineError: HttpError(
+        502, "server_error", "backend_error", "the backend failed while generating; retry"
+    ),
     # The backend refused the gateway's own certificate, or speaks another API: the gateway's
     # deployment is wrong, not the request.
-    PermissionDeniedError: HttpError(502, "server_error", "backend_refused_gateway"),
-    UnsupportedError: HttpError(502, "server_error", "backend_unsupported"),
-    InternalServerError: HttpError(500, "server_error", "internal_error"),
-    ConfigurationError: HttpError(500, "server_error", "internal_error"),
-    ModelLoadError: HttpError(500, "server_error", "internal_error"),
-    ModelFetchError: HttpError(500, "server_error", "internal_error"),
+    PermissionDeniedError: HttpError(
+        502, "server_error", "backend_refused_gateway", "a backend refused the gateway", False
+    ),
+    UnsupportedError: HttpError(
+        502, "server_error", "backend_unsupported", "a backend does not serve this API", False
+    ),
+    InternalServerError: HttpError(500, "server_error", "internal_error", INTERNAL_MESSAGE),
+    ConfigurationError: HttpError(500, "server_error", "internal_error", INTERNAL_MESSAGE),
+    ModelLoadError: HttpError(500, "server_error", "internal_error", INTERNAL_MESSAGE),
+    ModelFetchError: HttpError(500, "server_error", "internal_error", INTERNAL_MESSAGE),
 }
+# The backend's names of request fields, as OpenAI's parameters.
+_PARAMS = {"sampling.json_schema": "response_format", "sampling.grammar": "response_format"}
 
 
 def error_body(
@@ -76,10 +100,14 @@ def error_body(
 def http_error(exc: LLMServiceError) -> tuple[HttpError, dict[str, Any], dict[str, str]]:
     """The status, OpenAI error body and extra headers (``retry-after``) for ``exc``."""
     mapping = next(HTTP_ERRORS[c] for c in type(exc).__mro__ if c in HTTP_ERRORS)
-    param = exc.field if isinstance(exc, InvalidRequestError) else None
-    message = str(exc) if mapping.status != 500 else INTERNAL_MESSAGE
+    param, message = None, mapping.message or str(exc)
+    if isinstance(exc, InvalidRequestError):
+        param = _PARAMS.get(exc.field, exc.field.removeprefix("sampling."))
+        message = f"{param}: {exc.detail}"
     body = error_body(message, mapping.type, param=param, code=mapping.code)
     headers = {}
     if isinstance(exc, OverloadedError):
         headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
+    if mapping.retry is False:
+        headers["x-should-retry"] = "false"
     return mapping, body, headers
