@@ -208,3 +208,46 @@ def test_no_limits_never_limit(clock: FakeClock) -> None:
 def test_either_limit_enables_the_limiter() -> None:
     assert RateLimiter(1, 0).enabled
     assert RateLimiter(0, 1).enabled
+
+
+# -- what a key may hold ---------------------------------------------------------------------
+
+
+def utf8_keys_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "keys.txt"
+    path.write_bytes(text.encode())
+    return path
+
+
+def test_a_hash_inside_a_key_is_part_of_it(tmp_path: Path) -> None:
+    keys = ApiKeys.load(keys_file(tmp_path, "abc#def\n"))
+    assert len(keys) == 1
+    assert keys.identify("Bearer abc#def") == "key-1"
+    for cut in ("abc", "abc#", "def"):
+        with pytest.raises(AuthenticationError):
+            keys.identify(f"Bearer {cut}")
+
+
+def test_a_comment_after_a_space_is_not_part_of_the_key(tmp_path: Path) -> None:
+    keys = ApiKeys.load(keys_file(tmp_path, "abc  # note\nxyz\t# a tab too\n#abc#def\n"))
+    assert len(keys) == 2
+    assert keys.identify("Bearer abc") == "key-1"
+    assert keys.identify("Bearer xyz") == "key-2"
+    with pytest.raises(AuthenticationError):
+        keys.identify("Bearer abc  # note")
+
+
+def test_a_non_ascii_key_matches_its_utf8_bytes_read_as_latin1(tmp_path: Path) -> None:
+    key = "clé-ü"
+    keys = ApiKeys.load(utf8_keys_file(tmp_path, f"{key}\n"))
+    header = "Bearer " + key.encode().decode("latin-1")  # how an ASGI server hands it over
+    assert keys.identify(header) == "key-1"
+    with pytest.raises(AuthenticationError):
+        keys.identify("Bearer " + key.encode().decode("latin-1")[:-1])
+
+
+def test_a_hashed_non_ascii_key_matches_too(tmp_path: Path) -> None:
+    key = "ключ-🔑"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    keys = ApiKeys.load(utf8_keys_file(tmp_path, f"sha256:{digest}\n"))
+    assert keys.identify("Bearer " + key.encode().decode("latin-1")) == "key-1"

@@ -102,6 +102,28 @@ def test_stream_options_count_only_when_streaming() -> None:
     assert to_generation(chat(stream=True)).include_usage is False
 
 
+@pytest.mark.parametrize("build", [chat, completion])
+@pytest.mark.parametrize("seed", [-1, -2, -(2**40)])
+def test_a_negative_seed_samples_at_random(build: Any, seed: int) -> None:
+    gen = to_generation(build(seed=seed, temperature=0.5))
+    assert gen.sampling == {"temperature": 0.5}
+
+
+@pytest.mark.parametrize("build", [chat, completion])
+@pytest.mark.parametrize(
+    ("seed", "sent"),
+    [
+        (7, 7),
+        (0, 0),
+        (2**32 - 2, 2**32 - 2),  # llama.cpp's largest seed
+        (2**32 - 1, 0),  # llama.cpp's "random" is folded away
+        (2**40, 2**40 % (2**32 - 1)),
+    ],
+)
+def test_a_seed_is_folded_into_llama_cpps_range(build: Any, seed: int, sent: int) -> None:
+    assert to_generation(build(seed=seed)).sampling == {"seed": sent}
+
+
 # -- response_format -------------------------------------------------------------------------
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
+import pydantic
 import pytest
 
 from llm_service.client import (
@@ -32,8 +34,10 @@ from llm_service.errors import (
     LLMServiceError,
     ModelNotFoundError,
     OverloadedError,
+    RequestCancelledError,
     UnavailableError,
 )
+from llm_service.gateway import backends
 from llm_service.gateway.backends import (
     Backend,
     BackendPool,
@@ -42,7 +46,7 @@ from llm_service.gateway.backends import (
     RoutedStream,
     model_id,
 )
-from llm_service.settings import GatewaySettings
+from llm_service.settings import BackendAddress, GatewaySettings
 
 MODEL = "SmolLM2"
 OPTIONS = ClientOptions(insecure=True)
@@ -230,10 +234,8 @@ def test_a_healthy_replica_leaves_after_failures_in_a_row(make_pool: MakePool) -
     pool._record_check(backend, "timeout")
     pool._record_check(backend, "timeout")
     assert backend.state() is BackendState.HEALTHY
-    changed = pool.changed
     pool._record_check(backend, "timeout")
     assert backend.state() is BackendState.UNHEALTHY
-    assert changed.is_set() and pool.changed is not changed
 
 
 def test_an_unhealthy_replica_returns_after_passes_in_a_row(make_pool: MakePool) -> None:
@@ -249,11 +251,13 @@ def test_an_unhealthy_replica_returns_after_passes_in_a_row(make_pool: MakePool)
     assert backend.state() is BackendState.HEALTHY
 
 
-def test_a_check_that_changes_nothing_does_not_signal(make_pool: MakePool) -> None:
+def test_a_check_that_changes_nothing_logs_nothing(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
     pool = make_pool(1)
-    changed = pool.changed
-    pool._record_check(pool.backends[0], None)
-    assert not changed.is_set() and pool.changed is changed
+    with caplog.at_level(logging.INFO, logger="llm_service.gateway"):
+        pool._record_check(pool.backends[0], None)
+    assert caplog.records == []
 
 
 # -- passive ejection ------------------------------------------------------------------------
@@ -269,11 +273,9 @@ async def test_failures_in_a_row_eject_a_replica(make_pool: MakePool) -> None:
     pool.record_result(backend, refused())
     pool.record_result(backend, EngineError("decode failed"))
     assert backend.state() is BackendState.HEALTHY
-    changed = pool.changed
     pool.record_result(backend, UnavailableError("draining"))
     assert backend.state() is BackendState.EJECTED
     assert pool.ejections == {"127.0.0.1:1": 1}
-    assert changed.is_set()
     assert backend.ejected_until - time.monotonic() == pytest.approx(60, abs=1)
     assert "draining" in backend.last_error
 
@@ -336,16 +338,16 @@ async def test_a_single_replica_is_never_ejected(make_pool: MakePool) -> None:
 
 
 async def test_an_ejection_ends_and_the_next_one_in_a_row_lasts_twice_as_long(
-    make_pool: MakePool,
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
 ) -> None:
     pool = make_pool(2, eject_after=1, ejection_time=0.05)
     backend = pool.backends[0]
     pool.record_result(backend, refused())
     assert backend.ejected_until - time.monotonic() == pytest.approx(0.05, abs=0.02)
-    changed = pool.changed
-    await asyncio.sleep(0.1)
+    with caplog.at_level(logging.INFO, logger="llm_service.gateway"):
+        await asyncio.sleep(0.1)
     assert backend.state() is BackendState.HEALTHY
-    assert changed.is_set()  # the end of the ejection was signalled
+    assert "is healthy" in caplog.text  # the end of the ejection was logged
 
     pool.record_result(backend, refused())
     assert backend.state() is BackendState.EJECTED
@@ -658,3 +660,243 @@ async def test_a_stream_ends_after_its_final_chunk(
     chunks = [chunk async for chunk in routed(pool)]
     assert [c.text for c in chunks] == ["Hi", ""]
     assert client.calls == []
+
+
+# -- regressions of the review's fixes -------------------------------------------------------
+
+
+class FakeClock:
+    """``time.monotonic`` for the budget: seconds that move only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_the_retry_budget_forgets_old_requests_as_it_records_new_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(backends, "time", clock)
+    budget = RetryBudget(0.5, floor=0, window=10.0)
+    for _ in range(1000):  # one request a second, never a retry: nothing else prunes
+        budget.request()
+        clock.now += 1.0
+    assert len(budget._requests) <= 11
+    assert budget.try_retry()  # the requests of the window still count
+
+
+class ProbedClient:
+    """The calls a health check makes, answered from what the test set."""
+
+    def __init__(self, model: ModelInfo | Exception, health: str = "SERVING") -> None:
+        self.model = model
+        self.status = health
+        self.model_info_calls = 0
+
+    async def model_info(self) -> ModelInfo:
+        self.model_info_calls += 1
+        if isinstance(self.model, Exception):
+            raise self.model
+        return self.model
+
+    async def health(self, service: str) -> str:
+        return self.status
+
+
+def probed(backend: Backend, model: ModelInfo | Exception) -> ProbedClient:
+    """Give ``backend`` a fake client, and no health port (no HTTP check)."""
+    backend.address = BackendAddress(backend.address.target, health=None)
+    client = ProbedClient(model)
+    backend.client = client  # type: ignore[assignment]
+    assert backend.health_url() is None
+    return client
+
+
+async def test_every_check_rereads_what_a_healthy_replica_serves(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = make_pool(1)
+    backend = pool.backends[0]
+    client = probed(backend, model_info("/m/Other.gguf"))
+    with caplog.at_level(logging.INFO, logger="llm_service.gateway"):
+        await pool._check(backend)
+    assert client.model_info_calls == 1
+    assert backend.model_id == "Other"
+    assert backend.state() is BackendState.HEALTHY
+    assert "now serves 'Other' (was 'SmolLM2')" in caplog.text
+    assert [r.levelno for r in caplog.records if "now serves" in r.getMessage()] == [
+        logging.WARNING
+    ]
+    assert pool.choose("Other", set()) is backend
+
+
+async def test_a_check_that_finds_the_same_model_says_nothing_but_takes_its_pool_size(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = make_pool(1)
+    backend = pool.backends[0]
+    probed(backend, model_info(pool_size=4))
+    with caplog.at_level(logging.INFO, logger="llm_service.gateway"):
+        await pool._check(backend)
+    assert backend.pool_size == 4
+    assert "now serves" not in caplog.text
+
+
+async def test_an_unexpected_error_in_a_check_counts_as_a_failed_check(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = make_pool(1, unhealthy_after=2)
+    backend = pool.backends[0]
+    probed(backend, RuntimeError("a bug"))
+    with caplog.at_level(logging.INFO, logger="llm_service.gateway"):
+        await pool._check(backend)  # does not raise
+    assert backend.fails == 1 and backend.passes == 0
+    assert "a bug" in backend.last_error
+    assert "health check of backend 127.0.0.1:1" in caplog.text
+    assert backend.state() is BackendState.HEALTHY  # one failure of two
+    await pool._check(backend)
+    assert backend.state() is BackendState.UNHEALTHY
+
+
+async def test_one_replicas_bug_does_not_stop_the_checks_of_the_others(
+    make_pool: MakePool,
+) -> None:
+    pool = make_pool(2)
+    broken, good = pool.backends
+    probed(broken, RuntimeError("a bug"))
+    client = probed(good, model_info())
+    await pool.check_all()
+    assert client.model_info_calls == 1
+    assert (broken.fails, good.passes) == (1, 1)
+
+
+@pytest.mark.parametrize("others", [0, 1])
+async def test_a_refusal_with_no_other_replica_left_spends_no_retry(
+    make_pool: MakePool, others: int
+) -> None:
+    pool = make_pool(1 + others)
+    only = pool.backends[0]
+    for other in pool.backends[1:]:
+        other.healthy = False  # there, but out of rotation
+    scripted(only, [OverloadedError("queue full")])
+    with pytest.raises(OverloadedError):
+        await anext(routed(pool))
+    assert pool.retries == {}
+    assert len(pool.budget._retries) == 0
+    assert only.outstanding == 0
+
+
+async def test_a_cancelled_stream_does_not_count_as_a_success(make_pool: MakePool) -> None:
+    pool = make_pool(2, eject_after=3)
+    first, second = pool.backends
+    second.outstanding = 1  # the first is chosen
+    pool.record_result(first, ConnectionFailedError("connection refused"))
+    pool.record_result(first, ConnectionFailedError("connection refused"))
+    client = scripted(first, [token("Hi"), token("!"), done()])
+    stream = routed(pool)
+    assert (await anext(stream)).text == "Hi"
+    assert stream.backend is first
+    stream.cancel()
+    assert client.streams[0].cancelled
+    assert first.request_failures == 2
+    assert first.outstanding == 0
+    pool.record_result(first, refused())  # the third in a row still ejects
+    assert first.state() is BackendState.EJECTED
+
+
+async def test_a_stream_cancelled_before_its_first_token_does_not_count(
+    make_pool: MakePool,
+) -> None:
+    pool = make_pool(2, eject_after=3)
+    first, second = pool.backends
+    second.outstanding = 1
+    pool.record_result(first, refused())
+    pool.record_result(first, refused())
+    client = scripted(first, [done()])
+    stream = routed(pool)
+    stream._open()  # sent, no answer yet
+    assert first.outstanding == 1
+    stream.cancel()
+    assert client.streams[0].cancelled
+    assert (first.outstanding, first.request_failures) == (0, 2)
+
+
+async def test_a_call_the_replica_cancelled_goes_to_another_replica(
+    first_second: tuple[BackendPool, Backend, Backend],
+) -> None:
+    pool, first, second = first_second
+    scripted(first, [RequestCancelledError("the server is draining")])
+    client = scripted(second, [token("Hi"), token("!"), done()])
+    stream = routed(pool)
+    chunks = await collect(stream)
+    assert [c.text for c in chunks] == ["Hi", "!", ""]
+    assert stream.backend is second
+    assert len(client.calls) == 1
+    assert pool.retries == {"cancelled": 1}
+    assert first.outstanding == 0
+
+
+async def test_at_most_half_of_a_models_replicas_are_ejected(make_pool: MakePool) -> None:
+    pool = make_pool(4, eject_after=1, ejection_time=60)
+    a1, a2, b1, b2 = pool.backends
+    a1.model = a2.model = model_info("/m/A.gguf")
+    b1.model = b2.model = model_info("/m/B.gguf")
+    pool.record_result(a1, refused())
+    assert a1.state() is BackendState.EJECTED
+    pool.record_result(a2, refused())
+    assert a2.state() is BackendState.HEALTHY  # only 1 of 4 is out, but 1 of A's 2 is
+    assert pool.ejections == {"127.0.0.1:1": 1}
+    assert pool.choose("A", set()) is a2
+    pool.record_result(b1, refused())  # the other model's replicas count apart
+    assert b1.state() is BackendState.EJECTED
+    assert b2.state() is BackendState.HEALTHY
+
+
+async def test_an_ejection_end_that_fires_early_waits_for_its_time(
+    make_pool: MakePool, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = make_pool(2)
+    backend = pool.backends[0]
+    backend.ejected_until = time.monotonic() + 0.05
+    with caplog.at_level(logging.INFO, logger="llm_service.gateway"):
+        pool._ejection_over(backend)  # as if the loop's timer fired 0.05 s early
+        assert "is healthy" not in caplog.text
+        assert backend.state() is BackendState.EJECTED
+        await asyncio.sleep(0.1)
+    assert "backend 127.0.0.1:1 is healthy" in caplog.text
+    assert backend.state() is BackendState.HEALTHY
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        ("127.0.0.1:1", "127.0.0.1:1"),
+        ("127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:1,health=127.0.0.1:9000"),
+        "127.0.0.1:1 127.0.0.1:1",
+    ],
+)
+def test_the_same_backend_twice_is_refused(targets: tuple[str, ...] | str) -> None:
+    with pytest.raises(pydantic.ValidationError, match="more than once") as info:
+        GatewaySettings(backends=targets, insecure_backends=True)
+    assert "127.0.0.1:1" in str(info.value)
+    assert "127.0.0.1:2" not in str(info.value)
+
+
+@pytest.mark.parametrize("size", [1024, 8 * 1024 * 1024, 15 * 1024 * 1024])
+def test_max_request_bytes_within_bounds(size: int) -> None:
+    settings = GatewaySettings(
+        backends=("127.0.0.1:1",), insecure_backends=True, max_request_bytes=size
+    )
+    assert settings.max_request_bytes == size
+
+
+@pytest.mark.parametrize("size", [0, 1023, 15 * 1024 * 1024 + 1, 16 * 1024 * 1024])
+def test_max_request_bytes_out_of_bounds_is_refused(size: int) -> None:
+    with pytest.raises(pydantic.ValidationError, match="max_request_bytes"):
+        GatewaySettings(backends=("127.0.0.1:1",), insecure_backends=True, max_request_bytes=size)
