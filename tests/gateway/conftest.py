@@ -3,33 +3,28 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import signal
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 # The server tests' fixtures: certificates and the model.
 from tests.server.conftest import certs, model_path  # noqa: F401
-from tests.server.service import Certs, Service, free_port
+from tests.server.service import Certs, ChildProcess, Service, free_port
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"  # the default model's id: its file name without .gguf
 KEY = "sk-test-key-one"
 HASHED_KEY = "sk-test-key-two"  # in the keys file as sha256:HEX only
 
 
-class Gateway:
+class Gateway(ChildProcess):
     """One ``llm-gateway`` subprocess on a free port, in front of ``backends``."""
+
+    name = "llm-gateway"
 
     def __init__(
         self,
@@ -41,7 +36,7 @@ class Gateway:
         keys_file: Path | None = None,
     ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = self.http_url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / f"gateway-{self.port}.log"
         settings = {
             "LLM_GATEWAY_BACKENDS": " ".join(f"127.0.0.1:{b.grpc_port}" for b in backends),
@@ -55,53 +50,11 @@ class Gateway:
         }
         if keys_file is not None:
             settings["LLM_GATEWAY_API_KEYS_FILE"] = str(keys_file)
-        base = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "llm_service.gateway"],
-                env=base | settings | (env or {}),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def readyz(self) -> tuple[int, dict[str, Any]]:
-        status, body = self.get("/readyz")
-        return status, json.loads(body)
+        self.spawn([sys.executable, "-m", "llm_service.gateway"], settings | (env or {}))
 
     def states(self) -> dict[str, str]:
         """Each backend's state, by gRPC port."""
         return {b["target"].rsplit(":", 1)[1]: b["state"] for b in self.readyz()[1]["backends"]}
-
-    def metric(self, name: str, **labels: str) -> float:
-        for family in text_string_to_metric_families(self.get("/metrics")[1]):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == labels:
-                    return float(sample.value)
-        return 0.0
-
-    def wait_ready(self, timeout: float = 30) -> Gateway:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llm-gateway exited {self.process.returncode}:\n{self.log}")
-            try:
-                if self.readyz()[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"llm-gateway not ready after {timeout} s:\n{self.log}")
 
     def wait_state(self, backend: Service, state: str, timeout: float = 15) -> float:
         """Wait until ``backend`` is in ``state``; the seconds it took."""
@@ -115,15 +68,6 @@ class Gateway:
         return openai.OpenAI(
             base_url=self.url + "/v1", api_key=key or "", max_retries=0, timeout=60, **kwargs
         )
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise
 
 
 def _service(
@@ -169,7 +113,7 @@ def gateway(
     """A gateway over both shared replicas, with API keys."""
     gw = Gateway(tmp_path_factory.mktemp("gateway"), certs, backends, keys_file=keys_file)
     try:
-        yield gw.wait_ready()
+        yield gw.wait_ready(30)
     finally:
         assert gw.stop() == 0, gw.log
 
@@ -181,7 +125,7 @@ def start_gateway(tmp_path: Path, certs: Certs) -> Iterator[Callable[..., Gatewa
 
     def start(backends: list[Service], **kwargs: Any) -> Gateway:
         started.append(Gateway(tmp_path, certs, backends, **kwargs))
-        return started[-1].wait_ready()
+        return started[-1].wait_ready(30)
 
     yield start
     for gw in started:

@@ -267,7 +267,7 @@ def test_routes_without_the_v1_prefix(gateway: Gateway) -> None:
 
 
 def test_health_readiness_metrics_and_openapi(gateway: Gateway, backends: list[Service]) -> None:
-    assert gateway.get("/healthz") == (200, '{"status":"alive"}')
+    assert gateway.http_get("/healthz") == (200, '{"status":"alive"}')
     status, ready = gateway.readyz()
     assert status == 200 and ready["ready"] is True
     assert {b["state"] for b in ready["backends"]} == {"healthy"}
@@ -279,7 +279,7 @@ def test_health_readiness_metrics_and_openapi(gateway: Gateway, backends: list[S
     for b in backends:
         labels = {"backend": f"127.0.0.1:{b.grpc_port}"}
         assert gateway.metric("llm_gateway_backend_state", state="healthy", **labels) == 1
-    schema = json.loads(gateway.get("/openapi.json")[1])
+    schema = json.loads(gateway.http_get("/openapi.json")[1])
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(schema["paths"])
 
 

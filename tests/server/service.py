@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from cryptography import x509
@@ -86,7 +86,74 @@ class Certs:
         )
 
 
-class Service:
+class ChildProcess:
+    """A server under test run as a second process: its log file, its HTTP port, its exit.
+
+    Subclasses set ``name``, ``log_path``, ``http_url`` and ``process`` (through ``spawn``).
+    """
+
+    name = "process"
+    log_path: Path
+    http_url: str
+    process: subprocess.Popen[bytes]
+    terminating = False
+
+    def spawn(self, command: list[str], env: dict[str, str]) -> None:
+        """Start ``command`` with ``env`` over the environment's non-``LLM_*`` variables."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
+        with self.log_path.open("ab") as log:  # a restarted server adds to its log
+            self.process = subprocess.Popen(
+                command, env=base | env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def http_get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(self.http_url + path, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def readyz(self) -> tuple[int, dict[str, Any]]:
+        status, body = self.http_get("/readyz")
+        return status, json.loads(body)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample from ``/metrics`` (0 when the series does not exist yet)."""
+        for family in text_string_to_metric_families(self.http_get("/metrics")[1]):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
+
+    def wait_ready(self, timeout: float = 90) -> Self:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited {self.process.returncode}:\n{self.log}")
+            try:
+                if self.readyz()[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} not ready after {timeout} s:\n{self.log}")
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM (unless one was sent already), then wait for the exit code."""
+        if self.process.poll() is None and not self.terminating:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+
+class Service(ChildProcess):
     """One ``llm_service serve`` subprocess on free ports, with its log in a file.
 
     Its pool: 2 slots of 1024 tokens, on two CPU threads in all (``pool_mode`` contexts: one
@@ -104,8 +171,8 @@ class Service:
         ports: tuple[int, int] | None = None,
     ) -> None:
         """``ports``: the gRPC and HTTP ports (default: free ones), to restart a service."""
+        self.name = "llm_service"
         self.certs = certs
-        self.terminating = False
         self.pool_mode = pool_mode
         self.grpc_port, self.http_port = ports or (free_port(), free_port())
         self.log_path = workdir / f"service-{self.grpc_port}.log"
@@ -127,38 +194,8 @@ class Service:
                 "LLM_TLS_KEY": str(certs.server_key),
                 "LLM_TLS_CA": str(certs.ca),
             }
-        base = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")}
-        with self.log_path.open("ab") as log:  # a restarted service adds to its log
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "llm_service", "serve"],
-                env=base | settings | (env or {}),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def http_get(self, path: str) -> tuple[int, str]:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def readyz(self) -> tuple[int, dict[str, Any]]:
-        status, body = self.http_get("/readyz")
-        return status, json.loads(body)
-
-    def metric(self, name: str, **labels: str) -> float:
-        """One sample from ``/metrics`` (0 when the series does not exist yet)."""
-        for family in text_string_to_metric_families(self.http_get("/metrics")[1]):
-            for sample in family.samples:
-                if sample.name == name and sample.labels == labels:
-                    return float(sample.value)
-        return 0.0
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
+        self.spawn([sys.executable, "-m", "llm_service", "serve"], settings | (env or {}))
 
     def wait_metric(self, expected: float, name: str, **labels: str) -> None:
         """Wait (2 s at most) for a metric: the server accounts a call just after it ends."""
@@ -167,32 +204,9 @@ class Service:
             assert time.monotonic() < end, f"{name}{labels} = {value}, expected {expected}"
             time.sleep(0.02)
 
-    def wait_ready(self, timeout: float = 90) -> Service:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llm_service exited {self.process.returncode}:\n{self.log}")
-            try:
-                if self.readyz()[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"llm_service not ready after {timeout} s:\n{self.log}")
-
     def signal(self, signum: signal.Signals) -> None:
         self.process.send_signal(signum)
         self.terminating |= signum in (signal.SIGTERM, signal.SIGINT)
-
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM (unless one was sent already), then wait for the exit code."""
-        if self.process.poll() is None and not self.terminating:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise
 
     def channel(
         self,
