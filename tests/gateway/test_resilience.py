@@ -4,6 +4,7 @@ away, overloaded replicas, rate limits. Real replicas, real sockets, real signal
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -252,3 +253,19 @@ def test_rate_limits_per_key(gateway: Gateway, start_gateway: Callable[..., Gate
         second.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
     assert "60 tokens per minute" in caught.value.message
     assert gw.metric("llm_gateway_rate_limited_total") == 2
+
+
+def test_sigterm_lets_open_streams_finish_then_exits_0(
+    backends: list[Service], start_gateway: Callable[..., Gateway]
+) -> None:
+    gw = start_gateway(backends)
+    stream = SseStream(gw, "drained", max_tokens=200)
+    assert stream.first.wait(30)
+    gw.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(httpx.ConnectError):  # no new connection once draining
+        httpx.get(gw.url + "/healthz", timeout=2)
+    stream.join(60)
+    assert stream.finish_reason() == "length" and stream.events[-1] == "data: [DONE]"
+    assert gw.process.wait(30) == 0
+    assert "SIGTERM: finishing open requests" in gw.log
