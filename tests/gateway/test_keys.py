@@ -251,3 +251,9 @@ def test_a_hashed_non_ascii_key_matches_too(tmp_path: Path) -> None:
     digest = hashlib.sha256(key.encode()).hexdigest()
     keys = ApiKeys.load(utf8_keys_file(tmp_path, f"sha256:{digest}\n"))
     assert keys.identify("Bearer " + key.encode().decode("latin-1")) == "key-1"
+
+
+def test_a_key_whose_last_byte_python_calls_whitespace_still_matches(tmp_path: Path) -> None:
+    # "à" is C3 A0 in UTF-8; read as latin-1, A0 is a no-break space, which str.strip() drops.
+    keys = ApiKeys.load(utf8_keys_file(tmp_path, "clé-à\n"))
+    assert keys.identify("Bearer " + "clé-à".encode().decode("latin-1")) == "key-1"

@@ -900,3 +900,29 @@ def test_max_request_bytes_within_bounds(size: int) -> None:
 def test_max_request_bytes_out_of_bounds_is_refused(size: int) -> None:
     with pytest.raises(pydantic.ValidationError, match="max_request_bytes"):
         GatewaySettings(backends=("127.0.0.1:1",), insecure_backends=True, max_request_bytes=size)
+
+
+async def test_the_last_healthy_replica_of_a_model_is_not_ejected(make_pool: MakePool) -> None:
+    pool = make_pool(2, eject_after=1, ejection_time=60)
+    down, last = pool.backends
+    down.healthy = False
+    pool.record_result(last, EngineError("decode failed"))
+    assert last.state() is BackendState.HEALTHY  # a failing replica serves better than none
+    assert pool.ejections == {}
+
+
+async def test_failures_while_ejected_do_not_count_towards_the_next_ejection(
+    make_pool: MakePool,
+) -> None:
+    pool = make_pool(2, eject_after=2, ejection_time=0.05)
+    backend = pool.backends[0]
+    pool.record_result(backend, refused())
+    pool.record_result(backend, refused())
+    assert backend.state() is BackendState.EJECTED
+    for _ in range(5):  # calls sent before the ejection, failing while it lasts
+        pool.record_result(backend, refused())
+    await asyncio.sleep(0.1)
+    assert backend.state() is BackendState.HEALTHY
+    pool.record_result(backend, refused())  # one failure after it: not a second ejection yet
+    assert backend.state() is BackendState.HEALTHY
+    assert pool.ejections == {"127.0.0.1:1": 1}

@@ -64,7 +64,7 @@ SSE_HEADERS = {
     "x-accel-buffering": "no",
 }
 # A request id the caller sends is used only if it is this safe to put in logs and headers.
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def error_response(exc: LLMServiceError) -> JSONResponse:
@@ -78,7 +78,7 @@ def _sse(obj: dict[str, Any]) -> bytes:
 
 def _request_id(headers: Headers) -> str:
     given = headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 class Gateway:
@@ -363,10 +363,11 @@ class _RequestContext:
                     return
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
+            if responded:
+                raise  # the response started: the server ends it (and logs the error)
             log.error("internal error", exc_info=exc)
-            if not responded:  # say so (once a response started, it just ends)
-                body = error_body(INTERNAL_MESSAGE, "server_error", code="internal_error")
-                await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
+            body = error_body(INTERNAL_MESSAGE, "server_error", code="internal_error")
+            await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
         finally:
             route = path if path in _ROUTES else "other"
             elapsed = time.monotonic() - started
@@ -386,7 +387,7 @@ class _RequestContext:
         limit = self.gateway.settings.max_request_bytes
         declared = headers.get("content-length", "")
         too_large = InvalidRequestError("body", f"is larger than the limit of {limit} bytes")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise too_large
         received = 0
 

@@ -82,6 +82,7 @@ class Backend:
         self.request_failures = 0
         self.ejections_in_row = 0
         self.ejected_until = 0.0
+        self.ejection_timer: asyncio.TimerHandle | None = None  # to log the ejection's end
         self.last_error = ""
 
     def __str__(self) -> str:
@@ -278,15 +279,19 @@ class BackendPool:
             if error is None and backend.state() is BackendState.HEALTHY:
                 backend.ejections_in_row = 0
             return
+        now = time.monotonic()
+        if backend.state(now) is BackendState.EJECTED:
+            return  # calls sent before the ejection, failing now: already accounted for
         backend.request_failures += 1
         backend.last_error = str(error)
         if backend.request_failures < self.settings.eject_after:
             return
-        now = time.monotonic()
-        peers = [b for b in self.backends if b.model_id == backend.model_id]
+        peers = [b for b in self.backends if b.model_id == backend.model_id and b is not backend]
         ejected = sum(b.state(now) is BackendState.EJECTED for b in peers)
-        if backend.state(now) is BackendState.EJECTED or ejected + 1 > len(peers) // 2:
+        if ejected + 1 > (len(peers) + 1) // 2:
             return  # never more than half of a model's replicas out at once
+        if not any(b.state(now) is BackendState.HEALTHY for b in peers):
+            return  # nor its last healthy one: a failing replica serves better than none
         before = backend.state(now)
         factor = min(MAX_EJECTION_FACTOR, 2**backend.ejections_in_row)
         backend.ejected_until = now + self.settings.ejection_time * factor
@@ -298,9 +303,13 @@ class BackendPool:
 
     def _ejection_over(self, backend: Backend) -> None:
         """Log the end of an ejection when it comes (the event loop's clock may run early)."""
+        if backend.ejection_timer is not None:
+            backend.ejection_timer.cancel()
+            backend.ejection_timer = None
         left = backend.ejected_until - time.monotonic()
         if left > 0:
-            asyncio.get_running_loop().call_later(left + 0.001, self._ejection_over, backend)
+            loop = asyncio.get_running_loop()
+            backend.ejection_timer = loop.call_later(left + 0.001, self._ejection_over, backend)
         else:
             self._state_changed(backend, BackendState.EJECTED)
 
@@ -488,7 +497,7 @@ class RoutedStream:
         return stream
 
     def _may_retry(self, exc: LLMServiceError) -> bool:
-        if self._delivered or not _retryable(exc):
+        if self._finished or self._delivered or not _retryable(exc):
             return False
         if len(self._tried) >= self.pool.settings.max_attempts:
             return False

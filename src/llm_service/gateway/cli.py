@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from llm_service.cli import (
     EXIT_ERROR,
+    EXIT_INTERRUPTED,
     EXIT_USAGE,
     add_settings_flags,
     report_invalid_settings,
@@ -91,8 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except SystemExit:  # uvicorn's way out when it cannot start (its log says why)
-        print(f"{PROG}: error: could not start on {settings.listen}", file=sys.stderr)
+        print(f"{PROG}: error: could not start (see the log above)", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:  # before the signal handlers were installed
+        return EXIT_INTERRUPTED
     logger.info("stopped")
     return 0
 
@@ -113,8 +116,8 @@ class _Server(uvicorn.Server):
         if self.started:
             host = self.config.host
             shown = f"[{host}]" if ":" in host else host
-            logger.info("listening on http://%s:%d (OpenAI API under /v1)", shown,
-                        self.config.port)  # fmt: skip
+            port = self.servers[0].sockets[0].getsockname()[1] if self.servers else 0
+            logger.info("listening on http://%s:%d (OpenAI API under /v1)", shown, port)
 
 
 async def _serve(server: _Server, grace: float) -> None:

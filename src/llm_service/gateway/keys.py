@@ -77,7 +77,7 @@ class ApiKeys:
             AuthenticationError: no bearer key, or an unknown one.
         """
         scheme, _, key = (authorization or "").partition(" ")
-        key = key.strip()
+        key = key.strip(" \t")  # HTTP's whitespace only: a key's last byte may be 0x85 or 0xA0
         if scheme.lower() != "bearer" or not key:
             raise AuthenticationError(
                 "no API key: send it in the Authorization header as 'Bearer KEY'"
