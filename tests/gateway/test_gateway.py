@@ -241,6 +241,7 @@ def test_sse_wire_format(gateway: Gateway) -> None:
         assert response.headers["content-type"] == "text/event-stream"
         assert response.headers["cache-control"] == "no-cache"
         assert response.headers["x-accel-buffering"] == "no"
+        request_id = response.headers["x-request-id"]
         events, raw = _events(response)
     assert raw.endswith(b"data: [DONE]\n\n")
     assert events[-1] == "" and events[-2] == "data: [DONE]"
@@ -255,6 +256,8 @@ def test_sse_wire_format(gateway: Gateway) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     assert all("usage" not in c for c in chunks)  # only with stream_options.include_usage
+    # A stream read to its end is no disconnect.
+    assert f"[{request_id}] client went away" not in gateway.log
 
 
 def test_routes_without_the_v1_prefix(gateway: Gateway) -> None:

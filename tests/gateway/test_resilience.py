@@ -97,6 +97,7 @@ def test_disconnect_mid_stream_frees_the_replica_context(
     gateway: Gateway, backends: list[Service]
 ) -> None:
     cancelled = sum(b.metric("llm_requests_cancelled_total") for b in backends)
+    disconnects = gateway.metric("llm_gateway_client_disconnects_total")
     body = {"model": MODEL, "prompt": COUNT, "max_tokens": 900, "temperature": 0, "stream": True}
     headers = {"authorization": f"Bearer {KEY}"}
     with httpx.stream("POST", gateway.url + "/v1/completions", json=body, headers=headers,
@@ -109,6 +110,7 @@ def test_disconnect_mid_stream_frees_the_replica_context(
     time.sleep(0.1)
     assert sum(b.metric("llm_requests_cancelled_total") for b in backends) == cancelled + 1
     assert "client went away mid-stream" in gateway.log
+    assert gateway.metric("llm_gateway_client_disconnects_total") == disconnects + 1
     assert took < 1.0
 
 

@@ -201,6 +201,7 @@ class _Exchange:
         chat = isinstance(body, ChatCompletionRequest)
         self.builder = ResponseBuilder(chat=chat, request_id=request_id, model=body.model)
         self.first: asyncio.Future[Chunk] | None = None  # a stream's first chunk, being read
+        self.ended = False  # the whole response was written
         self._closed = False
 
     def close(self) -> None:
@@ -241,7 +242,7 @@ class _Exchange:
 
         An error after the response started is sent as a last ``data: {"error": ...}`` event.
         If the client goes away, Starlette cancels the response; ``_EventStream`` then calls
-        ``close()``, whether or not this generator ever ran.
+        ``close()`` and counts the disconnect, whether or not this generator ever ran.
         """
         assert self.first is not None
         interval = self.gateway.settings.keepalive_interval
@@ -267,13 +268,10 @@ class _Exchange:
         except LLMServiceError as exc:
             self.log.warning("stream failed after it started: %s (%s)", exc, exc.kind)
             yield _sse(http_error(exc)[1])
-        except asyncio.CancelledError:
-            self.gateway.metrics.disconnects.inc()
-            self.log.info("client went away mid-stream: backend call cancelled")
-            raise
         finally:
             self.close()
         yield b"data: [DONE]\n\n"
+        self.ended = True
 
 
 class _EventStream(StreamingResponse):
@@ -289,6 +287,9 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.exchange.close()
+            if not self.exchange.ended:  # cancelled while reading a token or writing one
+                self.exchange.gateway.metrics.disconnects.inc()
+                self.exchange.log.info("client went away mid-stream: backend call cancelled")
 
 
 class _ClientGone(Exception):
