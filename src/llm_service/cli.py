@@ -26,7 +26,7 @@ from pydantic_settings import BaseSettings
 
 from llm_service.errors import ConfigurationError, InvalidRequestError, LLMServiceError
 from llm_service.log import configure_logging
-from llm_service.settings import ClientSettings, ServiceSettings, read_file
+from llm_service.settings import ClientSettings, ServiceSettings, read_text
 
 if TYPE_CHECKING:
     from llm_service.client.types import Sampling
@@ -370,12 +370,7 @@ async def generate(args: argparse.Namespace, settings: ServiceSettings) -> int:
 
 
 def _read_text(path: Path | None, flag: str) -> str | None:
-    if path is None:
-        return None
-    try:
-        return read_file(path, flag).decode()
-    except UnicodeDecodeError:
-        raise ConfigurationError(f"{flag}: {path} is not UTF-8 text") from None
+    return None if path is None else read_text(path, flag)
 
 
 def quiet_grpc_core() -> None:

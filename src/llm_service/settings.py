@@ -27,6 +27,7 @@ __all__ = [
     "default_certs_dir",
     "read_file",
     "read_pem",
+    "read_text",
 ]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -41,6 +42,14 @@ def read_file(path: Path, option: str, what: str = "file") -> bytes:
         return path.expanduser().read_bytes()
     except OSError as exc:
         raise ConfigurationError(f"{option}: cannot read {what} {path}: {exc.strerror}") from None
+
+
+def read_text(path: Path, option: str, what: str = "file") -> str:
+    """A UTF-8 text file a setting or flag names; ConfigurationError names the option."""
+    try:
+        return read_file(path, option, what).decode()
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{option}: {path} is not UTF-8 text") from None
 
 
 def read_pem(path: Path, option: str, what: str) -> bytes:

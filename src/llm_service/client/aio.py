@@ -8,6 +8,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, Unpack, cast
 
@@ -41,7 +42,7 @@ from llm_service.errors import (
 )
 from llm_service.settings import DEFAULT_TARGET, ClientSettings, read_pem
 
-__all__ = ["AsyncClient", "AsyncStream", "options_from"]
+__all__ = ["AsyncClient", "AsyncStream", "TlsOptionNames", "channel_credentials", "options_from"]
 
 T = TypeVar("T")
 
@@ -104,7 +105,7 @@ class AsyncClient:
         self.target = target
         self.timeout = options.get("timeout")
         self.max_retries = options.get("max_retries", 3)
-        self._credentials = _credentials(
+        self._credentials = channel_credentials(
             options.get("tls_ca"),
             options.get("tls_cert"),
             options.get("tls_key"),
@@ -458,31 +459,47 @@ def options_from(settings: ClientSettings) -> ClientOptions:
     return cast(ClientOptions, settings.model_dump(include=set(ClientOptions.__optional_keys__)))
 
 
-def _credentials(
-    ca: Path | None, cert: Path | None, key: Path | None, insecure: bool
+@dataclass(frozen=True, slots=True)
+class TlsOptionNames:
+    """How a program names its TLS settings, for the errors of ``channel_credentials``."""
+
+    ca: str = "--tls-ca / LLM_TLS_CA"
+    cert: str = "--tls-cert / LLM_TLS_CERT"
+    key: str = "--tls-key / LLM_TLS_KEY"
+    insecure: str = "--insecure / LLM_INSECURE"
+
+
+def channel_credentials(
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    insecure: bool,
+    names: TlsOptionNames = TlsOptionNames(),
 ) -> grpc.ChannelCredentials | None:
+    """The channel credentials for these TLS settings (None: plaintext).
+
+    Raises:
+        ConfigurationError: no CA, a certificate without its key, TLS files with insecure,
+            or a file unreadable or not PEM; the message uses ``names``.
+    """
     if insecure:
         if ca or cert or key:
-            raise ConfigurationError(
-                "insecure (--insecure / LLM_INSECURE) cannot be combined with TLS files"
-            )
+            raise ConfigurationError(f"{names.insecure} cannot be combined with TLS files")
         return None
     if ca is None:
         raise ConfigurationError(
-            "no TLS material: give the CA (--tls-ca / LLM_TLS_CA) and this client's certificate"
-            " and key (--tls-cert, --tls-key / LLM_TLS_CERT, LLM_TLS_KEY), write development"
-            " certificates with `llm_service certs`, or use --insecure / LLM_INSECURE=1 for a"
-            " plaintext service"
+            f"no TLS material: give the CA ({names.ca}) and the client certificate and key"
+            f" ({names.cert}, {names.key}), write development certificates with"
+            f" `llm_service certs`, or use {names.insecure} for a plaintext service"
         )
     if (cert is None) != (key is None):
         raise ConfigurationError(
-            "give both the client certificate (--tls-cert / LLM_TLS_CERT) and its key"
-            " (--tls-key / LLM_TLS_KEY), or neither"
+            f"give both the client certificate ({names.cert}) and its key ({names.key}), or neither"
         )
     return grpc.ssl_channel_credentials(
-        read_pem(ca, "--tls-ca / LLM_TLS_CA", "CA certificate"),
-        read_pem(key, "--tls-key / LLM_TLS_KEY", "client key") if key else None,
-        read_pem(cert, "--tls-cert / LLM_TLS_CERT", "client certificate") if cert else None,
+        read_pem(ca, names.ca, "CA certificate"),
+        read_pem(key, names.key, "client key") if key else None,
+        read_pem(cert, names.cert, "client certificate") if cert else None,
     )
 
 

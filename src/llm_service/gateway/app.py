@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_service import __version__
+from llm_service.client.aio import TlsOptionNames, channel_credentials
 from llm_service.client.types import Chunk, ClientOptions, Completion
 from llm_service.errors import (
     ConfigurationError,
@@ -49,7 +50,7 @@ from llm_service.gateway.openai import (
 )
 from llm_service.gateway.status import INTERNAL_MESSAGE, error_body, http_error
 from llm_service.log import RequestLogger
-from llm_service.settings import GatewaySettings, read_pem
+from llm_service.settings import GatewaySettings
 
 __all__ = ["Gateway", "build_gateway", "create_app"]
 
@@ -63,6 +64,13 @@ SSE_HEADERS = {
     "cache-control": "no-cache",
     "x-accel-buffering": "no",
 }
+# The gateway's names of its TLS settings, for the errors of ``channel_credentials``.
+GATEWAY_TLS = TlsOptionNames(
+    ca="--tls-ca / LLM_GATEWAY_TLS_CA",
+    cert="--tls-cert / LLM_GATEWAY_TLS_CERT",
+    key="--tls-key / LLM_GATEWAY_TLS_KEY",
+    insecure="--insecure-backends / LLM_GATEWAY_INSECURE_BACKENDS",
+)
 # A request id the caller sends is used only if it is this safe to put in logs and headers.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -523,7 +531,11 @@ def build_gateway(settings: GatewaySettings) -> Gateway:
             "no backend: give each llm_service replica with --backend HOST:PORT"
             " (or LLM_GATEWAY_BACKENDS='HOST:PORT HOST:PORT')"
         )
-    _check_tls(settings)
+    # Checked here, to name the gateway's options; each backend's client reads the files again.
+    channel_credentials(
+        settings.tls_ca, settings.tls_cert, settings.tls_key, settings.insecure_backends,
+        GATEWAY_TLS,
+    )  # fmt: skip
     options = ClientOptions(
         tls_ca=settings.tls_ca,
         tls_cert=settings.tls_cert,
@@ -532,38 +544,7 @@ def build_gateway(settings: GatewaySettings) -> Gateway:
         insecure=settings.insecure_backends,
         timeout=None,
     )
-    pool = BackendPool(settings, options)  # (the clients read the TLS files checked above)
+    pool = BackendPool(settings, options)
     keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file else None
     limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
     return Gateway(settings, pool, keys, limiter, GatewayMetrics(pool))
-
-
-def _check_tls(settings: GatewaySettings) -> None:
-    """The TLS material to the replicas, checked with the gateway's own option names.
-
-    Raises:
-        ConfigurationError: missing, unreadable, not PEM, or given with --insecure-backends.
-    """
-    files = {
-        "--tls-ca / LLM_GATEWAY_TLS_CA": (settings.tls_ca, "CA certificate"),
-        "--tls-cert / LLM_GATEWAY_TLS_CERT": (settings.tls_cert, "client certificate"),
-        "--tls-key / LLM_GATEWAY_TLS_KEY": (settings.tls_key, "client key"),
-    }
-    given = {option: f for option, f in files.items() if f[0] is not None}
-    if settings.insecure_backends:
-        if given:
-            raise ConfigurationError(
-                f"--insecure-backends cannot be combined with {', '.join(given)}"
-            )
-        return
-    if len(given) != len(files):
-        missing = ", ".join(option for option in files if option not in given)
-        raise ConfigurationError(
-            f"mutual TLS to the replicas needs {missing}: give the CA that signed the replicas'"
-            " certificates and the gateway's own certificate and key, write development"
-            " certificates with `llm_service certs` (found in LLM_GATEWAY_CERTS_DIR), or use"
-            " --insecure-backends for replicas started with --insecure"
-        )
-    for option, (path, what) in given.items():
-        assert path is not None
-        read_pem(path, option, what)

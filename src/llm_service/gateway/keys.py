@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm_service.errors import AuthenticationError, ConfigurationError, RateLimitedError
-from llm_service.settings import read_file
+from llm_service.settings import read_text
 
 __all__ = ["ANONYMOUS", "ApiKeys", "RateLimiter"]
 
@@ -42,10 +42,7 @@ class ApiKeys:
                 (the message names the line, never its content).
         """
         option = "--api-keys-file / LLM_GATEWAY_API_KEYS_FILE"
-        try:
-            text = read_file(path, option, "API keys file").decode()
-        except UnicodeDecodeError:
-            raise ConfigurationError(f"{option}: {path} is not UTF-8 text") from None
+        text = read_text(path, option, "API keys file")
         digests: dict[str, bytes] = {}
         for number, raw in enumerate(text.splitlines(), 1):
             # A comment starts a line or follows a space: a key may hold "#".

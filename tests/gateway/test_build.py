@@ -1,0 +1,43 @@
+"""``build_gateway``: start-up checks name the gateway's own options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llm_service.errors import ConfigurationError
+from llm_service.gateway import build_gateway
+from llm_service.settings import GatewaySettings
+
+
+def settings(tmp_path: Path, **values: object) -> GatewaySettings:
+    return GatewaySettings(backends=("127.0.0.1:1",), certs_dir=tmp_path / "none", **values)  # type: ignore[arg-type]
+
+
+def test_no_tls_material_names_the_gateway_options(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        build_gateway(settings(tmp_path))
+    message = str(caught.value)
+    assert "--tls-ca / LLM_GATEWAY_TLS_CA" in message
+    assert "--insecure-backends / LLM_GATEWAY_INSECURE_BACKENDS" in message
+    assert "LLM_TLS_CA" not in message.replace("LLM_GATEWAY_TLS_CA", "")
+
+
+def test_insecure_backends_with_tls_files_is_refused(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    with pytest.raises(ConfigurationError, match=r"^--insecure-backends / LLM_GATEWAY"):
+        build_gateway(settings(tmp_path, insecure_backends=True, tls_ca=ca))
+
+
+def test_a_tls_file_that_is_not_pem_is_named(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not a certificate")
+    with pytest.raises(ConfigurationError, match=r"^--tls-ca / LLM_GATEWAY_TLS_CA: .* not a PEM"):
+        build_gateway(settings(tmp_path, tls_ca=ca))
+
+
+def test_no_backend_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=r"--backend HOST:PORT"):
+        build_gateway(GatewaySettings(insecure_backends=True))
