@@ -278,6 +278,14 @@ def test_health_readiness_metrics_and_openapi(gateway: Gateway, backends: list[S
     _post(gateway, {"model": MODEL, "prompt": "Hi", "max_tokens": 2}, "/v1/completions")
     route = "/v1/completions"
     assert gateway.metric("llm_gateway_requests_total", route=route, status="200", model=MODEL)
+    # Labels are route templates, known even for a request refused before routing.
+    httpx.post(gateway.url + "/v1/chat/completions", json={})  # no key
+    httpx.get(gateway.url + f"/v1/models/{MODEL}", headers={"authorization": f"Bearer {KEY}"})
+    httpx.get(gateway.url + "/v1/nothing/here", headers={"authorization": f"Bearer {KEY}"})
+    chat, one_model = "/v1/chat/completions", "/v1/models/{model_id:path}"
+    assert gateway.metric("llm_gateway_requests_total", route=chat, status="401", model="-")
+    assert gateway.metric("llm_gateway_requests_total", route=one_model, status="200", model="-")
+    assert gateway.metric("llm_gateway_requests_total", route="other", status="404", model="-")
     assert gateway.metric("llm_gateway_tokens_total", model=MODEL, kind="completion") >= 2
     for b in backends:
         labels = {"backend": f"127.0.0.1:{b.grpc_port}"}

@@ -20,6 +20,7 @@ from llm_service.client import (
     ChatMessage,
     Chunk,
     ClientOptions,
+    Completion,
     FinishReason,
     ModelInfo,
     Started,
@@ -427,6 +428,8 @@ class FakeStream:
         self.started: Started | None = None
         self.prompt_tokens = prompt_tokens
         self.cancelled = False
+        self.completion: Completion | None = None  # set with the final chunk, as AsyncStream
+        self._texts: list[str] = []
 
     async def __anext__(self) -> Chunk:
         if not self.script:
@@ -435,6 +438,12 @@ class FakeStream:
         if isinstance(item, LLMServiceError):
             raise item
         self.started = Started("backend-req", self.prompt_tokens, 0.0, 0)
+        self._texts.append(item.text)
+        if item.final:
+            assert item.finish_reason and item.usage and item.timings
+            self.completion = Completion(
+                "".join(self._texts), item.finish_reason, item.usage, item.timings, "backend-req"
+            )
         return item
 
     def cancel(self) -> None:
@@ -511,6 +520,7 @@ async def test_a_stream_passes_the_replicas_chunks(
     ]
     assert stream.backend is first
     assert (stream.prompt_tokens, stream.completion_tokens) == (4, 2)
+    assert stream.completion is not None and stream.completion.text == "Hi!"
     assert first.outstanding == 0
 
 

@@ -25,6 +25,7 @@ from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_service import __version__
@@ -57,7 +58,12 @@ __all__ = ["Gateway", "build_gateway", "create_app"]
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Paths behind the API key (unknown ones too: a 401 comes before a 404).
 API_PREFIXES = ("/v1/", "/chat/", "/completions", "/models")
+# The routes that generate, and so count against a caller's rate limits.
+GENERATION_ROUTES = frozenset(
+    {"/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions"}
+)
 # Server-Sent Events, unbuffered by proxies (nginx honours X-Accel-Buffering).
 SSE_HEADERS = {
     "content-type": "text/event-stream",
@@ -115,7 +121,7 @@ class Gateway:
         self.metrics = metrics
         self.started = int(time.time())
 
-    def admit(self, headers: Headers, path: str) -> str:
+    def admit(self, headers: Headers, route: str) -> str:
         """The caller's name, if its key is good and (for generation) its limits allow.
 
         Raises:
@@ -125,7 +131,7 @@ class Gateway:
         caller = ANONYMOUS
         if self.keys is not None:
             caller = self.keys.identify(headers.get("authorization"))
-        if path.removeprefix("/v1").rstrip("/") in ("/chat/completions", "/completions"):
+        if route in GENERATION_ROUTES:
             try:
                 self.limiter.admit(caller)
             except RateLimitedError:
@@ -223,27 +229,24 @@ class _Exchange:
         self.stream.cancel()
         self.gateway.account(self.stream, self.caller, self.model)
 
-    def _first_token(self) -> None:
+    def _first_token(self, chunk: Chunk) -> Chunk:
+        """``chunk``, the first one, its arrival timed."""
         elapsed = time.monotonic() - self.arrived
         self.gateway.metrics.ttft.labels(self.model).observe(elapsed)
+        return chunk
 
     async def collect(self) -> Completion:
         """The whole answer (a request without ``stream``)."""
-        text: list[str] = []
         try:
-            async for chunk in self.stream:
-                if not text:
-                    self._first_token()
-                text.append(chunk.text)
-                if chunk.final:
-                    assert chunk.finish_reason and chunk.usage and chunk.timings
-                    self.log.info("done: %s, %d tokens", chunk.finish_reason.value,
-                                  chunk.usage.completion_tokens)  # fmt: skip
-                    return Completion("".join(text), chunk.finish_reason, chunk.usage,
-                                      chunk.timings, self.stream.request_id)  # fmt: skip
+            self._first_token(await anext(self.stream))
+            async for _ in self.stream:
+                pass
         finally:
             self.close()
-        raise AssertionError("unreachable: a stream ends with its final chunk")  # pragma: no cover
+        done = self.stream.completion
+        assert done is not None  # the stream ended with its final chunk
+        self.log.info("done: %s, %d tokens", done.finish_reason.value, done.usage.completion_tokens)
+        return done
 
     async def events(self) -> AsyncIterator[bytes]:
         """The SSE body: pings until the first token, one event per chunk, then ``[DONE]``.
@@ -261,8 +264,7 @@ class _Exchange:
                 done, _ = await asyncio.wait({self.first}, timeout=interval)
                 if not done:
                     yield b": ping\n\n"
-            chunk = self.first.result()
-            self._first_token()
+            chunk = self._first_token(self.first.result())
             include_usage = self.gen.include_usage
             yield _sse(self.builder.chunk(chunk, include_usage=include_usage))
             while not chunk.final:
@@ -338,9 +340,17 @@ class _RequestContext:
     gets 401 whatever its body holds.
     """
 
-    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+    def __init__(self, app: ASGIApp, gateway: Gateway, routes: list[BaseRoute]) -> None:
         self.app = app
         self.gateway = gateway
+        self.routes = routes  # the application's, filled in as routes are added
+
+    def _route(self, scope: Scope) -> str:
+        """The template of the route ``scope`` goes to (a bounded metrics label), or "other"."""
+        for route in self.routes:
+            if route.matches(scope)[0] is not Match.NONE:
+                return getattr(route, "path", "other")
+        return "other"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -353,6 +363,7 @@ class _RequestContext:
         state.update(request_id=request_id, caller=ANONYMOUS, model="-")
         status, responded = 500, False
         started = time.monotonic()
+        route = self._route(scope)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, responded
@@ -365,7 +376,7 @@ class _RequestContext:
         try:
             if path.startswith(API_PREFIXES):
                 try:
-                    state["caller"] = self.gateway.admit(headers, path)
+                    state["caller"] = self.gateway.admit(headers, route)
                     receive = self._limited(headers, receive)
                 except LLMServiceError as exc:
                     await error_response(exc)(scope, receive, send_with_id)
@@ -378,7 +389,6 @@ class _RequestContext:
             body = error_body(INTERNAL_MESSAGE, "server_error", code="internal_error")
             await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
         finally:
-            route = path if path in _ROUTES else "other"
             elapsed = time.monotonic() - started
             m = self.gateway.metrics
             m.requests.labels(route, str(status), state["model"]).inc()
@@ -411,11 +421,6 @@ class _RequestContext:
         return receive_limited
 
 
-_ROUTES = {
-    "/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
-    "/v1/models", "/models", "/healthz", "/readyz", "/metrics",
-}  # fmt: skip
-
 _ERRORS: dict[int | str, dict[str, Any]] = {
     "4XX": {"description": 'OpenAI-style error: {"error": {message, type, param, code}}'},
     "5XX": {"description": "OpenAI-style error; 503 when no backend is healthy"},
@@ -443,7 +448,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         docs_url="/docs",
         redoc_url=None,
     )
-    app.add_middleware(_RequestContext, gateway=gateway)
+    app.add_middleware(_RequestContext, gateway=gateway, routes=app.router.routes)
     bearer = HTTPBearer(auto_error=False, description="An API key from --api-keys-file.")
 
     @app.exception_handler(LLMServiceError)

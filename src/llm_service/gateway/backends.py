@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from llm_service.client import AsyncClient, AsyncStream, Chunk, ModelInfo
+from llm_service.client import AsyncClient, AsyncStream, Chunk, Completion, ModelInfo
 from llm_service.client.types import ClientOptions, Message, Sampling
 from llm_service.errors import (
     EngineError,
@@ -344,7 +344,7 @@ class BackendPool:
                 raise UnavailableError(f"no healthy backend serves {model!r} now")
             names = ", ".join(repr(m) for m in self.models()) or "none"
             raise ModelNotFoundError("model", f"no model {model!r} is served; served: {names}")
-        left = [b for b in serving if b not in exclude]
+        left = self._candidates(model, exclude)
         if not left:
             raise UnavailableError(f"every backend serving {model!r} refused the request")
         if len(left) == 1:
@@ -356,10 +356,13 @@ class BackendPool:
 
     def has_other(self, model: str, exclude: set[Backend]) -> bool:
         """Whether a healthy replica serving ``model`` is left besides ``exclude``."""
-        return any(
-            b.state() is BackendState.HEALTHY and b.serves(model) and b not in exclude
-            for b in self.backends
-        )
+        return bool(self._candidates(model, exclude))
+
+    def _candidates(self, model: str, exclude: set[Backend]) -> list[Backend]:
+        return [
+            b for b, state in self.states()
+            if state is BackendState.HEALTHY and b.serves(model) and b not in exclude
+        ]  # fmt: skip
 
     def states(self) -> Iterator[tuple[Backend, BackendState]]:
         now = time.monotonic()
@@ -416,6 +419,7 @@ class RoutedStream:
         backend: the replica serving (or last tried).
         prompt_tokens: tokens in the prompt, once a replica started on it.
         completion_tokens: tokens received so far.
+        completion: the whole result, once the final chunk was returned.
     """
 
     def __init__(
@@ -437,6 +441,7 @@ class RoutedStream:
         self.backend: Backend | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.completion: Completion | None = None
         self._stream: AsyncStream | None = None  # the current attempt
         self._tried: set[Backend] = set()
         self._delivered = False
@@ -471,11 +476,12 @@ class RoutedStream:
                     raise
                 refused = exc
                 continue
-            if stream.started is not None:
+            if not self._delivered and stream.started is not None:
                 self.prompt_tokens = stream.started.prompt_tokens
             self.completion_tokens += len(chunk.token_ids)
             self._delivered = True
             if chunk.final:
+                self.completion = stream.completion
                 self._finished = True
                 self._release(None)
             return chunk

@@ -266,6 +266,8 @@ class ResponseBuilder:
         self.created = int(time.time())
         self.model = model
         self._role_sent = False
+        # The fields every stream chunk repeats, made once rather than per token.
+        self._chunk_head = self._head("chat.completion.chunk" if chat else "text_completion")
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -293,16 +295,13 @@ class ResponseBuilder:
                 delta = {"role": "assistant", "content": chunk.text}
                 self._role_sent = True
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-            head = self._head("chat.completion.chunk")
         else:
             choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": reason}
-            head = self._head("text_completion")
-        out = head | {"choices": [choice]}
+        out = self._chunk_head | {"choices": [choice]}
         if include_usage:
             out["usage"] = None
         return out
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         """The last event with ``stream_options.include_usage``: no choices, the usage."""
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._head(obj) | {"choices": [], "usage": usage_object(usage)}
+        return self._chunk_head | {"choices": [], "usage": usage_object(usage)}
