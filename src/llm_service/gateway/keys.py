@@ -164,22 +164,22 @@ class RateLimiter:
             return
         now = self._clock()
         caller = self._caller(name, now)
-        if caller.tokens is not None:
-            caller.tokens.refill(now)
-            if caller.tokens.level < 0:
-                wait = caller.tokens.wait_for(0)
+        # Tokens are charged after the fact, so only an overdrawn balance refuses a request.
+        checks = (
+            (caller.tokens, 0.0, f"{self.tpm} tokens"),
+            (caller.requests, 1.0, f"{self.rpm} requests"),
+        )
+        for bucket, needed, allowance in checks:
+            if bucket is None:
+                continue
+            bucket.refill(now)
+            if bucket.level < needed:
+                wait = bucket.wait_for(needed)
                 raise RateLimitedError(
-                    f"{name} used its {self.tpm} tokens per minute; retry in {math.ceil(wait)} s",
+                    f"{name} used its {allowance} per minute; retry in {math.ceil(wait)} s",
                     retry_after_s=wait,
                 )
         if caller.requests is not None:
-            caller.requests.refill(now)
-            if caller.requests.level < 1:
-                wait = caller.requests.wait_for(1)
-                raise RateLimitedError(
-                    f"{name} used its {self.rpm} requests per minute; retry in {math.ceil(wait)} s",
-                    retry_after_s=wait,
-                )
             caller.requests.level -= 1
 
     def charge(self, name: str, tokens: int) -> None:
