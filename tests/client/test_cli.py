@@ -66,6 +66,22 @@ def test_generate_streams_a_prompt_from_stdin(cli_env: dict[str, str], service: 
     assert "first token after" in result.stderr and "tokens/s" in result.stderr
 
 
+def test_an_empty_answer_is_explained(cli_env: dict[str, str]) -> None:
+    # Greedy, the instruct model ends this raw prompt at once; as a chat it answers.
+    instruction = "Write a haiku about rain."
+    raw = llm_cli("generate", instruction, "--temperature", "0", env=cli_env)
+    assert raw.returncode == 0, raw.stderr
+    assert raw.stdout == "\n"
+    assert raw.stderr == (
+        "llm_cli: the model ended at once, with no text (an instruction reads better as --chat)\n"
+    )
+    chat = llm_cli(
+        "generate", "--chat", instruction, "--temperature", "0", "--max-tokens", "16", env=cli_env
+    )
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.strip() and chat.stderr == ""
+
+
 def test_generate_json_events(cli_env: dict[str, str]) -> None:
     result = llm_cli(
         "generate", COUNTING, "--json", "--temperature", "0", "--max-tokens", "4", env=cli_env

@@ -241,6 +241,10 @@ def generate(args: argparse.Namespace, client: Client) -> int:
     ended = time.perf_counter()
     if not args.json and not completion.text.endswith("\n"):
         sys.stdout.write("\n")
+    if not args.json and completion.usage.completion_tokens == 0:
+        # An empty answer looks like a broken tool; say what happened.
+        hint = "" if args.chat or args.system else " (an instruction reads better as --chat)"
+        print(f"{PROG}: the model ended at once, with no text{hint}", file=sys.stderr)
     if args.stats:
         n = completion.usage.completion_tokens
         ttft = f"{(first_token_at - sent) * 1000:.0f} ms" if first_token_at else "-"
