@@ -17,19 +17,24 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
+from servers import (
+    Server,
+    Setup,
+    Stack,
+    llama_cpp_python_server,
+    llama_server,
+    llm_gateway,
+    llm_service,
+)
 
 from llm_service.certs import write_dev_certs
 from llm_service.client import AsyncClient
@@ -41,159 +46,6 @@ from llm_service.settings import ServiceSettings
 REFERENCE = "llama-server"
 # Sends request (prompt index, max tokens); yields the token count of each chunk as it arrives.
 StreamOpener = Callable[[int, int], AsyncIterator[int]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Server:
-    """One server under test, run as a child process with its log in a file."""
-
-    name: str
-    command: list[str]
-    ready_url: str
-    env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen[bytes] | None = None
-    log: Path | None = None
-
-    def start(self, workdir: Path) -> None:
-        self.log = workdir / f"{self.name.replace(' ', '_')}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LLM_")} | self.env
-        with self.log.open("wb") as out:
-            self.process = subprocess.Popen(
-                self.command, env=env, stdout=out, stderr=subprocess.STDOUT
-            )
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        assert self.process is not None
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited; its log: {self.log}")
-            try:
-                with urllib.request.urlopen(self.ready_url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.name} not ready after {timeout} s; its log: {self.log}")
-
-    def rss_mb(self) -> float:
-        assert self.process is not None
-        try:
-            proc = psutil.Process(self.process.pid)
-            procs = [proc, *proc.children(recursive=True)]
-            return sum(p.memory_info().rss for p in procs) / 2**20
-        except psutil.NoSuchProcess:
-            return 0.0
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-@dataclass
-class Setup:
-    model: Path
-    slots: int
-    ctx_per_slot: int
-    threads: int
-    tools: Path
-    workdir: Path
-    certs: dict[str, Path]
-
-
-def llama_server(s: Setup) -> tuple[Server, str]:
-    """llama.cpp's server, and its base URL."""
-    port = free_port()
-    server = Server(
-        "llama-server",
-        [str(s.tools / "llama-server"), "-m", str(s.model), "--host", "127.0.0.1",
-         "--port", str(port), "-np", str(s.slots), "-c", str(s.slots * s.ctx_per_slot),
-         "-t", str(s.threads), "-tb", str(s.threads)],
-        f"http://127.0.0.1:{port}/health",
-    )  # fmt: skip
-    return server, f"http://127.0.0.1:{port}"
-
-
-def llama_cpp_python_server(s: Setup) -> tuple[Server, str]:
-    """llama-cpp-python's OpenAI-compatible server, and its base URL."""
-    port = free_port()
-    # interrupt_requests off: by default it cuts running streams off when new requests arrive.
-    server = Server(
-        "llama-cpp-python",
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(s.model), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", str(s.ctx_per_slot), "--n_threads", str(s.threads),
-         "--interrupt_requests", "False"],
-        f"http://127.0.0.1:{port}/v1/models",
-    )  # fmt: skip
-    return server, f"http://127.0.0.1:{port}"
-
-
-def llm_service(s: Setup, mode: str) -> tuple[Server, str]:
-    """llm_service in ``mode``, and its gRPC target."""
-    grpc_port, http_port = free_port(), free_port()
-    env = {
-        "LLM_MODEL_PATH": str(s.model),
-        "LLM_POOL_MODE": mode,
-        "LLM_LLAMA_SERVICE_THREADS": str(s.slots),
-        "LLM_N_CTX": str(s.ctx_per_slot),
-        "LLM_GRPC_ADDR": f"127.0.0.1:{grpc_port}",
-        "LLM_HTTP_ADDR": f"127.0.0.1:{http_port}",
-        "LLM_TLS_CERT": str(s.certs["server.crt"]),
-        "LLM_TLS_KEY": str(s.certs["server.key"]),
-        "LLM_TLS_CA": str(s.certs["ca.crt"]),
-        "LLM_LOG_LEVEL": "WARNING",
-    }
-    if mode == "batched":  # one context for all slots: every core on it (the mode's default)
-        env["LLM_N_THREADS"] = str(s.threads)
-    server = Server(
-        f"llm_service {mode}",
-        [sys.executable, "-m", "llm_service", "serve"],
-        f"http://127.0.0.1:{http_port}/readyz",
-        env,
-    )
-    return server, f"localhost:{grpc_port}"
-
-
-def llm_gateway(s: Setup, backend: str) -> tuple[Server, str]:
-    """llm-gateway in front of one llm_service (gRPC ``backend``), and its base URL."""
-    port = free_port()
-    env = {
-        "LLM_GATEWAY_BACKENDS": backend,
-        "LLM_GATEWAY_LISTEN": f"127.0.0.1:{port}",
-        "LLM_GATEWAY_TLS_CA": str(s.certs["ca.crt"]),
-        "LLM_GATEWAY_TLS_CERT": str(s.certs["client.crt"]),
-        "LLM_GATEWAY_TLS_KEY": str(s.certs["client.key"]),
-        "LLM_GATEWAY_LOG_LEVEL": "WARNING",
-    }
-    server = Server(
-        "llm-gateway",
-        [sys.executable, "-m", "llm_service.gateway"],
-        f"http://127.0.0.1:{port}/readyz",
-        env,
-    )
-    return server, f"http://127.0.0.1:{port}"
-
-
-@dataclass
-class Stack:
-    """Servers measured together (the gateway and its replica): RSS adds up."""
-
-    servers: list[Server]
-
-    def rss_mb(self) -> float:
-        return sum(s.rss_mb() for s in self.servers)
 
 
 def grpc_opener(client: AsyncClient) -> StreamOpener:
@@ -283,6 +135,7 @@ async def _drain(stream: AsyncIterator[int]) -> None:
 
 def llama_bench_tg(setup: Setup, n: int = 128) -> float:
     """llama-bench's single-stream generation speed (tg) on the same build, tokens/s."""
+    assert setup.tools is not None
     out = subprocess.run(
         [str(setup.tools / "llama-bench"), "-m", str(setup.model), "-p", "0", "-n", str(n),
          "-t", str(setup.threads), "-r", "3", "-o", "json"],
