@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -36,25 +37,47 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 PoolMode = Literal["batched", "contexts"]
 
 
-def read_file(path: Path, option: str, what: str = "file") -> bytes:
-    """The bytes of a file a setting or flag names; ConfigurationError names the option."""
+# Permission bits a file holding a secret must not have: write or execute by its group, or any
+# access by others. Owner read/write and group read (0640: a Kubernetes Secret mounted with
+# fsGroup) are allowed.
+_LOOSE_SECRET_BITS = stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO
+
+
+def read_file(path: Path, option: str, what: str = "file", *, secret: bool = False) -> bytes:
+    """The bytes of a file a setting or flag names; ConfigurationError names the option.
+
+    ``secret``: the file holds a secret (a private key, API keys), and is refused if other users
+    may read it or its group may change it.
+    """
+    path = path.expanduser()
     try:
-        return path.expanduser().read_bytes()
+        data = path.read_bytes()
+        mode = stat.S_IMODE(path.stat().st_mode)
     except OSError as exc:
         raise ConfigurationError(f"{option}: cannot read {what} {path}: {exc.strerror}") from None
+    if secret and mode & _LOOSE_SECRET_BITS:
+        raise ConfigurationError(
+            f"{option}: {what} {path} has permissions {mode:04o}, so other users may read or"
+            f" change it; a secret must be private (0600, 0400, 0640 or 0440): run"
+            f"  chmod 600 {path}"
+        )
+    return data
 
 
-def read_text(path: Path, option: str, what: str = "file") -> str:
+def read_text(path: Path, option: str, what: str = "file", *, secret: bool = False) -> str:
     """A UTF-8 text file a setting or flag names; ConfigurationError names the option."""
     try:
-        return read_file(path, option, what).decode()
+        return read_file(path, option, what, secret=secret).decode()
     except UnicodeDecodeError:
         raise ConfigurationError(f"{option}: {path} is not UTF-8 text") from None
 
 
-def read_pem(path: Path, option: str, what: str) -> bytes:
-    """A PEM file (certificate or key) a setting names; ConfigurationError if it is not PEM."""
-    data = read_file(path, option, what)
+def read_pem(path: Path, option: str, what: str, *, secret: bool = False) -> bytes:
+    """A PEM file (certificate or key) a setting names; ConfigurationError if it is not PEM.
+
+    ``secret``: a private key, refused if its permissions let other users read it.
+    """
+    data = read_file(path, option, what, secret=secret)
     if b"-----BEGIN " not in data:
         raise ConfigurationError(f"{option}: {path} is not a PEM file ({what})")
     return data
@@ -128,6 +151,25 @@ class ServiceSettings(BaseSettings):
     queue_timeout: float = Field(
         30.0, gt=0, description="Seconds a request may wait for a free context before refusal."
     )
+    stall_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a stream may wait for its client to read the next message; a"
+        " client that stops reading longer is cut off and its context freed.",
+    )
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest gRPC request message accepted, in bytes (RESOURCE_EXHAUSTED above).",
+    )
+    max_prompt_chars: int = Field(
+        1_000_000, ge=1, description="Characters of one prompt (or all its chat messages)."
+    )
+    max_messages: int = Field(1024, ge=1, description="Chat messages in one request.")
+    max_stop_strings: int = Field(16, ge=0, description="Stop strings in one request.")
+    max_stop_chars: int = Field(256, ge=1, description="Characters of one stop string.")
+    max_grammar_bytes: int = Field(65_536, ge=1, description="Bytes of one GBNF grammar.")
+    max_schema_bytes: int = Field(65_536, ge=1, description="Bytes of one JSON schema.")
     grpc_addr: str = Field(
         DEFAULT_TARGET, description="Address the gRPC API listens on (HOST:PORT; port 0 = any)."
     )
@@ -334,6 +376,12 @@ class GatewaySettings(BaseSettings):
         ge=1024,
         le=15 * 1024 * 1024,  # under the gRPC message limit (16 MiB) to the replicas
         description="Largest request body accepted; larger ones get 400.",
+    )
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client gets to send a request's headers (on a new connection, or"
+        " after a response); connections that send nothing are closed after it.",
     )
     max_attempts: int = Field(
         3,

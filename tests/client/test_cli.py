@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def cli_env(service: Service, certs: Certs, tmp_path: Path) -> dict[str, str]:
     certs_dir = config / "llm-service" / "certs"
     certs_dir.mkdir(parents=True)
     for name in ("ca.crt", "client.crt", "client.key"):
-        (certs_dir / name).write_bytes((certs.dir / name).read_bytes())
+        shutil.copy(certs.dir / name, certs_dir / name)  # with its mode: keys stay private
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "XDG_"))}
     return env | {
         "LLM_TARGET": target(service),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import shutil
 import signal
 import threading
 import time
@@ -242,7 +243,7 @@ def test_settings_from_the_environment_and_the_development_certificates(
     # The README's run command serves here; a client with no settings must find it.
     assert ClientSettings().target == ServiceSettings().grpc_addr == "127.0.0.1:50051"
     for name in ("ca.crt", "client.crt", "client.key"):
-        (tmp_path / name).write_bytes((certs.dir / name).read_bytes())
+        shutil.copy(certs.dir / name, tmp_path / name)  # with its mode: keys stay private
     monkeypatch.setenv("LLM_TARGET", target(service))
     monkeypatch.setenv("LLM_CERTS_DIR", str(tmp_path))
     with Client.from_settings() as c:

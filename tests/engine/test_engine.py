@@ -17,6 +17,7 @@ from llm_service.engine import (
     Finished,
     FinishReason,
     GenerationRequest,
+    RequestLimits,
     SamplingParams,
     Started,
     TokenDelta,
@@ -173,6 +174,9 @@ async def test_overload_when_queue_full(fake) -> None:  # type: ignore[no-untype
         (lambda: req(seed=-1), "sampling.seed"),
         (lambda: req(stop=("",)), "sampling.stop"),
         (lambda: req(json_schema="{not json"), "sampling.json_schema"),
+        (lambda: req(json_schema='{"$ref": "https://example.com/s.json"}'), "sampling.json_schema"),
+        (lambda: req(json_schema='{"items": [{"$ref": "/etc/passwd"}]}'), "sampling.json_schema"),
+        (lambda: req(json_schema='{"properties": {"a": {"$ref": 5}}}'), "sampling.json_schema"),
         (lambda: req(grammar="x", json_schema="{}"), "sampling.grammar"),
         (lambda: GenerationRequest(messages=()), "messages"),
         (lambda: GenerationRequest(messages=(ChatMessage("robot", "x"),)), "messages.role"),
@@ -195,6 +199,51 @@ async def test_too_long_prompt_names_both_numbers(fake) -> None:  # type: ignore
         await collect(engine, req("abc", max_tokens=61))
     assert info2.value.field == "sampling.max_tokens"
     assert engine.pool_state().free == 2 and engine.pool_state().leased == 0
+
+
+def test_a_schema_may_refer_to_itself() -> None:
+    req(
+        json_schema='{"properties": {"next": {"$ref": "#"}}, "$defs": {"a": {"$ref": "#/$defs/a"}}}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("limits", "make", "field", "setting"),
+    [
+        (RequestLimits(prompt_chars=5), lambda: req("abcdef"), "prompt", "PROMPT_CHARS"),
+        (
+            RequestLimits(prompt_chars=5),
+            lambda: GenerationRequest(messages=(ChatMessage("user", "abc"),) * 2),
+            "messages",
+            "PROMPT_CHARS",
+        ),
+        (
+            RequestLimits(messages=2),
+            lambda: GenerationRequest(messages=(ChatMessage("user", "a"),) * 3),
+            "messages",
+            "MESSAGES",
+        ),
+        (RequestLimits(stop_strings=2), lambda: req(stop=("a", "b", "c")), "sampling.stop",
+         "STOP_STRINGS"),
+        (RequestLimits(stop_chars=3), lambda: req(stop=("abcd",)), "sampling.stop", "STOP_CHARS"),
+        (RequestLimits(grammar_bytes=10), lambda: req(grammar='root ::= "ééééé"'),
+         "sampling.grammar", "GRAMMAR_BYTES"),
+        (RequestLimits(schema_bytes=10), lambda: req(json_schema='{"type": "object"}'),
+         "sampling.json_schema", "SCHEMA_BYTES"),
+    ],
+)  # fmt: skip
+async def test_limits_name_the_field_and_the_setting(limits, make, field, setting) -> None:  # type: ignore[no-untyped-def]
+    backend = FakeBackend(n_ctx=64, slots=1)
+    engine = await Engine.start(backend, EngineConfig(limits=limits))
+    try:
+        with pytest.raises(InvalidRequestError) as info:
+            await collect(engine, make())
+        assert info.value.field == field
+        assert f"LLM_MAX_{setting}" in str(info.value)
+        assert backend.history == [] and engine.pool_state().free == 1
+        await collect(engine, req("ok"))  # the engine serves on
+    finally:
+        await engine.aclose()
 
 
 async def test_bad_grammar_refused_before_lease(fake) -> None:  # type: ignore[no-untyped-def]

@@ -84,6 +84,7 @@ def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("keys") / "keys.txt"
     digest = hashlib.sha256(HASHED_KEY.encode()).hexdigest()
     path.write_text(f"# test keys\n{KEY}\n\nsha256:{digest}  # the second key, hashed\n")
+    path.chmod(0o600)  # a keys file others may read is refused
     return path
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from llm_service.certs import write_dev_certs
 from llm_service.errors import ConfigurationError
 from llm_service.gateway import build_gateway
 from llm_service.settings import GatewaySettings
@@ -36,6 +37,22 @@ def test_a_tls_file_that_is_not_pem_is_named(tmp_path: Path) -> None:
     ca.write_text("not a certificate")
     with pytest.raises(ConfigurationError, match=r"^--tls-ca / LLM_GATEWAY_TLS_CA: .* not a PEM"):
         build_gateway(settings(tmp_path, tls_ca=ca))
+
+
+def test_a_client_key_others_may_read_is_refused(tmp_path: Path) -> None:
+    files = write_dev_certs(tmp_path / "certs")
+    files["client.key"].chmod(0o644)
+    with pytest.raises(
+        ConfigurationError, match=r"^--tls-key / LLM_GATEWAY_TLS_KEY: client key .* 0644"
+    ):
+        build_gateway(
+            settings(
+                tmp_path,
+                tls_ca=files["ca.crt"],
+                tls_cert=files["client.crt"],
+                tls_key=files["client.key"],
+            )
+        )
 
 
 def test_no_backend_is_refused(tmp_path: Path) -> None:

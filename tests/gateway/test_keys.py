@@ -18,6 +18,7 @@ HASHED_KEY = "sk-hashed-secret"
 def keys_file(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "keys.txt"
     path.write_text(text)
+    path.chmod(0o600)
     return path
 
 
@@ -91,9 +92,25 @@ def test_an_unreadable_file_is_refused(tmp_path: Path) -> None:
         ApiKeys.load(tmp_path)  # a directory
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o660, 0o620, 0o601])
+def test_a_keys_file_others_may_read_or_change_is_refused(tmp_path: Path, mode: int) -> None:
+    path = keys_file(tmp_path, f"{KEY}\n")
+    path.chmod(mode)
+    with pytest.raises(ConfigurationError, match=f"permissions {mode:04o}.*chmod 600"):
+        ApiKeys.load(path)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o640, 0o440])
+def test_a_private_keys_file_is_read(tmp_path: Path, mode: int) -> None:
+    path = keys_file(tmp_path, f"{KEY}\n")
+    path.chmod(mode)
+    assert len(ApiKeys.load(path)) == 1
+
+
 def test_a_binary_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "keys.bin"
     path.write_bytes(b"\xff\xfe\x00key")
+    path.chmod(0o600)
     with pytest.raises(ConfigurationError, match="UTF-8"):
         ApiKeys.load(path)
 
@@ -216,6 +233,7 @@ def test_either_limit_enables_the_limiter() -> None:
 def utf8_keys_file(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "keys.txt"
     path.write_bytes(text.encode())
+    path.chmod(0o600)
     return path
 
 

@@ -63,6 +63,7 @@ class Certs:
         def save(name: str, item: Issued) -> ClientCert:
             (out / f"{name}.crt").write_bytes(item.cert_pem)
             (out / f"{name}.key").write_bytes(item.key_pem)
+            (out / f"{name}.key").chmod(0o600)  # a key others may read is refused
             return ClientCert(out / f"{name}.crt", out / f"{name}.key")
 
         return cls(

@@ -40,7 +40,7 @@ def test_set_sampling_fields_override_even_when_zero() -> None:
         (pb.SamplingParams(top_p=float("nan")), "sampling.top_p"),
         (pb.SamplingParams(max_tokens=-3), "sampling.max_tokens"),
         (pb.SamplingParams(seed=-1), "sampling.seed"),
-        (pb.SamplingParams(stop=["x"] * 17), "sampling.stop"),
+        (pb.SamplingParams(stop=["x", ""]), "sampling.stop"),
         (pb.SamplingParams(json_schema="{"), "sampling.json_schema"),
     ],
 )

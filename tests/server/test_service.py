@@ -368,6 +368,19 @@ def test_unusable_settings_fail_with_the_flag_named(certs: Certs, tmp_path: Path
     assert result.returncode == 2 and f"--tls-ca: cannot read client CA {missing}" in result.stderr
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o660])
+def test_a_server_key_others_may_read_is_refused(certs: Certs, tmp_path: Path, mode: int) -> None:
+    key = tmp_path / "server.key"
+    key.write_bytes(certs.server_key.read_bytes())
+    key.chmod(mode)
+    result = run_llm_service("serve", "--tls-cert", str(certs.server_cert), "--tls-key", str(key),
+                             "--tls-ca", str(certs.ca))  # fmt: skip
+    assert result.returncode == 2
+    assert f"--tls-key: server key {key} has permissions {mode:04o}" in result.stderr
+    assert f"chmod 600 {key}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_certs_command_writes_private_keys(tmp_path: Path) -> None:
     result = run_llm_service("certs", "--out", str(tmp_path / "c"), "--san", "llm.example")
     assert result.returncode == 0, result.stderr

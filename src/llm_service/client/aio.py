@@ -498,7 +498,7 @@ def channel_credentials(
         )
     return grpc.ssl_channel_credentials(
         read_pem(ca, names.ca, "CA certificate"),
-        read_pem(key, names.key, "client key") if key else None,
+        read_pem(key, names.key, "client key", secret=True) if key else None,
         read_pem(cert, names.cert, "client certificate") if cert else None,
     )
 

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
 from llm_service.engine.backend import (
@@ -28,6 +28,7 @@ from llm_service.engine.types import (
     FinishReason,
     GenerationEvent,
     GenerationRequest,
+    RequestLimits,
     Started,
     Timings,
     TokenDelta,
@@ -57,11 +58,13 @@ class EngineConfig:
         pool_size: contexts in the pool (``LLM_LLAMA_SERVICE_THREADS``).
         max_queue: requests allowed to wait for a context.
         queue_timeout_s: longest wait for a context before OverloadedError.
+        limits: size limits on each request.
     """
 
     pool_size: int = 1
     max_queue: int = 16
     queue_timeout_s: float = 30.0
+    limits: RequestLimits = field(default_factory=RequestLimits)
 
 
 class Engine:
@@ -84,9 +87,11 @@ class Engine:
         workers: concurrent.futures.ThreadPoolExecutor,
         prep: concurrent.futures.ThreadPoolExecutor,
         pool_executor: concurrent.futures.ThreadPoolExecutor,
+        limits: RequestLimits,
     ) -> None:
         self.backend = backend
         self.pool = pool
+        self._limits = limits
         self._workers = workers
         self._prep = prep
         self._pool_executor = pool_executor
@@ -138,7 +143,14 @@ class Engine:
             max_queue=config.max_queue,
             acquire_timeout_s=config.queue_timeout_s,
         )
-        return cls(backend, pool, workers=workers, prep=prep, pool_executor=pool_executor)
+        return cls(
+            backend,
+            pool,
+            workers=workers,
+            prep=prep,
+            pool_executor=pool_executor,
+            limits=config.limits,
+        )
 
     @property
     def info(self) -> ModelInfo:
@@ -209,6 +221,7 @@ class Engine:
         if self._closing:
             raise EngineError("the engine is shutting down")
         arrived = time.monotonic()
+        self._limits.check(request)
         log = RequestLogger(logger, request.request_id)
         prompt_tokens = await self._run(self._prompt_tokens, request)
         max_tokens = self._check_fits(request, len(prompt_tokens))

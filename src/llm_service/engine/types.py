@@ -20,6 +20,7 @@ __all__ = [
     "Finished",
     "GenerationEvent",
     "GenerationRequest",
+    "RequestLimits",
     "SamplingParams",
     "Started",
     "Timings",
@@ -29,8 +30,6 @@ __all__ = [
 ]
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
 MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "random seed" sentinel
 
 
@@ -53,6 +52,78 @@ class FinishReason(enum.StrEnum):
 def _require(condition: bool, field_name: str, message: str) -> None:
     if not condition:
         raise InvalidRequestError(field_name, message)
+
+
+def _check_refs(schema: object) -> None:
+    """Only references inside the schema itself ("#..."): a schema must never make the service
+    fetch a URL or read a file."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
+                raise InvalidRequestError(
+                    "sampling.json_schema",
+                    f"$ref {str(ref)[:100]!r} points outside the schema; only local references"
+                    " ('#/...') are allowed",
+                )
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Size limits on one request, checked before any work is done for it (``LLM_MAX_*``).
+
+    Attributes:
+        prompt_chars: characters of the prompt, or of all chat messages together.
+        messages: chat messages in one request.
+        stop_strings: stop strings in one request.
+        stop_chars: characters of one stop string.
+        grammar_bytes: UTF-8 bytes of a GBNF grammar.
+        schema_bytes: UTF-8 bytes of a JSON schema.
+    """
+
+    prompt_chars: int = 1_000_000
+    messages: int = 1024
+    stop_strings: int = 16
+    stop_chars: int = 256
+    grammar_bytes: int = 65_536
+    schema_bytes: int = 65_536
+
+    def check(self, request: GenerationRequest) -> None:
+        """InvalidRequestError naming the first field over its limit (and the setting)."""
+        if request.messages is not None:
+            _over(len(request.messages), self.messages, "messages", "messages", "MESSAGES")
+            chars = sum(len(m.content) for m in request.messages)
+            _over(chars, self.prompt_chars, "messages", "characters", "PROMPT_CHARS")
+        else:
+            _over(len(request.prompt or ""), self.prompt_chars, "prompt", "characters",
+                  "PROMPT_CHARS")  # fmt: skip
+        sampling = request.sampling
+        _over(len(sampling.stop), self.stop_strings, "sampling.stop", "stop strings",
+              "STOP_STRINGS")  # fmt: skip
+        for s in sampling.stop:
+            _over(len(s), self.stop_chars, "sampling.stop", "characters in one stop string",
+                  "STOP_CHARS")  # fmt: skip
+        for name, text, limit in (
+            ("grammar", sampling.grammar, self.grammar_bytes),
+            ("json_schema", sampling.json_schema, self.schema_bytes),
+        ):
+            if text is not None:
+                what = "bytes"
+                setting = "GRAMMAR_BYTES" if name == "grammar" else "SCHEMA_BYTES"
+                _over(len(text.encode()), limit, f"sampling.{name}", what, setting)
+
+
+def _over(value: int, limit: int, field_name: str, unit: str, setting: str) -> None:
+    _require(
+        value <= limit,
+        field_name,
+        f"has {value} {unit}; at most {limit} are allowed (LLM_MAX_{setting})",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,17 +203,8 @@ class SamplingParams:
                 p + "seed",
                 f"must be in [0, {MAX_SEED}], got {self.seed}",
             )
-        _require(
-            len(self.stop) <= MAX_STOP_STRINGS,
-            p + "stop",
-            f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}",
-        )
         for s in self.stop:
-            _require(
-                isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS,
-                p + "stop",
-                f"each stop string must be 1 to {MAX_STOP_STRING_CHARS} characters",
-            )
+            _require(isinstance(s, str) and s != "", p + "stop", "stop strings must not be empty")
         _require(
             self.grammar is None or self.json_schema is None,
             p + "grammar",
@@ -160,6 +222,7 @@ class SamplingParams:
                 p + "json_schema",
                 "must be a JSON object (a JSON schema)",
             )
+            _check_refs(schema)
 
     @property
     def greedy(self) -> bool:

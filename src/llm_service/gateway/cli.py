@@ -8,15 +8,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import signal
 import socket
 import sys
 from collections.abc import Iterator, Sequence
+from typing import Any, cast
 
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from llm_service.cli import (
     EXIT_ERROR,
@@ -84,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         access_log=False,  # the gateway logs each request itself, with its request id
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
         server_header=False,
+        http=cast(
+            "type[asyncio.Protocol]",
+            functools.partial(_Protocol, header_timeout=settings.header_timeout),
+        ),
     )
     server = _Server(config)
     try:
@@ -98,6 +105,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     logger.info("stopped")
     return 0
+
+
+class _Protocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol, plus a deadline for each request's headers.
+
+    uvicorn waits for ever for a request on a new connection (its keep-alive timeout starts only
+    after a response), so connections that send nothing, or headers a byte at a time, would
+    pile up until the gateway runs out of file descriptors.
+    """
+
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timeout = header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self._header_timeout, self._headers_too_late)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_late(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            logger.debug("closing a connection that sent no complete request in %g s",
+                         self._header_timeout)  # fmt: skip
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_header_timer()  # for the next request on this connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
 
 
 class _Server(uvicorn.Server):

@@ -42,7 +42,7 @@ class ApiKeys:
                 (the message names the line, never its content).
         """
         option = "--api-keys-file / LLM_GATEWAY_API_KEYS_FILE"
-        text = read_text(path, option, "API keys file")
+        text = read_text(path, option, "API keys file", secret=True)
         digests: dict[str, bytes] = {}
         for number, raw in enumerate(text.splitlines(), 1):
             # A comment starts a line or follows a space: a key may hold "#".

@@ -127,7 +127,7 @@ def _grpc_server(
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             # Fail on a port already in use, instead of sharing it with another process.
             ("grpc.so_reuseport", 0),
@@ -177,7 +177,7 @@ async def serve(settings: ServiceSettings) -> int:
 
     state = ServerState(settings.llama_service_threads)
     metrics = ServiceMetrics(state)
-    servicer = InferenceServicer(state, metrics)
+    servicer = InferenceServicer(state, metrics, stall_timeout=settings.stall_timeout)
     health = health_aio.HealthServicer()
     await _set_health(health, serving=False)
     server, grpc_port = _grpc_server(settings, credentials, servicer, health)

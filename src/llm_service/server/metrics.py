@@ -33,7 +33,8 @@ class ServiceMetrics:
         r = self.registry
         self.requests = Counter(
             "llm_requests",
-            "Generate calls by how they ended (stop, length, stop_sequence, cancelled, deadline,"
+            "Generate calls by how they ended (stop, length, stop_sequence, cancelled, stalled,"
+            " deadline,"
             " error); calls refused before they started are in llm_requests_rejected_total",
             ["finish_reason"],
             registry=r,

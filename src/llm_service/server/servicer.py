@@ -47,6 +47,10 @@ def _request_id(given: str, context: Context) -> str:
     return new_request_id()
 
 
+class _ClientStalled(Exception):
+    """The client stopped reading its stream."""
+
+
 _CANCEL_LOG = {
     FinishReason.CANCELLED.value: "cancelled by the client",
     FinishReason.DEADLINE.value: "deadline passed",
@@ -66,9 +70,12 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
     drain period is over, with UNAVAILABLE.
     """
 
-    def __init__(self, state: ServerState, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, state: ServerState, metrics: ServiceMetrics, *, stall_timeout: float = 30.0
+    ) -> None:
         self._state = state
         self._metrics = metrics
+        self._stall_timeout = stall_timeout
         self._shutting_down = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -120,7 +127,20 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
                         if log.isEnabledFor(logging.DEBUG):
                             log.debug("output: %r", event.text)
                         self._raise_if_failed(event)
-                    await context.write(convert.event_message(event))
+                    await self._send(context, convert.event_message(event))
+        except _ClientStalled:
+            # Leaving the loop above closed the generation: its context is already free.
+            outcome = "stalled"
+            self._metrics.cancelled.inc()
+            log.warning(
+                "the client read nothing for %g s (LLM_STALL_TIMEOUT): stream cut off, context"
+                " freed",
+                self._stall_timeout,
+            )
+            stalled = RequestCancelledError(
+                f"the client did not read the stream for {self._stall_timeout:g} s"
+            )
+            await self._end(context, status_for(stalled), log)
         except asyncio.CancelledError:
             if not self._shutting_down:
                 if outcome is None:
@@ -150,6 +170,14 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
             self._state.calls.discard(task)
             if not self._state.calls:
                 self._idle.set()
+
+    async def _send(self, context: Context, message: pb.GenerateResponse) -> None:
+        """Write one message; _ClientStalled if the client leaves it unread too long (flow
+        control holds the write while the client's window is full)."""
+        try:
+            await asyncio.wait_for(context.write(message), self._stall_timeout)
+        except TimeoutError:
+            raise _ClientStalled from None
 
     @staticmethod
     def _raise_if_failed(event: Finished) -> None:

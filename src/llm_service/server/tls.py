@@ -69,7 +69,7 @@ class ReloadableCredentials:
     def _load(self) -> grpc.ServerCertificateConfiguration:
         cert_path, key_path, ca_path = self._paths
         cert = read_pem(cert_path, "--tls-cert", "server certificate")
-        key = read_pem(key_path, "--tls-key", "server key")
+        key = read_pem(key_path, "--tls-key", "server key", secret=True)
         ca = read_pem(ca_path, "--tls-ca", "client CA")
         try:
             certificate = x509.load_pem_x509_certificate(cert)
