@@ -335,6 +335,21 @@ class GatewaySettings(BaseSettings):
         " replica reports). Repeat the flag for each replica; the variable takes them separated"
         " by spaces.",
     )
+    discover: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="NAME:PORT: every address NAME resolves to is a replica's gRPC host (a"
+        " Kubernetes headless Service); NAME is resolved again every --discovery-interval, and"
+        " replicas that come and go are followed. Repeat the flag for more names; the variable"
+        " takes them separated by spaces.",
+    )
+    discovery_interval: float = Field(
+        5.0, gt=0, description="Seconds between two resolutions of each --discover name."
+    )
+    dns_server: str | None = Field(
+        None,
+        description="HOST:PORT of a DNS server to resolve --discover names with (default: the"
+        " system's resolver, /etc/hosts included).",
+    )
     listen: str = Field("127.0.0.1:8000", description="Address the HTTP API listens on.")
     tls_ca: Path | None = Field(
         None, description="CA (PEM) that signed the replicas' certificates."
@@ -447,6 +462,26 @@ class GatewaySettings(BaseSettings):
             return tuple(
                 v if isinstance(v, BackendAddress) else BackendAddress.parse(str(v)) for v in value
             )
+        return value
+
+    @field_validator("discover", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        return tuple(value.split()) if isinstance(value, str) else value
+
+    @field_validator("discover", mode="after")
+    @classmethod
+    def _names_with_ports(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not _HOST_PORT.match(name):
+                raise ValueError(f"{name!r}: expected NAME:PORT (the replicas' gRPC port)")
+        return value
+
+    @field_validator("dns_server")
+    @classmethod
+    def _dns_server_address(cls, value: str | None) -> str | None:
+        if value is not None and not _HOST_PORT.match(value):
+            raise ValueError(f"{value!r}: expected HOST:PORT")
         return value
 
     @field_validator("backends", mode="after")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from llm_service.certs import write_dev_certs
 from llm_service.errors import ConfigurationError
@@ -13,7 +14,8 @@ from llm_service.settings import GatewaySettings
 
 
 def settings(tmp_path: Path, **values: object) -> GatewaySettings:
-    return GatewaySettings(backends=("127.0.0.1:1",), certs_dir=tmp_path / "none", **values)  # type: ignore[arg-type]
+    values = {"backends": ("127.0.0.1:1",)} | values
+    return GatewaySettings(certs_dir=tmp_path / "none", **values)  # type: ignore[arg-type]
 
 
 def test_no_tls_material_names_the_gateway_options(tmp_path: Path) -> None:
@@ -58,3 +60,16 @@ def test_a_client_key_others_may_read_is_refused(tmp_path: Path) -> None:
 def test_no_backend_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"--backend HOST:PORT"):
         build_gateway(GatewaySettings(insecure_backends=True))
+
+
+def test_a_discovery_name_without_port_is_refused() -> None:
+    with pytest.raises(ValidationError, match="expected NAME:PORT"):
+        GatewaySettings(discover=("replicas.llm.svc",), insecure_backends=True)
+    with pytest.raises(ValidationError, match="expected HOST:PORT"):
+        GatewaySettings(discover=("a:1",), dns_server="10.0.0.10", insecure_backends=True)
+
+
+def test_a_discovery_name_is_enough_to_start(tmp_path: Path) -> None:
+    values = {"backends": (), "discover": ("replicas.test:50051",), "insecure_backends": True}
+    gateway = build_gateway(settings(tmp_path, **values))
+    assert gateway.pool.backends == []  # resolved when the gateway starts

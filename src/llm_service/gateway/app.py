@@ -531,10 +531,11 @@ def build_gateway(settings: GatewaySettings) -> Gateway:
     Raises:
         ConfigurationError: no backend, bad TLS material, an unreadable keys file.
     """
-    if not settings.backends:
+    if not settings.backends and not settings.discover:
         raise ConfigurationError(
             "no backend: give each llm_service replica with --backend HOST:PORT"
-            " (or LLM_GATEWAY_BACKENDS='HOST:PORT HOST:PORT')"
+            " (or LLM_GATEWAY_BACKENDS='HOST:PORT HOST:PORT'), or a DNS name that resolves to"
+            " them with --discover NAME:PORT"
         )
     # Checked here, to name the gateway's options; each backend's client reads the files again.
     channel_credentials(

@@ -40,6 +40,7 @@ from llm_service.errors import (
     RequestCancelledError,
     UnavailableError,
 )
+from llm_service.gateway.discovery import DiscoveryError, Resolver, split_host_port, target
 from llm_service.log import RequestLogger
 from llm_service.settings import BackendAddress, GatewaySettings
 
@@ -71,8 +72,11 @@ class Backend:
         outstanding: requests the gateway has in flight on it.
     """
 
-    def __init__(self, address: BackendAddress, options: ClientOptions) -> None:
+    def __init__(
+        self, address: BackendAddress, options: ClientOptions, discovered_by: str | None = None
+    ) -> None:
         self.address = address
+        self.discovered_by = discovered_by  # the --discover name it was found under
         self.client = AsyncClient(address.target, **(options | {"max_retries": 0}))
         self.model: ModelInfo | None = None
         self.outstanding = 0
@@ -158,29 +162,90 @@ class BackendPool:
 
     def __init__(self, settings: GatewaySettings, options: ClientOptions) -> None:
         self.settings = settings
+        self.options = options
         self.backends = [Backend(a, options) for a in settings.backends]
         self.budget = RetryBudget(settings.retry_budget)
         self.retries: dict[str, int] = {}  # by reason, for the metrics
         self.ejections: dict[str, int] = {}  # by backend
+        self.resolver = Resolver(settings.dns_server, timeout=settings.health_timeout)
         self._http: aiohttp.ClientSession | None = None
-        self._checker: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._leaving: set[asyncio.Task[None]] = set()  # replicas gone from DNS, draining
 
     async def start(self) -> None:
-        """Check every replica once, then keep checking them in the background."""
+        """Resolve the --discover names and check every replica once, then keep doing both in
+        the background."""
         timeout = aiohttp.ClientTimeout(total=self.settings.health_timeout)
         self._http = aiohttp.ClientSession(timeout=timeout)
+        await asyncio.gather(*(self.discover(name) for name in self.settings.discover))
         await self.check_all()
-        self._checker = asyncio.create_task(self._check_forever(), name="health-checks")
+        self._tasks.append(asyncio.create_task(self._check_forever(), name="health-checks"))
+        if self.settings.discover:
+            self._tasks.append(asyncio.create_task(self._discover_forever(), name="discovery"))
 
     async def close(self) -> None:
-        if self._checker is not None:
-            self._checker.cancel()
+        for task in self._tasks + list(self._leaving):
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._checker
+                await task
         for backend in self.backends:
             await backend.client.close()
         if self._http is not None:
             await self._http.close()
+
+    # -- discovery ------------------------------------------------------------------------
+
+    async def _discover_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.discovery_interval)
+            await asyncio.gather(*(self.discover(name) for name in self.settings.discover))
+
+    async def discover(self, name_port: str) -> None:
+        """Resolve ``name_port`` (NAME:PORT) once: add the replicas at new addresses (checked
+        at once), and let those at addresses gone finish their requests, then drop them."""
+        name, port = split_host_port(name_port)
+        try:
+            addresses = await self.resolver.resolve(name)
+        except DiscoveryError as exc:
+            logger.warning("cannot resolve %s (keeping its %d replica(s)): %s", name,
+                           self._count_discovered(name_port), exc)  # fmt: skip
+            return
+        except Exception:  # a bug here must not stop discovery
+            logger.exception("resolving %s failed", name)
+            return
+        wanted = {target(ip, port) for ip in addresses}
+        known = {str(b): b for b in self.backends if b.discovered_by == name_port}
+        added = [
+            Backend(BackendAddress(t), self.options, discovered_by=name_port)
+            for t in sorted(wanted - known.keys())
+        ]
+        for backend in added:
+            logger.info("backend %s found under %s", backend, name)
+        for gone in sorted(known.keys() - wanted):
+            backend = known[gone]
+            logger.info("backend %s left %s: no new requests; dropped once its %d end",
+                        backend, name, backend.outstanding)  # fmt: skip
+            self.backends.remove(backend)
+            task = asyncio.create_task(self._drop(backend), name=f"drop {backend}")
+            self._leaving.add(task)
+            task.add_done_callback(self._leaving.discard)
+        if not wanted:
+            logger.warning("%s resolves to no address: no replica there", name)
+        self.backends.extend(added)
+        await asyncio.gather(*(self._check(b) for b in added))
+
+    def _count_discovered(self, name_port: str) -> int:
+        return sum(b.discovered_by == name_port for b in self.backends)
+
+    async def _drop(self, backend: Backend) -> None:
+        """Close a departed replica's client once the requests it still serves have ended."""
+        deadline = time.monotonic() + self.settings.request_timeout
+        # Polled: a departing replica is rare, and its count is decremented in several places.
+        while backend.outstanding and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.5)
+        if backend.ejection_timer is not None:
+            backend.ejection_timer.cancel()
+        await backend.client.close()
 
     # -- health ---------------------------------------------------------------------------
 
@@ -380,6 +445,7 @@ class BackendPool:
                 "outstanding": b.outstanding,
                 "last_error": b.last_error if state is not BackendState.HEALTHY else None,
             }
+            | ({"discovered_by": b.discovered_by} if b.discovered_by else {})
             for b, state in self.states()
         ]
 
