@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -138,6 +139,9 @@ class RequestSpec:
         return body
 
 
+# A log record at ERROR or above, in the servers' text log format ("12:34:56 ERROR   name: ...").
+_ERROR_RECORD = re.compile(r"^\d\d:\d\d:\d\d (ERROR|CRITICAL)\b")
+GATEWAY_RESTART = "gateway SIGTERM + restart"
 # How a request ended, as the client saw it.
 COMPLETED, ABANDONED, REFUSED = "completed", "abandoned", "refused"
 ERROR_EVENT, ERROR_STATUS = "error_event", "error_status"  # a clean failure: allowed on a kill
@@ -346,6 +350,26 @@ class System:
     def processes(self) -> dict[str, Server]:
         return {r.name: r.server for r in self.replicas} | {"gateway": self.gateway}
 
+    def log_marks(self) -> dict[str, int]:
+        """Where each process's log ends now (restarted processes add to the same log)."""
+        return {n: p.log.stat().st_size if p.log else 0 for n, p in self.processes().items()}
+
+    def errors_logged(self, marks: dict[str, int]) -> list[str]:
+        """The ERROR and CRITICAL records, and tracebacks printed without one, that the
+        processes logged since ``marks``, each as its process's name and first line."""
+        found = []
+        for name, p in self.processes().items():
+            assert p.log is not None
+            with p.log.open("rb") as log:
+                log.seek(marks.get(name, 0))
+                lines = log.read().decode(errors="replace").splitlines()
+            for before, line in itertools.pairwise(["", *lines]):
+                if _ERROR_RECORD.match(line) or (
+                    line.startswith("Traceback") and not _ERROR_RECORD.match(before)
+                ):
+                    found.append(f"{name}: {line}")
+        return found
+
     async def replica_pools(self) -> dict[str, dict[str, Any]]:
         pools = {}
         for r in self.replicas:
@@ -537,7 +561,7 @@ def fault_gateway(trigger: int) -> Fault:
 
     async def run(stack: System, done: Progress) -> FaultRecord:
         await done.reached(trigger)
-        rec = FaultRecord("gateway SIGTERM + restart", "gateway")
+        rec = FaultRecord(GATEWAY_RESTART, "gateway")
         rec.after_requests = done.count
         t0 = time.monotonic()
         stack.gateway.send(signal.SIGTERM)
@@ -660,11 +684,13 @@ async def run_phase(
         f"phase {phase}: {requests} requests, {concurrency} clients"
         + (", with a fault during the load" if fault else "")
     )
+    marks = stack.log_marks()
     outcomes, record, t0 = await drive(stack, phase, requests, concurrency, fault)
     result: dict[str, Any] = {"phase": phase, "concurrency": concurrency}
     result["seconds"] = round(max((o.ended for o in outcomes), default=t0) - t0, 1)
     result |= figures(outcomes, record, t0)
     result["contexts"] = await stack.contexts_free()
+    result["errors_logged"] = stack.errors_logged(marks)
     if record is not None:
         fault_json = asdict(record)
         fault_json["allowed_ids"] = len(record.allowed_ids)
@@ -684,7 +710,7 @@ def describe_fault(rec: FaultRecord) -> str:
     parts = [f"{rec.kind} {rec.target}:"]
     if rec.out_after_s is not None:
         parts.append(f"out of rotation after {rec.out_after_s} s ({rec.out_state or 'unhealthy'});")
-    elif rec.kind != "gateway SIGTERM + restart":
+    elif rec.kind != GATEWAY_RESTART:
         parts.append("never out of rotation;")
     if rec.exit_code is not None:
         parts.append(f"exited {rec.exit_code} after {rec.exited_after_s} s;")
@@ -694,7 +720,7 @@ def describe_fault(rec: FaultRecord) -> str:
         parts.append(
             f"restarted after {rec.restarted_after_s} s, ready after {rec.ready_after_s} s;"
         )
-    if rec.kind == "gateway SIGTERM + restart":
+    if rec.kind == GATEWAY_RESTART:
         parts.append(f"serving again {rec.back_after_s} s after it exited")
     elif rec.back_after_s is not None:
         since = "SIGCONT" if rec.kind == "SIGSTOP" else "restart"
@@ -738,6 +764,7 @@ async def soak(stack: System, requests: int, concurrency: int, every: float) -> 
         }
 
     warm = max(1, requests // 10)
+    marks = stack.log_marks()
     sampler = asyncio.create_task(sample())
     try:
         first, _, _ = await drive(stack, "soak", warm, concurrency)
@@ -752,6 +779,7 @@ async def soak(stack: System, requests: int, concurrency: int, every: float) -> 
     result |= figures(outcomes, None, t0)
     result["seconds"] = round(time.monotonic() - t0, 1)
     result["contexts"] = await stack.contexts_free()
+    result["errors_logged"] = stack.errors_logged(marks)
     memory = {}
     for name in procs:
         after_warm_samples = [s[name]["rss_mb"] for s in samples if s["t"] >= warm_t] or [0.0]
@@ -781,131 +809,63 @@ async def soak(stack: System, requests: int, concurrency: int, every: float) -> 
 def rules(report: dict[str, Any]) -> list[tuple[str, bool, str]]:
     """Every rule of the suite, judged on this run: (rule, passed, what was measured)."""
     checks: list[tuple[str, bool, str]] = []
+
+    def check(rule: str, passed: bool, measured: str) -> None:
+        checks.append((rule, passed, measured))
+
     pytest_run = report.get("pytest")
     if pytest_run and pytest_run.get("ran"):
         code = pytest_run["exit_code"]
-        checks.append(
-            (
-                "pytest tests/reliability (HYPOTHESIS_PROFILE=full) passes",
-                code in (0, 5),
-                f"exit {code}",
-            )
-        )
+        check("pytest tests/reliability (HYPOTHESIS_PROFILE=full) passes", code in (0, 5),
+              f"exit {code}" + (" (no test)" if code == 5 else ""))  # fmt: skip
     for p in report["phases"]:
-        name = p["phase"]
+        name, fault = p["phase"], p.get("fault")
         accounted = p["completed"] + p["abandoned"] + p["refused_429"] + p["error_events"]
-        checks.append(
-            (
-                f"{name}: no error but 429 and kill error events",
-                p["other_errors"] == 0,
-                f"{p['other_errors']} other errors",
-            )
-        )
-        checks.append(
-            (
-                f"{name}: no silent truncation",
-                p["truncations"] == 0,
-                f"{p['truncations']} truncations",
-            )
-        )
-        checks.append(
-            (
-                f"{name}: every request completed, abandoned, 429 or allowed error",
-                accounted == p["requests"],
-                f"{accounted} of {p['requests']}",
-            )
-        )
+        check(f"{name}: no error but 429s (and error events of streams on a killed replica)",
+              p["other_errors"] == 0, f"{p['other_errors']} other errors")  # fmt: skip
+        check(f"{name}: no silent truncation", p["truncations"] == 0, f"{p['truncations']}")
+        check(f"{name}: every request completed, abandoned, refused or an allowed error",
+              accounted == p["requests"], f"{accounted} of {p['requests']}")  # fmt: skip
         ctx = p["contexts"]
-        checks.append(
-            (
-                f"{name}: every context of every replica free at the end",
-                ctx["free"],
-                f"after {ctx['after_s']} s" if ctx["free"] else json.dumps(ctx["pools"]),
+        check(f"{name}: every context of every replica free at the end", ctx["free"],
+              f"after {ctx['after_s']} s" if ctx["free"] else json.dumps(ctx["pools"]))  # fmt: skip
+        logged = p["errors_logged"]
+        check(f"{name}: no error logged by a replica or the gateway", not logged,
+              f"{len(logged)}" + (f", first: {logged[0][:160]}" if logged else ""))  # fmt: skip
+        for proc, m in p.get("memory", {}).items():
+            growth = f"{m['rss_warm_mb']} -> {m['rss_end_mb']} MB ({m['rss_growth_mb']:+.1f})"
+            check(f"{name}: {proc} RSS growth after warm-up < {RSS_GROWTH_LIMIT_MB:.0f} MB",
+                  m["rss_growth_mb"] < RSS_GROWTH_LIMIT_MB, growth)  # fmt: skip
+            check(
+                f"{name}: {proc} open fds stable (growth <= {FD_GROWTH_LIMIT})",
+                m["fds_growth"] <= FD_GROWTH_LIMIT,
+                f"{m['fds_warm']} -> {m['fds_end']}",
             )
-        )
-        fault = p.get("fault")
         if fault is None:
             continue
-        if fault["kind"] != "gateway SIGTERM + restart":
-            checks.append(
-                (
-                    f"{name}: the replica left rotation",
-                    fault["out_after_s"] is not None,
-                    f"after {fault['out_after_s']} s",
-                )
-            )
-        checks.append(
-            (
-                f"{name}: back in rotation / serving again",
-                fault["back_after_s"] is not None,
-                f"after {fault['back_after_s']} s",
-            )
-        )
+        if fault["kind"] != GATEWAY_RESTART:
+            check(f"{name}: the replica left rotation", fault["out_after_s"] is not None,
+                  f"after {fault['out_after_s']} s")  # fmt: skip
+        check(f"{name}: back in rotation (gateway: serving again)",
+              fault["back_after_s"] is not None, f"after {fault['back_after_s']} s")  # fmt: skip
         if fault["exit_code"] is not None:
-            checks.append(
-                (
-                    f"{name}: drained and exited 0",
-                    fault["exit_code"] == 0,
-                    f"exit {fault['exit_code']} after {fault['exited_after_s']} s",
-                )
-            )
-    for p in report["phases"]:
-        for proc, m in p.get("memory", {}).items():
-            checks.append(
-                (
-                    f"soak: {proc} RSS growth after warm-up < {RSS_GROWTH_LIMIT_MB:.0f} MB",
-                    m["rss_growth_mb"] < RSS_GROWTH_LIMIT_MB,
-                    f"{m['rss_warm_mb']} -> {m['rss_end_mb']} MB ({m['rss_growth_mb']:+.1f})",
-                )
-            )
-            checks.append(
-                (
-                    f"soak: {proc} open fds stable (growth <= {FD_GROWTH_LIMIT})",
-                    m["fds_growth"] <= FD_GROWTH_LIMIT,
-                    f"{m['fds_warm']} -> {m['fds_end']}",
-                )
-            )
+            check(f"{name}: drained and exited 0", fault["exit_code"] == 0,
+                  f"exit {fault['exit_code']} after {fault['exited_after_s']} s")  # fmt: skip
     return checks
 
 
 def print_tables(report: dict[str, Any]) -> None:
-    head = [
-        "phase",
-        "requests",
-        "completed",
-        "abandoned",
-        "429",
-        "conn retries",
-        "error events",
-        "other errors",
-        "truncations",
-        "TTFT p50",
-        "TTFT p99",
-        "out after",
-        "back after",
-        "contexts free",
-    ]
-    rows = [head]
+    rows = [["phase", "requests", "completed", "abandoned", "429", "conn retries",
+             "error events", "other errors", "truncations", "TTFT p50", "TTFT p99", "out after",
+             "back after", "contexts free", "errors logged"]]  # fmt: skip
     for p in report["phases"]:
         f = p.get("fault") or {}
-        rows.append(
-            [
-                p["phase"],
-                str(p["requests"]),
-                str(p["completed"]),
-                str(p["abandoned"]),
-                str(p["refused_429"]),
-                str(p["connect_retries"]),
-                str(p["error_events"]),
-                str(p["other_errors"]),
-                str(p["truncations"]),
-                _ms(p["ttft_ms"]["p50"]),
-                _ms(p["ttft_ms"]["p99"]),
-                _s(f.get("out_after_s")),
-                _s(f.get("back_after_s")),
-                "yes" if p["contexts"]["free"] else "NO",
-            ]
-        )
+        counts = ("requests", "completed", "abandoned", "refused_429", "connect_retries",
+                  "error_events", "other_errors", "truncations")  # fmt: skip
+        rows.append([p["phase"], *(str(p[c]) for c in counts), _ms(p["ttft_ms"]["p50"]),
+                     _ms(p["ttft_ms"]["p99"]), _s(f.get("out_after_s")),
+                     _s(f.get("back_after_s")), "yes" if p["contexts"]["free"] else "NO",
+                     str(len(p["errors_logged"]))])  # fmt: skip
     print_table(rows)
     for p in report["phases"]:
         if p.get("fault"):
@@ -914,29 +874,12 @@ def print_tables(report: dict[str, Any]) -> None:
         if "memory" not in p:
             continue
         print()
-        rows = [
-            [
-                "process",
-                "RSS after warm-up",
-                "RSS at end",
-                "growth",
-                "peak",
-                "fds after warm-up",
-                "fds at end",
-            ]
-        ]
+        rows = [["process", "RSS after warm-up", "RSS at end", "growth", "peak after warm-up",
+                 "fds after warm-up", "fds at end"]]  # fmt: skip
         for name, m in p["memory"].items():
-            rows.append(
-                [
-                    name,
-                    f"{m['rss_warm_mb']:.1f} MB",
-                    f"{m['rss_end_mb']:.1f} MB",
-                    f"{m['rss_growth_mb']:+.1f} MB",
-                    f"{m['rss_peak_mb']:.1f} MB",
-                    str(m["fds_warm"]),
-                    str(m["fds_end"]),
-                ]
-            )
+            rows.append([name, f"{m['rss_warm_mb']:.1f} MB", f"{m['rss_end_mb']:.1f} MB",
+                         f"{m['rss_growth_mb']:+.1f} MB", f"{m['rss_peak_mb']:.1f} MB",
+                         str(m["fds_warm"]), str(m["fds_end"])])  # fmt: skip
         print_table(rows)
 
 
@@ -1124,7 +1067,7 @@ async def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     say(f"wrote {args.out}/latest.json")
-    if failed:
+    if failed or args.keep_logs:
         say(f"logs kept in {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -1145,6 +1088,9 @@ def main() -> int:
         "--phases",
         default=",".join(PHASES),
         help=f"which phases, comma-separated (default: {','.join(PHASES)})",
+    )
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the servers' logs even when all passed"
     )
     parser.add_argument(
         "--out",

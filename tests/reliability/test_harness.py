@@ -32,6 +32,7 @@ def test_quick_run_meets_every_rule(tmp_path: Path, model_path: Path) -> None:
         assert phase["other_errors"] == 0, (name, phase["failures"], output)
         assert phase["truncations"] == 0, (name, phase["failures"], output)
         assert phase["contexts"]["free"], (name, phase["contexts"], output)
+        assert phase["errors_logged"] == [], (name, phase["errors_logged"])
         assert phase["requests"] > 0, name
     for name in ("kill", "term", "stop"):
         assert phases[name]["fault"]["out_after_s"] is not None, (name, output)
