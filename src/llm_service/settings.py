@@ -92,7 +92,11 @@ class ServiceSettings(BaseSettings):
     """Settings of llm_service (environment prefix ``LLM_``)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="LLM_", protected_namespaces=(), extra="ignore", validate_default=True
+        env_prefix="LLM_",
+        protected_namespaces=(),
+        extra="ignore",
+        validate_default=True,
+        env_ignore_empty=True,  # VAR= (as manifests and compose files write it) means unset
     )
 
     model_path: Path | None = Field(
@@ -236,7 +240,11 @@ class ClientSettings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="LLM_", protected_namespaces=(), extra="ignore", validate_default=True
+        env_prefix="LLM_",
+        protected_namespaces=(),
+        extra="ignore",
+        validate_default=True,
+        env_ignore_empty=True,  # VAR= (as manifests and compose files write it) means unset
     )
 
     target: str = Field(
@@ -325,7 +333,11 @@ class GatewaySettings(BaseSettings):
     """Settings of llm-gateway (environment prefix ``LLM_GATEWAY_``)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="LLM_GATEWAY_", protected_namespaces=(), extra="ignore", validate_default=True
+        env_prefix="LLM_GATEWAY_",
+        protected_namespaces=(),
+        extra="ignore",
+        validate_default=True,
+        env_ignore_empty=True,  # VAR= (as manifests and compose files write it) means unset
     )
 
     backends: Annotated[tuple[BackendAddress, ...], NoDecode] = Field(

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from llm_service.certs import write_dev_certs
 from llm_service.errors import ConfigurationError
 from llm_service.gateway import build_gateway
-from llm_service.settings import GatewaySettings
+from llm_service.settings import GatewaySettings, ServiceSettings
 
 
 def settings(tmp_path: Path, **values: object) -> GatewaySettings:
@@ -73,3 +73,11 @@ def test_a_discovery_name_is_enough_to_start(tmp_path: Path) -> None:
     values = {"backends": (), "discover": ("replicas.test:50051",), "insecure_backends": True}
     gateway = build_gateway(settings(tmp_path, **values))
     assert gateway.pool.backends == []  # resolved when the gateway starts
+
+
+def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_GATEWAY_TLS_CERT", "")
+    monkeypatch.setenv("LLM_GATEWAY_BACKENDS", "")
+    monkeypatch.setenv("LLM_MODEL_PATH", "")
+    assert GatewaySettings().tls_cert is None and GatewaySettings().backends == ()
+    assert ServiceSettings().model_path is None
