@@ -20,11 +20,13 @@ Phases, one after the other, with a recovery wait between them:
 - ``stop``: one replica frozen with SIGSTOP for longer than the gateway needs to take it out of
   rotation, then SIGCONT;
 - ``gateway``: the gateway SIGTERMed (it drains) and started again on the same port;
-- ``soak``: many requests at steady concurrency; resident memory and open file descriptors of
-  each replica and of the gateway, after warm-up and at the end.
+- ``soak``: many requests at steady concurrency (shorter ones: 8 to 16 tokens); resident memory
+  and open file descriptors of each replica and of the gateway after warm-up (the first 10 % of
+  the requests) and at the end, both taken idle, with the clients' connections closed.
 
 A fault phase's load lasts at least its number of requests and until the fault is over (the
-replica back in rotation). After every phase every context of every replica must be free.
+replica back in rotation). After every phase every context of every replica must be free, and
+no replica nor the gateway may have logged an error.
 The gateway and the replicas run with their default settings, except what running two replicas
 on one machine needs (one llama.cpp thread each). Prints a table per phase and a pass/fail line
 per rule, writes JSON, exits 1 if a rule failed. Run it with ``bench/reliability``.
@@ -65,6 +67,8 @@ from llm_service.settings import GatewaySettings, ServiceSettings
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("load", "kill", "term", "stop", "gateway", "soak")
 ABANDON_AFTER = 3  # content chunks an abandoning client reads before it closes the connection
+MAX_TOKENS = 32  # requests ask for 8 to this many tokens (an abandoned stream: this many)
+SOAK_MAX_TOKENS = 16  # shorter in the soak, so that its many requests fit in minutes
 RETRY_CONNECT_FOR_S = 90.0  # how long a client keeps retrying a refused connection
 REQUEST_TIMEOUT_S = 180.0
 CONTEXTS_FREE_WITHIN_S = 5.0
@@ -110,6 +114,7 @@ class RequestSpec:
     @classmethod
     def make(cls, phase: str, i: int) -> RequestSpec:
         rng = random.Random(f"{phase}-{i}")  # the same requests at every run
+        top = SOAK_MAX_TOKENS if phase == "soak" else MAX_TOKENS
         stream = rng.random() < 0.6
         abandon = stream and rng.random() < 0.2
         return cls(
@@ -118,7 +123,7 @@ class RequestSpec:
             stream=stream,
             long=rng.random() < 0.2,
             abandon=abandon,
-            max_tokens=32 if abandon else rng.randint(8, 32),
+            max_tokens=top if abandon else rng.randint(8, top),
             include_usage=stream and rng.random() < 0.5,
         )
 
@@ -458,15 +463,15 @@ async def _wait_exit(server: Server) -> int:
     return await asyncio.to_thread(server.wait, 90)
 
 
-async def _restart(stack: System, replica: Replica, rec: FaultRecord, t0: float) -> None:
+async def _restart(system: System, replica: Replica, rec: FaultRecord, t0: float) -> None:
     """Start the replica again on its ports; time it until it is back in rotation."""
     restart = time.monotonic()
     rec.restarted_after_s = round(restart - t0, 2)
-    replica.server.start(stack.setup.workdir)
+    replica.server.start(system.setup.workdir)
     await asyncio.to_thread(replica.server.wait_ready, 120)
     ready = time.monotonic()
     rec.ready_after_s = round(ready - t0, 2)
-    back = await stack.monitor.wait(replica.target, lambda s: s == "healthy", restart, 120)
+    back = await system.monitor.wait(replica.target, lambda s: s == "healthy", restart, 120)
     if back is not None:
         rec.back_after_s = round(back - restart, 2)
         rec.back_after_ready_s = round(max(0.0, back - ready), 2)
@@ -479,9 +484,9 @@ def _out(state: str) -> bool:
 def fault_kill(trigger: int) -> Fault:
     """SIGKILL replica 0 once ``trigger`` requests are done; restart it once it is out."""
 
-    async def run(stack: System, done: Progress) -> FaultRecord:
+    async def run(system: System, done: Progress) -> FaultRecord:
         await done.reached(trigger)
-        replica = stack.replicas[0]
+        replica = system.replicas[0]
         rec = FaultRecord("SIGKILL", replica.name)
         rec.after_requests = done.count
         assert replica.server.log is not None
@@ -495,12 +500,12 @@ def fault_kill(trigger: int) -> Fault:
             for line in seen.splitlines()
             if "] Generate from" in line
         }
-        out = await stack.monitor.wait(replica.target, _out, t0, 60)
+        out = await system.monitor.wait(replica.target, _out, t0, 60)
         if out is not None:
             rec.out_after_s = round(out - t0, 2)
-            rec.out_state = stack.monitor.states.get(replica.target)
+            rec.out_state = system.monitor.states.get(replica.target)
         await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))  # a supervisor's restart
-        await _restart(stack, replica, rec, t0)
+        await _restart(system, replica, rec, t0)
         return rec
 
     return run
@@ -509,19 +514,19 @@ def fault_kill(trigger: int) -> Fault:
 def fault_term(trigger: int) -> Fault:
     """SIGTERM replica 1 (it drains and exits); start it again once it exited."""
 
-    async def run(stack: System, done: Progress) -> FaultRecord:
+    async def run(system: System, done: Progress) -> FaultRecord:
         await done.reached(trigger)
-        replica = stack.replicas[1]
+        replica = system.replicas[1]
         rec = FaultRecord("SIGTERM", replica.name)
         rec.after_requests = done.count
         t0 = time.monotonic()
         replica.server.send(signal.SIGTERM)
         rec.exit_code = await _wait_exit(replica.server)
         rec.exited_after_s = round(time.monotonic() - t0, 2)
-        left = await stack.monitor.wait(replica.target, _out, t0, 60)
+        left = await system.monitor.wait(replica.target, _out, t0, 60)
         if left is not None:
             rec.out_after_s = round(left - t0, 2)
-        await _restart(stack, replica, rec, t0)
+        await _restart(system, replica, rec, t0)
         return rec
 
     return run
@@ -530,25 +535,25 @@ def fault_term(trigger: int) -> Fault:
 def fault_stop(trigger: int, freeze: float) -> Fault:
     """SIGSTOP replica 0 for ``freeze`` seconds, then SIGCONT."""
 
-    async def run(stack: System, done: Progress) -> FaultRecord:
+    async def run(system: System, done: Progress) -> FaultRecord:
         await done.reached(trigger)
-        replica = stack.replicas[0]
+        replica = system.replicas[0]
         rec = FaultRecord("SIGSTOP", replica.name)
         rec.after_requests = done.count
         t0 = time.monotonic()
         replica.server.send(signal.SIGSTOP)
         try:
-            out = await stack.monitor.wait(replica.target, _out, t0, freeze)
+            out = await system.monitor.wait(replica.target, _out, t0, freeze)
             if out is not None:
                 rec.out_after_s = round(out - t0, 2)
-                rec.out_state = stack.monitor.states.get(replica.target)
+                rec.out_state = system.monitor.states.get(replica.target)
             await asyncio.sleep(max(0.0, t0 + freeze - time.monotonic()))
         finally:
             replica.server.send(signal.SIGCONT)
         cont = time.monotonic()
         rec.restarted_after_s = round(cont - t0, 2)
         rec.notes.append(f"frozen {cont - t0:.1f} s")
-        back = await stack.monitor.wait(replica.target, lambda s: s == "healthy", cont, 120)
+        back = await system.monitor.wait(replica.target, lambda s: s == "healthy", cont, 120)
         if back is not None:
             rec.back_after_s = round(back - cont, 2)
         return rec
@@ -559,17 +564,17 @@ def fault_stop(trigger: int, freeze: float) -> Fault:
 def fault_gateway(trigger: int) -> Fault:
     """SIGTERM the gateway (it drains and exits 0), start it again on the same port."""
 
-    async def run(stack: System, done: Progress) -> FaultRecord:
+    async def run(system: System, done: Progress) -> FaultRecord:
         await done.reached(trigger)
         rec = FaultRecord(GATEWAY_RESTART, "gateway")
         rec.after_requests = done.count
         t0 = time.monotonic()
-        stack.gateway.send(signal.SIGTERM)
-        rec.exit_code = await _wait_exit(stack.gateway)
+        system.gateway.send(signal.SIGTERM)
+        rec.exit_code = await _wait_exit(system.gateway)
         rec.exited_after_s = round(time.monotonic() - t0, 2)
         rec.restarted_after_s = rec.exited_after_s
-        stack.gateway.start(stack.setup.workdir)
-        await asyncio.to_thread(stack.gateway.wait_ready, 60)
+        system.gateway.start(system.setup.workdir)
+        await asyncio.to_thread(system.gateway.wait_ready, 60)
         rec.ready_after_s = round(time.monotonic() - t0, 2)
         rec.back_after_s = round(time.monotonic() - t0 - rec.exited_after_s, 2)
         return rec
@@ -578,7 +583,7 @@ def fault_gateway(trigger: int) -> Fault:
 
 
 async def drive(
-    stack: System,
+    system: System,
     phase: str,
     requests: int,
     concurrency: int,
@@ -601,7 +606,7 @@ async def drive(
         dynamic_ncols=True,
     )
     progress = Progress()
-    fault_task = asyncio.create_task(fault(stack, progress)) if fault else None
+    fault_task = asyncio.create_task(fault(system, progress)) if fault else None
 
     async def client() -> None:
         while True:
@@ -612,7 +617,7 @@ async def drive(
                 return  # a fault that never ends; its record says so
             n = offset + i
             spec = RequestSpec.make(phase, n)
-            outcomes.append(await send(stack.session, stack.base, stack.model, spec, n))
+            outcomes.append(await send(system.session, system.base, system.model, spec, n))
             if len(outcomes) > requests:
                 bar.total = len(outcomes)
             bar.update()
@@ -678,19 +683,19 @@ def _round_ms(seconds: float | None) -> float | None:
 
 
 async def run_phase(
-    stack: System, phase: str, requests: int, concurrency: int, fault: Fault | None
+    system: System, phase: str, requests: int, concurrency: int, fault: Fault | None
 ) -> dict[str, Any]:
     say(
         f"phase {phase}: {requests} requests, {concurrency} clients"
         + (", with a fault during the load" if fault else "")
     )
-    marks = stack.log_marks()
-    outcomes, record, t0 = await drive(stack, phase, requests, concurrency, fault)
+    marks = system.log_marks()
+    outcomes, record, t0 = await drive(system, phase, requests, concurrency, fault)
     result: dict[str, Any] = {"phase": phase, "concurrency": concurrency}
     result["seconds"] = round(max((o.ended for o in outcomes), default=t0) - t0, 1)
     result |= figures(outcomes, record, t0)
-    result["contexts"] = await stack.contexts_free()
-    result["errors_logged"] = stack.errors_logged(marks)
+    result["contexts"] = await system.contexts_free()
+    result["errors_logged"] = system.errors_logged(marks)
     if record is not None:
         fault_json = asdict(record)
         fault_json["allowed_ids"] = len(record.allowed_ids)
@@ -735,11 +740,12 @@ def describe_fault(rec: FaultRecord) -> str:
     return " ".join(parts)
 
 
-async def soak(stack: System, requests: int, concurrency: int, every: float) -> dict[str, Any]:
+async def soak(system: System, requests: int, concurrency: int, every: float) -> dict[str, Any]:
     """Steady load; RSS and fds of every process after warm-up (10 %) and at the end, each
     taken with the clients' connections closed and every context free, so they compare."""
     say(f"phase soak: {requests} requests, {concurrency} clients; RSS and fds every {every} s")
-    procs = stack.processes()
+    procs = system.processes()
+    cpu = {name: p.cpu_s() for name, p in procs.items()}
     samples: list[dict[str, Any]] = []
     t0 = time.monotonic()
 
@@ -755,22 +761,22 @@ async def soak(stack: System, requests: int, concurrency: int, every: float) -> 
             await asyncio.sleep(every)
 
     async def quiet() -> dict[str, dict[str, float]]:
-        await stack.session.close()  # the clients' keep-alive connections go
-        stack.session = _session(concurrency)
-        await stack.contexts_free(within=30)
+        await system.session.close()  # the clients' keep-alive connections go
+        system.session = _session(concurrency)
+        await system.contexts_free(within=30)
         await asyncio.sleep(1.0)
         return {
             name: {"rss_mb": p.rss_mb(), "fds": float(p.num_fds())} for name, p in procs.items()
         }
 
     warm = max(1, requests // 10)
-    marks = stack.log_marks()
+    marks = system.log_marks()
     sampler = asyncio.create_task(sample())
     try:
-        first, _, _ = await drive(stack, "soak", warm, concurrency)
+        first, _, _ = await drive(system, "soak", warm, concurrency)
         after_warm = await quiet()
         warm_t = round(time.monotonic() - t0, 1)
-        rest, _, _ = await drive(stack, "soak", requests - warm, concurrency, offset=warm)
+        rest, _, _ = await drive(system, "soak", requests - warm, concurrency, offset=warm)
         end = await quiet()
     finally:
         sampler.cancel()
@@ -778,8 +784,8 @@ async def soak(stack: System, requests: int, concurrency: int, every: float) -> 
     result: dict[str, Any] = {"phase": "soak", "concurrency": concurrency}
     result |= figures(outcomes, None, t0)
     result["seconds"] = round(time.monotonic() - t0, 1)
-    result["contexts"] = await stack.contexts_free()
-    result["errors_logged"] = stack.errors_logged(marks)
+    result["contexts"] = await system.contexts_free()
+    result["errors_logged"] = system.errors_logged(marks)
     memory = {}
     for name in procs:
         after_warm_samples = [s[name]["rss_mb"] for s in samples if s["t"] >= warm_t] or [0.0]
@@ -793,6 +799,9 @@ async def soak(stack: System, requests: int, concurrency: int, every: float) -> 
             "fds_growth": int(end[name]["fds"] - after_warm[name]["fds"]),
         }
     result["memory"] = memory
+    result["cpu_s_per_request"] = {
+        name: round((p.cpu_s() - cpu[name]) / max(1, len(outcomes)), 3) for name, p in procs.items()
+    }
     result["samples"] = samples
     say(
         f"  {result['completed']} completed, {result['abandoned']} abandoned,"
@@ -922,7 +931,7 @@ def run_pytest() -> dict[str, Any]:
         "tests/reliability",
         "-p",
         "no:cacheprovider",
-        "--deselect",
+        "--ignore",
         "tests/reliability/test_harness.py",
     ]
     say(f"HYPOTHESIS_PROFILE=full {' '.join(command[2:])}")
@@ -1011,7 +1020,7 @@ async def run(args: argparse.Namespace) -> int:
     gateway, base = llm_gateway(setup, [r.target for r in replicas], env=GATEWAY_ENV)
     session = _session(max(sizes.concurrency, sizes.soak_concurrency))
     monitor = Monitor(base)
-    stack = System(
+    system = System(
         setup, replicas, gateway, base, model.name.removesuffix(".gguf"), session, monitor
     )
     phases = [p for p in PHASES if p in args.phases.split(",")]
@@ -1023,7 +1032,7 @@ async def run(args: argparse.Namespace) -> int:
         gateway.start(workdir)
         await asyncio.to_thread(gateway.wait_ready, 60)
         monitor.start()
-        await stack.recover(0)
+        await system.recover(0)
         quarter = max(2, sizes.fault_requests // 4)
         faults: dict[str, Fault] = {
             "kill": fault_kill(quarter),
@@ -1034,21 +1043,21 @@ async def run(args: argparse.Namespace) -> int:
         for phase in phases:
             if phase == "soak":
                 result = await soak(
-                    stack, sizes.soak_requests, sizes.soak_concurrency, sizes.sample_every_s
+                    system, sizes.soak_requests, sizes.soak_concurrency, sizes.sample_every_s
                 )
             elif phase == "load":
                 result = await run_phase(
-                    stack, "load", sizes.load_requests, sizes.concurrency, None
+                    system, "load", sizes.load_requests, sizes.concurrency, None
                 )
             else:
                 result = await run_phase(
-                    stack, phase, sizes.fault_requests, sizes.concurrency, faults[phase]
+                    system, phase, sizes.fault_requests, sizes.concurrency, faults[phase]
                 )
             report["phases"].append(result)
-            await stack.recover(sizes.recovery_s)
+            await system.recover(sizes.recovery_s)
     finally:
         await monitor.stop()
-        await stack.session.close()
+        await system.session.close()
         gateway.stop()
         for r in replicas:
             r.server.stop()

@@ -98,6 +98,13 @@ class Server:
         except psutil.NoSuchProcess:
             return 0.0
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the process and its children used so far (0 when gone)."""
+        try:
+            return sum(sum(p.cpu_times()[:2]) for p in self._processes())
+        except psutil.NoSuchProcess:
+            return 0.0
+
     def num_fds(self) -> int:
         """Open file descriptors of the process and its children (0 when it is gone)."""
         try:
