@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -552,7 +553,6 @@ def fault_stop(trigger: int, freeze: float) -> Fault:
             replica.server.send(signal.SIGCONT)
         cont = time.monotonic()
         rec.restarted_after_s = round(cont - t0, 2)
-        rec.notes.append(f"frozen {cont - t0:.1f} s")
         back = await system.monitor.wait(replica.target, lambda s: s == "healthy", cont, 120)
         if back is not None:
             rec.back_after_s = round(back - cont, 2)
@@ -623,9 +623,15 @@ async def drive(
             bar.update()
             await progress.add()
 
+    record = None
     try:
         await asyncio.gather(*(client() for _ in range(concurrency)))
-        record = await fault_task if fault_task is not None else None
+        if fault_task is not None:
+            try:
+                record = await fault_task
+            except Exception as exc:  # reported as a fault that did not run its course
+                record = FaultRecord("fault failed", "-", notes=[repr(exc)])
+                say(f"  the fault failed: {exc!r}")
     finally:
         bar.close()
         if fault_task is not None and not fault_task.done():
@@ -636,8 +642,8 @@ async def drive(
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+    ordered = sorted(values)  # nearest rank
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def figures(outcomes: list[Outcome], record: FaultRecord | None, t0: float) -> dict[str, Any]:
@@ -737,6 +743,8 @@ def describe_fault(rec: FaultRecord) -> str:
         parts.append(f"back in rotation {rec.back_after_s} s after {since}{extra}")
     else:
         parts.append("NOT back in rotation")
+    if rec.kind == "fault failed":
+        parts.append(f"({'; '.join(rec.notes)})")
     return " ".join(parts)
 
 
