@@ -1,0 +1,103 @@
+"""Fixtures of the hostile-input suite, and its hypothesis profiles.
+
+``HYPOTHESIS_PROFILE`` picks the profile: ``ci`` (the default: few examples, derandomized, so
+that CI runs the same examples every time and each file takes seconds) or ``full`` (many more
+examples, random, for a soak run: ``HYPOTHESIS_PROFILE=full pytest tests/reliability``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# The server and gateway tests' fixtures (certificates, the model, the keys file) and helpers.
+from tests.gateway.conftest import Gateway, keys_file  # noqa: F401
+from tests.server.conftest import certs, model_path  # noqa: F401
+from tests.server.service import Certs, Service
+
+# Generated requests are slow to answer (a real model) and some are megabytes on purpose.
+_SLOW_AND_LARGE = [
+    HealthCheck.too_slow,
+    HealthCheck.data_too_large,
+    HealthCheck.large_base_example,
+]
+settings.register_profile(
+    "ci",
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=_SLOW_AND_LARGE,
+)
+settings.register_profile(
+    "full", max_examples=500, deadline=None, print_blob=True, suppress_health_check=_SLOW_AND_LARGE
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def examples(share: float) -> int:
+    """``share`` of the profile's ``max_examples`` (at least 3), for the costlier properties."""
+    return max(3, round(settings().max_examples * share))
+
+
+def wait_pool_whole(svc: Service, timeout: float = 15) -> None:
+    """Wait until every context of ``svc`` is free and nothing waits; fail if its process died
+    or the pool is not whole after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        assert svc.process.poll() is None, f"the service died ({svc.process.returncode})"
+        status, body = svc.readyz()
+        pool = body.get("pool") or {}
+        whole = pool.get("free") == pool.get("size") and not pool.get("leased")
+        if status == 200 and whole and not pool.get("waiting"):
+            return
+        assert time.monotonic() < end, f"pool not whole after {timeout} s: {status} {body}"
+        time.sleep(0.05)
+
+
+def replica(workdir: Path, files: Certs, model: Path, env: dict[str, str] | None = None) -> Service:
+    """A service for this suite: mTLS with the allow-list, a pool of 2 x 128 tokens (batched:
+    any prompt that fits is cheap to evaluate, on 2 shared cores; a chat template alone takes
+    about 30), logging at INFO (DEBUG would copy every megabyte prompt into the log)."""
+    base = {"LLM_TLS_ALLOWED_CLIENTS": "llm-client", "LLM_LOG_LEVEL": "INFO", "LLM_N_CTX": "128"}
+    return Service(workdir, files, model, env=base | (env or {}))
+
+
+@pytest.fixture(scope="module")
+def hostile_service(
+    tmp_path_factory: pytest.TempPathFactory,
+    certs: Certs,  # noqa: F811
+    model_path: Path,  # noqa: F811
+) -> Iterator[Service]:
+    """One service for the whole module: every generated request goes to the same process, so
+    a request that breaks it fails the examples after it too."""
+    svc = replica(tmp_path_factory.mktemp("hostile"), certs, model_path)
+    try:
+        yield svc.wait_ready()
+    finally:
+        assert svc.stop() == 0, svc.log
+
+
+@pytest.fixture(scope="module")
+def hostile_gateway(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    hostile_service: Service,
+    certs: Certs,  # noqa: F811
+    keys_file: Path,  # noqa: F811
+) -> Iterator[Gateway]:
+    """A gateway with API keys over ``hostile_service`` alone (settings: the module's
+    ``GATEWAY_ENV``, if it has one)."""
+    env = getattr(request.module, "GATEWAY_ENV", {})
+    workdir = tmp_path_factory.mktemp("gateway")
+    gw = Gateway(workdir, certs, [hostile_service], env=env, keys_file=keys_file)
+    try:
+        yield gw.wait_ready(30)
+    finally:
+        assert gw.stop() == 0, gw.log
