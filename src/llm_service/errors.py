@@ -14,7 +14,8 @@ LLMServiceError
  ├── DeadlineExceededError      the request's deadline passed before it could finish
  ├── RequestCancelledError      the client went away
  ├── UnavailableError           the service is not serving now (loading, draining); try elsewhere
- │    └── ConnectionFailedError the client could not reach the service (refused, TLS handshake)
+ │    ├── ConnectionFailedError the client could not reach the service (refused, TLS handshake)
+ │    └── ConnectionLostError   the connection broke mid-answer (the service died, the network)
  ├── PermissionDeniedError      the client's certificate is not on the allow-list
  ├── UnsupportedError           the server does not implement the call (another API version)
  ├── InternalServerError        a bug in the server; its log has the details
@@ -40,6 +41,7 @@ __all__ = [
     "AuthenticationError",
     "ConfigurationError",
     "ConnectionFailedError",
+    "ConnectionLostError",
     "DeadlineExceededError",
     "EngineError",
     "InternalServerError",
@@ -173,6 +175,13 @@ class ConnectionFailedError(UnavailableError):
     """The client could not reach the service: nothing listens, or the TLS handshake failed."""
 
     kind = "connection_failed"
+
+
+class ConnectionLostError(UnavailableError):
+    """The service answered, then the connection broke before the answer's end (the service
+    process died, the network failed)."""
+
+    kind = "connection_lost"
 
 
 class PermissionDeniedError(LLMServiceError):

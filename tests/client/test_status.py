@@ -23,6 +23,7 @@ EXAMPLES: list[errors.LLMServiceError] = [
     errors.RequestCancelledError("gone"),
     errors.UnavailableError("draining"),
     errors.ConnectionFailedError("refused"),
+    errors.ConnectionLostError("reset mid-answer"),
     errors.PermissionDeniedError("not on the list"),
     errors.UnsupportedError("no such method"),
     errors.InternalServerError("bug"),

@@ -15,7 +15,7 @@ import pytest
 from llm_service.api.v1 import llm_pb2_grpc
 from llm_service.client import AsyncClient
 from llm_service.engine import Engine, EngineConfig, FakeBackend
-from llm_service.errors import ConnectionFailedError, UnavailableError
+from llm_service.errors import ConnectionFailedError, ConnectionLostError, UnavailableError
 from llm_service.server import InferenceServicer, Phase, ServerState
 from llm_service.server.metrics import ServiceMetrics
 from tests.server.service import Certs, Service, greedy
@@ -52,15 +52,6 @@ async def replica(request: pytest.FixtureRequest) -> AsyncIterator[Replica]:
 CANCELS = 100
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: since 35ef97b (LLM_STALL_TIMEOUT) the servicer writes each message through"
-    " asyncio.wait_for(context.write(...)); when the client cancels while a write is in flight,"
-    " the write fails with grpc's ExecuteBatchError before the call's task is cancelled, and the"
-    " servicer's `except Exception` turns it into INTERNAL: an 'internal error' logged with a"
-    " traceback and llm_requests_total{finish_reason='error'}, instead of a cancel"
-    " (llm_requests_cancelled_total). Through the gateway, every abandoned stream risks it.",
-)
 async def test_client_cancels_mid_stream_are_cancels_not_internal_errors(
     replica: Replica, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -82,16 +73,6 @@ async def test_client_cancels_mid_stream_are_cancels_not_internal_errors(
 
 
 @pytest.mark.model
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a replica that dies mid-stream raises ConnectionFailedError ('cannot reach"
-    " the service: the service closed the connection during the handshake: it may have refused"
-    " this client's certificate ...'), the error for a service never reached"
-    " (client/status.py maps every UNAVAILABLE without llm-error metadata to it, whether or not"
-    " the stream had started); the gateway then ends the client's stream with 'no backend could"
-    " be reached to serve the request; retry later' (no_backend_available) although the client"
-    " already holds part of the answer, and logs a TLS handshake problem that never happened.",
-)
 async def test_a_replica_killed_mid_stream_is_not_reported_as_unreachable(
     tmp_path: Path, certs: Certs, model_path: Path
 ) -> None:
@@ -109,4 +90,5 @@ async def test_a_replica_killed_mid_stream_is_not_reported_as_unreachable(
         replica.process.kill()
         replica.process.wait()
     assert not isinstance(info.value, ConnectionFailedError), str(info.value)
+    assert isinstance(info.value, ConnectionLostError), str(info.value)
     assert "handshake" not in str(info.value)

@@ -426,7 +426,8 @@ class AsyncStream:
     async def _failed(self, exc: grpc.aio.AioRpcError) -> None:
         """Retry a refused call that produced no token yet; else end the stream with the error."""
         self._call = None
-        error = error_from_rpc(exc, self.request_id)
+        answered = self.started is not None or self._token_received
+        error = error_from_rpc(exc, self.request_id, answered=answered)
         if self._token_received:
             self._finished = True
             raise error from None

@@ -15,6 +15,7 @@ from llm_service.api.v1 import metadata as md
 from llm_service.errors import (
     AuthenticationError,
     ConnectionFailedError,
+    ConnectionLostError,
     DeadlineExceededError,
     InternalServerError,
     InvalidRequestError,
@@ -104,11 +105,18 @@ def error_for(
     return error
 
 
-def error_from_rpc(exc: grpc.aio.AioRpcError, request_id: str | None) -> LLMServiceError:
-    """The error for a failed call."""
+def error_from_rpc(
+    exc: grpc.aio.AioRpcError, request_id: str | None, *, answered: bool = False
+) -> LLMServiceError:
+    """The error for a failed call; ``answered``: the service had sent part of its answer."""
     code = exc.code()
     trailing = tuple(exc.trailing_metadata() or ())
     message = exc.details() or code.name.lower().replace("_", " ")
+    if code is grpc.StatusCode.UNAVAILABLE and not _named(trailing) and answered:
+        # Reached, then lost (the service died or the network broke): not a connection problem.
+        error = ConnectionLostError(f"the connection to the service broke mid-answer ({message})")
+        error.request_id, error.status = request_id, code.name
+        return error
     if code is grpc.StatusCode.UNAVAILABLE and not _named(trailing):
         message = f"cannot reach the service: {_transport_reason(message)}"
     elif code is grpc.StatusCode.DEADLINE_EXCEEDED and not _named(trailing):

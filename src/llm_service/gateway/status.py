@@ -10,6 +10,7 @@ from llm_service.errors import (
     AuthenticationError,
     ConfigurationError,
     ConnectionFailedError,
+    ConnectionLostError,
     DeadlineExceededError,
     EngineError,
     InternalServerError,
@@ -65,6 +66,12 @@ HTTP_ERRORS: dict[type[LLMServiceError], HttpError] = {
     UnavailableError: HttpError(503, "service_unavailable_error", "no_backend_available"),
     ConnectionFailedError: HttpError(
         503, "service_unavailable_error", "no_backend_available", _BACKEND_DOWN
+    ),
+    ConnectionLostError: HttpError(
+        502,
+        "server_error",
+        "backend_lost",
+        "the backend serving this request failed mid-answer; retry",
     ),
     # A backend cancelled the call (it drained past its grace), as the client never does here.
     RequestCancelledError: HttpError(

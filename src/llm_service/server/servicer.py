@@ -174,8 +174,12 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
     async def _send(self, context: Context, message: pb.GenerateResponse) -> None:
         """Write one message; _ClientStalled if the client leaves it unread too long (flow
         control holds the write while the client's window is full)."""
+        # asyncio.timeout, not wait_for: the write must stay in this call's own task, so that a
+        # client's cancel reaches it as CancelledError (wait_for's inner task would fail first,
+        # with gRPC's ExecuteBatchError).
         try:
-            await asyncio.wait_for(context.write(message), self._stall_timeout)
+            async with asyncio.timeout(self._stall_timeout):
+                await context.write(message)
         except TimeoutError:
             raise _ClientStalled from None
 

@@ -13,6 +13,7 @@ from llm_service.errors import (
     AuthenticationError,
     ConfigurationError,
     ConnectionFailedError,
+    ConnectionLostError,
     DeadlineExceededError,
     EngineError,
     InternalServerError,
@@ -53,6 +54,7 @@ STATUS_CODES: dict[type[LLMServiceError], grpc.StatusCode] = {
     ModelFetchError: grpc.StatusCode.UNAVAILABLE,
     # Raised by the client only, mapped here so that the table covers the whole tree.
     ConnectionFailedError: grpc.StatusCode.UNAVAILABLE,
+    ConnectionLostError: grpc.StatusCode.UNAVAILABLE,
     UnsupportedError: grpc.StatusCode.UNIMPLEMENTED,
     InternalServerError: grpc.StatusCode.INTERNAL,
     # Raised by the gateway only (it speaks HTTP), mapped here for the same reason.
