@@ -63,9 +63,16 @@ def wait_pool_whole(svc: Service, timeout: float = 15) -> None:
 
 def replica(workdir: Path, files: Certs, model: Path, env: dict[str, str] | None = None) -> Service:
     """A service for this suite: mTLS with the allow-list, a pool of 2 x 128 tokens (batched:
-    any prompt that fits is cheap to evaluate, on 2 shared cores; a chat template alone takes
-    about 30), logging at INFO (DEBUG would copy every megabyte prompt into the log)."""
-    base = {"LLM_TLS_ALLOWED_CLIENTS": "llm-client", "LLM_LOG_LEVEL": "INFO", "LLM_N_CTX": "128"}
+    any prompt that fits is cheap to evaluate; a chat template alone takes about 30), logging
+    at INFO (DEBUG would copy every megabyte prompt into the log)."""
+    base = {
+        "LLM_TLS_ALLOWED_CLIENTS": "llm-client",
+        "LLM_LOG_LEVEL": "INFO",
+        "LLM_N_CTX": "128",
+        # One compute thread: llama.cpp's threads spin, and two of them on 2 cores shared with
+        # other processes wait on each other (measured here: a 31-token prompt 1-7 s, not 0.1).
+        "LLM_N_THREADS": "1",
+    }
     return Service(workdir, files, model, env=base | (env or {}))
 
 
