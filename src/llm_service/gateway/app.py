@@ -425,6 +425,34 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     "4XX": {"description": 'OpenAI-style error: {"error": {message, type, param, code}}'},
     "5XX": {"description": "OpenAI-style error; 503 when no backend is healthy"},
 }
+# A generation answers with JSON, or with Server-Sent Events when the body says ``stream``.
+_GENERATED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The completion object; with ``stream``, Server-Sent Events of chunks",
+        "content": {
+            "application/json": {},
+            # Each event: its data is one chunk object as JSON, then the last one "[DONE]".
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"data": {"type": "string"}},
+                    "required": ["data"],
+                }
+            },
+        },
+    },
+}
+
+
+def _unreadable_body(cause: BaseException) -> InvalidRequestError:
+    """The error for a body FastAPI could not parse as JSON (it says only that it could not)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return InvalidRequestError(
+            "body", f"is not valid UTF-8: {cause.reason} at byte {cause.start}"
+        )
+    if isinstance(cause, RecursionError):
+        return InvalidRequestError("body", "is not valid JSON: nested too deeply")
+    return InvalidRequestError("body", f"is not valid JSON: {type(cause).__name__}")
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -468,6 +496,8 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def on_http(request: Request, exc: HTTPException) -> Response:
         if isinstance(exc.__cause__, LLMServiceError):  # raised while FastAPI read the body
             return error_response(exc.__cause__)
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse it
+            return error_response(_unreadable_body(exc.__cause__))
         code = "not_found" if exc.status_code == 404 else "invalid_request"
         message = f"{request.method} {request.url.path}: {exc.detail}"
         body = error_body(message, "invalid_request_error", code=code)
@@ -500,8 +530,9 @@ def create_app(gateway: Gateway) -> FastAPI:
     for prefix, shown in (("/v1", True), ("", False)):
         kw: dict[str, Any] = {"dependencies": auth, "responses": _ERRORS}
         kw["include_in_schema"] = shown
-        app.post(f"{prefix}/chat/completions", response_model=None, **kw)(chat)
-        app.post(f"{prefix}/completions", response_model=None, **kw)(completions)
+        generation = kw | {"responses": _GENERATED | _ERRORS}
+        app.post(f"{prefix}/chat/completions", response_model=None, **generation)(chat)
+        app.post(f"{prefix}/completions", response_model=None, **generation)(completions)
         app.get(f"{prefix}/models", **kw)(models)
         app.get(f"{prefix}/models/{{model_id:path}}", **kw)(model)
 

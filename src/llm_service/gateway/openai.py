@@ -40,19 +40,36 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+# The values a field is served with, for the OpenAPI document only (``json_schema_extra``):
+# validation stays in ``to_generation``, so that a refusal says what is served and why. Without
+# them the document accepts what the gateway refuses (any role, any n), and a client or a fuzzer
+# built from it never gets an answer.
+def _served(*values: object) -> dict[str, Any]:
+    return {"enum": list(values)}
+
+
+def _one_prompt(schema: dict[str, Any]) -> None:
+    """A list of prompts holds exactly one (``_prompt`` refuses others)."""
+    for member in schema.get("anyOf", ()):
+        if member.get("type") == "array":
+            member.update(minItems=1, maxItems=1)
+
+
 class ContentPart(_Body):
     """Any content part; only ``text`` parts are served (others are refused with 400)."""
 
-    model_config = ConfigDict(strict=True, extra="allow")
+    model_config = ConfigDict(
+        strict=True, extra="allow", json_schema_extra={"required": ["type", "text"]}
+    )
 
-    type: str
-    text: str | None = None
+    type: str = Field(json_schema_extra=_served("text"))
+    text: str | None = Field(None, json_schema_extra={"type": "string"})
 
 
 class Message(_Body):
     """One chat message."""
 
-    role: str
+    role: str = Field(json_schema_extra=_served(*sorted(_ROLES)))
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -92,12 +109,16 @@ class _Sampling(_Body):
     )
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    n: int | None = Field(None, description="Only 1 is served.")
+    n: int | None = Field(None, description="Only 1 is served.", json_schema_extra=_served(1, None))
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = Field(None, description="Recorded in the gateway's log only.")
-    logprobs: bool | int | None = Field(None, description="Not served: only false or absent.")
+    logprobs: bool | int | None = Field(
+        None,
+        description="Not served: only false or absent.",
+        json_schema_extra=_served(False, None),
+    )
 
 
 class ChatCompletionRequest(_Sampling):
@@ -110,9 +131,17 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str]
-    echo: bool | None = Field(None, description="Not served: only false or absent.")
-    suffix: str | None = Field(None, description="Not served: only null or absent.")
+    prompt: str | list[str] = Field(
+        description="The prompt, or a list of exactly one.", json_schema_extra=_one_prompt
+    )
+    echo: bool | None = Field(
+        None,
+        description="Not served: only false or absent.",
+        json_schema_extra=_served(False, None),
+    )
+    suffix: str | None = Field(
+        None, description="Not served: only null or absent.", json_schema_extra=_served(None)
+    )
 
 
 @dataclass(frozen=True, slots=True)
