@@ -90,12 +90,7 @@ def service_env_names() -> set[str]:
 
 
 def gateway_env_names() -> set[str]:
-    # DNS discovery (issue 8) is being added to GatewaySettings alongside these files; until it
-    # lands, its two variables are the only names allowed that the settings do not have yet.
-    return env_names(GatewaySettings) | {
-        "LLM_GATEWAY_DISCOVER",
-        "LLM_GATEWAY_DISCOVERY_INTERVAL",
-    }
+    return env_names(GatewaySettings)
 
 
 def port_of(address: str) -> int:
