@@ -4,11 +4,13 @@ Every request goes through the gateway in the OpenAI wire format, sent by client
 like real ones: a mix of streaming and whole answers, chat and text completions, short and long
 prompts, and 20 % of the streams abandoned after a few chunks (the connection closed). A
 connection refused or reset before any byte of the response is retried with back-off (counted
-as a retried connect); a 429 is counted as refused (allowed). Server-Sent Events are parsed here,
-so that an ``error`` event is told apart from a silent truncation: a stream is whole only if it
-ends with a chunk that has a ``finish_reason``, then ``data: [DONE]``; an error event then
-``[DONE]`` is an error event; anything else (connection cut, ``[DONE]`` without a finish
-reason, invalid JSON) is a silent truncation, always a failure.
+as a retried connect); a 429 is counted as refused (allowed), and so is its streaming form, an
+``overloaded`` error event before any token (once keep-alive pings have started a response, a
+refusal can only come that way). Server-Sent Events are parsed here, so that an ``error`` event
+is told apart from a silent truncation: a stream is whole only if it ends with a chunk that has
+a ``finish_reason``, then ``data: [DONE]``; an error event then ``[DONE]`` is an error event;
+anything else (connection cut, ``[DONE]`` without a finish reason, invalid JSON) is a silent
+truncation, always a failure.
 
 Phases, one after the other, with a recovery wait between them:
 
@@ -152,6 +154,8 @@ GATEWAY_RESTART = "gateway SIGTERM + restart"
 COMPLETED, ABANDONED, REFUSED = "completed", "abandoned", "refused"
 ERROR_EVENT, ERROR_STATUS = "error_event", "error_status"  # a clean failure: allowed on a kill
 TRUNCATED, OTHER = "truncated", "other_error"
+# The gateway's error codes for a 429 (every replica busy, or the caller's rate limit).
+REFUSALS = ("overloaded", "rate_limit_exceeded")
 
 
 @dataclass
@@ -275,7 +279,11 @@ async def _read_stream(response: aiohttp.ClientResponse, spec: RequestSpec, out:
         if spec.abandon and finish is None and out.content_chunks >= ABANDON_AFTER:
             out.kind = ABANDONED  # the client goes away; response.close() cuts the connection
             return
-    if done and error is not None:
+    if done and error is not None and error.get("code") in REFUSALS and not out.content_chunks:
+        # Refused while it waited for its first token, after keep-alive pings had started the
+        # response: the streaming form of a 429.
+        out.kind, out.detail = REFUSED, "in-stream: " + json.dumps(error)[:300]
+    elif done and error is not None:
         out.kind, out.detail = ERROR_EVENT, json.dumps(error)[:300]
     elif done and finish is not None:
         out.kind = COMPLETED
