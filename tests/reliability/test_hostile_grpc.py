@@ -66,8 +66,13 @@ TRANSPORT_LIMIT = re.compile(r"larger than max|metadata size exceeds")
 # each has an xfail(strict) regression test below, and goes when that test passes.
 # - a valid non-default penalty fails every request with INTERNAL (test_regression_penalties)
 AVOID_PENALTY_DEFECT = True
-# - a grammar nested ~20000 parentheses deep crashes the process (test_regression_grammar_nesting)
+# - a grammar nested ~20000 parentheses deep crashes the process, and so does a JSON schema whose
+#   maxLength or maxItems is ~20000: its grammar nests that deep (test_regression_nesting)
 SAFE_GRAMMAR_NESTING = 5000
+# - a JSON schema's counts (minLength, maxLength, minItems, maxItems) become that many copies in
+#   its grammar: 10**8 takes ~13 GB (test_regression_schema_counts). Counts are drawn small, or so
+#   large that the conversion fails at once.
+AVOID_SCHEMA_COUNT_DEFECT = True
 
 
 # -- calling the service with raw bytes ---------------------------------------------------
@@ -361,7 +366,9 @@ KEYWORDS = [
 JSON_LEAVES = st.one_of(
     st.none(),
     st.booleans(),
-    st.integers(-(2**70), 2**70),
+    st.integers(-2000, 2000) | st.sampled_from([2**63, -(2**63), 10**300])
+    if AVOID_SCHEMA_COUNT_DEFECT
+    else st.integers(-(2**70), 2**70),
     st.floats(),  # NaN and infinities too: the service's JSON parser reads them
     st.text(max_size=10),
     st.sampled_from(["object", "array", "string", "integer", "number", "boolean", "null"]),
@@ -375,11 +382,14 @@ RANDOM_SCHEMAS = st.recursive(
     max_leaves=25,
 ).map(json.dumps)
 BIG = st.sampled_from([0, 1, 2000, 2001, 10**6, 2**31, 2**63, -1, 10**300])
+COUNTS = (
+    st.sampled_from([0, 1, 2000, 2001, 2**63, -1, 10**300]) if AVOID_SCHEMA_COUNT_DEFECT else BIG
+)
 BOMBS = st.one_of(
-    st.builds(lambda n: {"type": "string", "minLength": n}, BIG),
-    st.builds(lambda n: {"type": "string", "maxLength": n}, BIG),
-    st.builds(lambda n: {"type": "array", "items": {"type": "integer"}, "minItems": n}, BIG),
-    st.builds(lambda n: {"type": "array", "items": {"type": "string"}, "maxItems": n}, BIG),
+    st.builds(lambda n: {"type": "string", "minLength": n}, COUNTS),
+    st.builds(lambda n: {"type": "string", "maxLength": n}, COUNTS),
+    st.builds(lambda n: {"type": "array", "items": {"type": "integer"}, "minItems": n}, COUNTS),
+    st.builds(lambda n: {"type": "array", "items": {"type": "string"}, "maxItems": n}, COUNTS),
     st.builds(lambda lo, hi: {"type": "integer", "minimum": lo, "maximum": hi}, BIG, BIG),
     st.builds(lambda p: {"type": "string", "pattern": p}, st.text(max_size=30)),
     st.builds(lambda n: {"enum": list(range(n))}, st.integers(0, 20000)),
@@ -719,26 +729,68 @@ def test_regression_penalties(
     assert check(client.generate(request), hostile_service).code is grpc.StatusCode.OK
 
 
+NESTED_GRAMMAR = "root ::= " + "(" * 20_000 + '"a"' + ")" * 20_000  # 40 KB
+NESTING = {
+    "grammar": pb.SamplingParams(max_tokens=1, grammar=NESTED_GRAMMAR),
+    # 38 bytes: the schema's grammar nests one group per optional character.
+    "json_schema": pb.SamplingParams(
+        max_tokens=1, json_schema='{"type":"string","maxLength":30000}'
+    ),
+}
+
+
 @pytest.mark.xfail(
     strict=True,
-    reason="defect: llama.cpp's GBNF parser recurses once per nested group; a 40 KB grammar"
-    " (under LLM_MAX_GRAMMAR_BYTES) nested 20000 deep overflows the thread's stack: SIGSEGV",
+    reason="defect: llama.cpp's GBNF parser recurses once per nested group: a grammar nested 20000"
+    " deep (40 KB, under LLM_MAX_GRAMMAR_BYTES), or the grammar of a 38-byte JSON schema with"
+    " maxLength 30000 (llama-cpp-python's converter nests one group per optional repetition),"
+    " overflows the thread's stack: SIGSEGV, the service is gone",
 )
-def test_regression_grammar_nesting(tmp_path: Path, certs: Certs, model_path: Path) -> None:
+@pytest.mark.parametrize("field_name", sorted(NESTING))
+def test_regression_nesting(
+    tmp_path: Path, certs: Certs, model_path: Path, field_name: str
+) -> None:
     # A service of its own: this request kills the process it reaches.
     svc = replica(tmp_path, certs, model_path).wait_ready()
     client = Client(svc)
     try:
-        grammar = "root ::= " + "(" * 20_000 + '"a"' + ")" * 20_000
-        request = pb.GenerateRequest(
-            prompt="Hi", sampling=pb.SamplingParams(max_tokens=1, grammar=grammar)
-        )
-        outcome = check(client.generate(request), svc, one_of_fields("sampling.grammar"))
+        request = pb.GenerateRequest(prompt="Hi", sampling=NESTING[field_name])
+        outcome = check(client.generate(request), svc, one_of_fields(f"sampling.{field_name}"))
         assert outcome.code is grpc.StatusCode.INVALID_ARGUMENT
     finally:
         client.channel.close()
         if svc.process.poll() is None:
             svc.stop()
+
+
+def _peak_rss_kib(svc: Service) -> int:
+    status = Path(f"/proc/{svc.process.pid}/status").read_text()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)[1])  # type: ignore[index]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: llama-cpp-python's json_schema_to_gbnf writes minLength, maxLength, minItems"
+    " and maxItems out as that many copies of the item: a 70-byte schema with minItems 10**8"
+    " builds a grammar of ~2 GB and takes ~13 GB (2**31: the service runs out of memory)."
+    " Counts beyond what the context can hold must be refused before the conversion",
+)
+def test_regression_schema_counts(tmp_path: Path, certs: Certs, model_path: Path) -> None:
+    svc = replica(tmp_path, certs, model_path).wait_ready()
+    client = Client(svc)
+    try:
+        before = _peak_rss_kib(svc)
+        # 4 million integers: no context holds them (here, about half a gigabyte).
+        schema = json.dumps({"type": "array", "items": {"type": "integer"}, "minItems": 4_000_000})
+        request = pb.GenerateRequest(
+            prompt="Hi", sampling=pb.SamplingParams(max_tokens=1, json_schema=schema)
+        )
+        outcome = check(client.generate(request), svc, one_of_fields("sampling.json_schema"))
+        assert outcome.code is grpc.StatusCode.INVALID_ARGUMENT, outcome
+        assert _peak_rss_kib(svc) - before < 100_000, "the service grew by 100 MB or more"
+    finally:
+        client.channel.close()
+        svc.stop()
 
 
 @pytest.mark.xfail(
