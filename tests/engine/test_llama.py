@@ -21,6 +21,7 @@ from llm_service.engine import (
     ChatMessage,
     Engine,
     EngineConfig,
+    Finished,
     FinishReason,
     GenerationEvent,
     GenerationRequest,
@@ -29,7 +30,7 @@ from llm_service.engine import (
     TokenDelta,
     llama,
 )
-from llm_service.engine.llama import LLAMA_CPP_COMMIT, LlamaBackend
+from llm_service.engine.llama import LLAMA_CPP_COMMIT, LlamaBackend, grammar_nesting
 from llm_service.errors import (
     InvalidRequestError,
     ModelLoadError,
@@ -300,6 +301,20 @@ async def test_bad_input_leaves_the_pool_whole(engine: Engine) -> None:
             InvalidRequestError,
             "sampling.json_schema",
         ),
+        # Found by the hostile-input suite: each crashed or swamped the service.
+        (
+            GenerationRequest(
+                prompt="hi",
+                sampling=SamplingParams(grammar="root ::= " + "(" * 20_000 + '"a"' + ")" * 20_000),
+            ),
+            InvalidRequestError,
+            "sampling.grammar",
+        ),  # llama.cpp's parser: a stack overflow
+        (
+            GenerationRequest(prompt="hi", sampling=SamplingParams(penalty_last_n=2**31 - 1)),
+            InvalidRequestError,
+            "sampling.penalty_last_n",
+        ),  # a ring buffer of 8 GiB
     ]
     for request, error, field in cases:
         with pytest.raises(error) as info:
@@ -307,6 +322,33 @@ async def test_bad_input_leaves_the_pool_whole(engine: Engine) -> None:
         assert isinstance(info.value, InvalidRequestError) and info.value.field == field, info.value
         assert engine.pool_state().free == 2 and engine.pool_state().leased == 0
     assert final(await collect(engine, PROBE)).finish_reason is FinishReason.LENGTH
+
+
+@pytest.mark.parametrize(
+    ("penalty", "changes"),
+    [({"repeat_penalty": 1.3}, True), ({"frequency_penalty": 1.5}, True),
+     ({"repeat_penalty": 1.3, "penalty_last_n": -1}, True),
+     ({"presence_penalty": 2.0}, False)],  # too small a push to change this greedy answer
+)  # fmt: skip
+async def test_penalties_apply(engine: Engine, penalty: dict[str, Any], changes: bool) -> None:
+    """Found by the hostile-input suite: every penalty was an internal error (llama.cpp's
+    penalties sampler takes n_vocab first, at this commit)."""
+    prompt = "one one one one one one one one"
+
+    async def answer(**sampling: Any) -> Finished:
+        request = GenerationRequest(prompt=prompt, sampling=SamplingParams(**sampling))
+        return final(await collect(engine, request))
+
+    plain = await answer(max_tokens=12, temperature=0)
+    penalised = await answer(max_tokens=12, temperature=0, **penalty)
+    assert penalised.finish_reason is FinishReason.LENGTH
+    assert (penalised.text != plain.text) is changes
+
+
+def test_grammar_nesting_skips_strings_classes_and_comments() -> None:
+    assert grammar_nesting('root ::= ("a" | ("b" "c")*)+') == 2
+    assert grammar_nesting('root ::= "((((" [(((] x  # (((((\nx ::= ("\\"(")') == 1
+    assert grammar_nesting("root ::= " + "(" * 3000 + '"a"' + ")" * 3000) == 3000
 
 
 def test_missing_and_non_gguf_model_files(tmp_path: Path) -> None:

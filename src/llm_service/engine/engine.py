@@ -300,6 +300,12 @@ class Engine:
 
     def _check_fits(self, request: GenerationRequest, n_prompt: int) -> int:
         n_ctx = self.backend.info.n_ctx
+        last_n = request.sampling.penalty_last_n
+        if last_n > n_ctx:  # llama.cpp keeps a ring buffer of that many tokens
+            raise InvalidRequestError(
+                "sampling.penalty_last_n",
+                f"must be at most the context size, {n_ctx}; got {last_n}",
+            )
         field = "messages" if request.messages is not None else "prompt"
         if n_prompt == 0:
             raise InvalidRequestError(field, "tokenizes to nothing")

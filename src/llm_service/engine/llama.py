@@ -60,6 +60,9 @@ _DECODE_ERRORS = {
 }
 # The physical batch (tokens per graph evaluation) at most: llama.cpp's own default.
 MAX_UBATCH = 512
+# Groups "( ... )" nested deeper than this in a GBNF grammar are refused: llama.cpp's parser
+# recurses once per group, and ~20,000 levels overflow a thread's stack (SIGSEGV).
+MAX_GRAMMAR_NESTING = 2048
 
 # enum ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the last line).
 _NATIVE_LEVELS = {
@@ -543,6 +546,15 @@ class LlamaBackend:
                 raise InvalidRequestError(
                     "sampling.json_schema", f"cannot be turned into a grammar: {exc}"
                 ) from None
+        if grammar is not None:
+            field = "sampling.json_schema" if params.json_schema else "sampling.grammar"
+            depth = grammar_nesting(grammar)
+            if depth > MAX_GRAMMAR_NESTING:
+                # llama.cpp's parser recurses once per group: deeper overflows the stack.
+                raise InvalidRequestError(
+                    field,
+                    f"nests groups {depth} deep (its grammar); at most {MAX_GRAMMAR_NESTING}",
+                )
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         sampler = LlamaSampler(chain)
         try:
@@ -567,6 +579,7 @@ class LlamaBackend:
                 llama_cpp.llama_sampler_chain_add(
                     chain,
                     llama_cpp.llama_sampler_init_penalties(
+                        self._n_vocab,  # this llama.cpp's signature starts with n_vocab
                         last_n,
                         params.repeat_penalty,
                         params.frequency_penalty,
@@ -613,3 +626,26 @@ class LlamaBackend:
         buf = ctypes.create_string_buffer(256)
         llama_cpp.llama_model_desc(self.model, buf, len(buf))
         return buf.value.decode("utf-8", "replace")
+
+
+def grammar_nesting(grammar: str) -> int:
+    """How deep groups ``( ... )`` nest in a GBNF grammar (strings, classes, comments skipped)."""
+    depth = deepest = 0
+    i, n = 0, len(grammar)
+    while i < n:
+        c = grammar[i]
+        if c in '"[':
+            close = '"' if c == '"' else "]"
+            i += 1
+            while i < n and grammar[i] != close:
+                i += 2 if grammar[i] == "\\" else 1
+        elif c == "#":
+            while i < n and grammar[i] != "\n":
+                i += 1
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+        i += 1
+    return deepest

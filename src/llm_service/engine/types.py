@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -54,9 +55,19 @@ def _require(condition: bool, field_name: str, message: str) -> None:
         raise InvalidRequestError(field_name, message)
 
 
-def _check_refs(schema: object) -> None:
-    """Only references inside the schema itself ("#..."): a schema must never make the service
-    fetch a URL or read a file."""
+# The most a JSON schema may repeat one thing (minLength, maxLength, minItems, maxItems, and
+# {m,n} in a pattern): its grammar spells each repetition out, so 10**8 would take gigabytes,
+# and nests one group per optional one (see llama.MAX_GRAMMAR_NESTING).
+MAX_SCHEMA_REPEAT = 2048
+_COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
+_REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def _check_schema(schema: object) -> None:
+    """Refuse, before any grammar is built from it: references outside the schema itself (a
+    schema must never make the service fetch a URL or read a file), and repetition counts
+    whose grammar would be huge."""
+    field_name = "sampling.json_schema"
     stack = [schema]
     while stack:
         node = stack.pop()
@@ -64,10 +75,25 @@ def _check_refs(schema: object) -> None:
             ref = node.get("$ref")
             if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
                 raise InvalidRequestError(
-                    "sampling.json_schema",
+                    field_name,
                     f"$ref {str(ref)[:100]!r} points outside the schema; only local references"
                     " ('#/...') are allowed",
                 )
+            for key in _COUNTS:
+                count = node.get(key)
+                if isinstance(count, int | float) and count > MAX_SCHEMA_REPEAT:
+                    raise InvalidRequestError(
+                        field_name, f"{key} {count:g} is over {MAX_SCHEMA_REPEAT}, the most allowed"
+                    )
+            pattern = node.get("pattern")
+            if isinstance(pattern, str):
+                for low, high in _REPEAT.findall(pattern):
+                    if max(int(low), int(high or 0)) > MAX_SCHEMA_REPEAT:
+                        raise InvalidRequestError(
+                            field_name,
+                            f"pattern repeats {{{low},{high}}}: over {MAX_SCHEMA_REPEAT}, the most"
+                            " allowed",
+                        )
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
@@ -222,7 +248,7 @@ class SamplingParams:
                 p + "json_schema",
                 "must be a JSON object (a JSON schema)",
             )
-            _check_refs(schema)
+            _check_schema(schema)
 
     @property
     def greedy(self) -> bool:
