@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,12 +26,12 @@ from schemathesis import checks as generic_checks
 from schemathesis.specs.openapi import checks as openapi_checks
 
 from tests.gateway.conftest import KEY, MODEL, Gateway
-from tests.reliability.conftest import examples, wait_pool_whole
+from tests.reliability.conftest import examples, replica, wait_pool_whole
 
 # A backend defect: a valid non-zero penalty is INTERNAL on the replica, so 500 here; generated
 # bodies avoid it while the switch is on (see test_regression_penalty at the end).
 from tests.reliability.test_hostile_grpc import AVOID_PENALTY_DEFECT
-from tests.server.service import Service
+from tests.server.service import Certs, Service
 
 pytestmark = pytest.mark.model
 
@@ -225,16 +226,18 @@ def test_thousands_of_stop_strings(
     wait_pool_whole(hostile_service)
 
 
-SELF_REFERENCES = [
+SCHEMAS_REFUSED = [
     {"$ref": "#"},
     {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
     {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
     {"$ref": "http://127.0.0.1:1/schema.json"},
+    {"type": "array", "items": {"type": "integer"}, "minItems": 10**400},  # not even a float
+    {"type": "string", "maxLength": 2**63},
 ]
 
 
-@pytest.mark.parametrize("schema_", SELF_REFERENCES)
-def test_a_response_format_schema_that_refers_to_itself(
+@pytest.mark.parametrize("schema_", SCHEMAS_REFUSED)
+def test_a_response_format_schema_that_refers_to_itself_or_cannot_be_served(
     http: httpx.Client, hostile_service: Service, schema_: dict[str, Any]
 ) -> None:
     response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema_}}
@@ -311,3 +314,32 @@ def test_every_context_is_free_and_no_5xx_was_sent(
 def test_regression_penalty(http: httpx.Client) -> None:
     response = http.post("/v1/chat/completions", content=chat(presence_penalty=0.5))
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect (backend): a JSON schema that allows no first token ({'const': NUL}) aborts"
+    " the replica (test_hostile_grpc.test_regression_no_token_allowed): one request through"
+    " the gateway kills a replica",
+)
+def test_regression_a_schema_no_token_satisfies(
+    tmp_path: Path,
+    certs: Certs,
+    model_path: Path,
+    keys_file: Path,
+) -> None:
+    # A replica and gateway of their own: this request kills the replica it reaches.
+    svc = replica(tmp_path, certs, model_path).wait_ready()
+    gw = Gateway(tmp_path, certs, [svc], keys_file=keys_file)
+    try:
+        gw.wait_ready(30)
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"const": "\x00"}}}
+        headers = AUTH | {"content-type": "application/json"}
+        with httpx.Client(base_url=gw.url, headers=headers, timeout=60) as client:
+            response = client.post("/v1/chat/completions", content=chat(response_format=fmt))
+        refused(response, "response_format")
+        assert svc.process.poll() is None, "the replica died"
+    finally:
+        gw.stop()
+        if svc.process.poll() is None:
+            svc.stop()
