@@ -8,6 +8,7 @@ examples, random, for a soak run: ``HYPOTHESIS_PROFILE=full pytest tests/reliabi
 from __future__ import annotations
 
 import os
+import resource
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,17 @@ def wait_pool_whole(svc: Service, timeout: float = 15) -> None:
         time.sleep(0.05)
 
 
+def cap_memory(svc: Service, headroom_kib: int = 2_000_000) -> Service:
+    """``svc``, its address space capped at its current size plus ``headroom_kib``: a request
+    that makes it allocate without end fails there (the service may abort), instead of taking
+    the memory of a machine other jobs share."""
+    status = Path(f"/proc/{svc.process.pid}/status").read_text()
+    size_kib = int(status.split("VmSize:")[1].split()[0])
+    cap = (size_kib + headroom_kib) * 1024
+    resource.prlimit(svc.process.pid, resource.RLIMIT_AS, (cap, cap))
+    return svc
+
+
 def replica(workdir: Path, files: Certs, model: Path, env: dict[str, str] | None = None) -> Service:
     """A service for this suite: mTLS with the allow-list, a pool of 2 x 128 tokens (batched:
     any prompt that fits is cheap to evaluate; a chat template alone takes about 30), logging
@@ -86,7 +98,7 @@ def hostile_service(
     a request that breaks it fails the examples after it too."""
     svc = replica(tmp_path_factory.mktemp("hostile"), certs, model_path)
     try:
-        yield svc.wait_ready()
+        yield cap_memory(svc.wait_ready())
     finally:
         assert svc.stop() == 0, svc.log
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import resource
 import string
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +41,7 @@ from llm_service.api.v1 import llm_pb2_grpc
 from llm_service.api.v1 import metadata as md
 from llm_service.server import SERVICE_NAME
 from llm_service.settings import ServiceSettings
-from tests.reliability.conftest import examples, replica, wait_pool_whole
+from tests.reliability.conftest import cap_memory, examples, replica, wait_pool_whole
 from tests.server.service import Certs, Service
 
 pytestmark = pytest.mark.model
@@ -835,7 +834,7 @@ def _status_kib(svc: Service, key: str = "VmHWM") -> int:
     " Counts beyond what the context can hold must be refused before the conversion",
 )
 def test_regression_schema_counts(tmp_path: Path, certs: Certs, model_path: Path) -> None:
-    svc = replica(tmp_path, certs, model_path).wait_ready()
+    svc = cap_memory(replica(tmp_path, certs, model_path).wait_ready(), headroom_kib=2_000_000)
     client = Client(svc)
     try:
         before = _status_kib(svc)
@@ -914,11 +913,7 @@ def test_regression_cancel_after_started(tmp_path: Path, certs: Certs, model_pat
 def test_regression_repetition_below_its_minimum(
     tmp_path: Path, certs: Certs, model_path: Path
 ) -> None:
-    svc = replica(tmp_path, certs, model_path).wait_ready()
-    # A cap on the service's address space, so that the defect cannot take the machine's memory:
-    # past it, the allocation fails (and the service may abort) instead of the OOM killer acting.
-    cap = (_status_kib(svc, "VmSize") + 1_000_000) * 1024
-    resource.prlimit(svc.process.pid, resource.RLIMIT_AS, (cap, cap))
+    svc = cap_memory(replica(tmp_path, certs, model_path).wait_ready(), headroom_kib=1_000_000)
     client = Client(svc)
     try:
         before = _status_kib(svc)
