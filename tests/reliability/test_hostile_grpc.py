@@ -626,8 +626,12 @@ def test_invalid_utf8_in_any_string(
     assert outcome.field == "request"
 
 
+# What a gRPC client sends as a metadata value (it refuses control characters itself).
+HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300)
+
+
 @settings(max_examples=examples(0.5))
-@given(value=st.one_of(st.just(""), PRINTABLE, st.builds("r".__mul__, st.integers(100, 40_000))))
+@given(value=st.one_of(st.just(""), HEADER_TEXT, st.builds("r".__mul__, st.integers(100, 40_000))))
 def test_any_request_id_metadata(hostile_service: Service, client: Client, value: str) -> None:
     request = pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParams(max_tokens=1))
     outcome = check(
