@@ -301,6 +301,7 @@ class Monitor:
         self.every = every
         self.states: dict[str, str] = {}
         self.history: list[tuple[float, dict[str, str]]] = []
+        self.load: list[tuple[float, float]] = []  # the machine's 1-minute load average
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -322,7 +323,14 @@ class Monitor:
                 if states != self.states:
                     self.history.append((time.monotonic(), states))
                 self.states = states
+            now = time.monotonic()
+            if not self.load or now - self.load[-1][0] >= 1:
+                self.load.append((now, os.getloadavg()[0]))
             await asyncio.sleep(self.every)
+
+    def load_max(self, since: float) -> float | None:
+        """The highest 1-minute load average of the machine seen since ``since``."""
+        return max((load for t, load in self.load if t >= since), default=None)
 
     async def wait(
         self, target: str, want: Callable[[str], bool], since: float, within: float
@@ -710,6 +718,7 @@ async def run_phase(
     result |= figures(outcomes, record, t0)
     result["contexts"] = await system.contexts_free()
     result["errors_logged"] = system.errors_logged(marks)
+    result["load_avg_max"] = system.monitor.load_max(t0)
     if record is not None:
         fault_json = asdict(record)
         fault_json["allowed_ids"] = len(record.allowed_ids)
@@ -802,6 +811,7 @@ async def soak(system: System, requests: int, concurrency: int, every: float) ->
     result["seconds"] = round(time.monotonic() - t0, 1)
     result["contexts"] = await system.contexts_free()
     result["errors_logged"] = system.errors_logged(marks)
+    result["load_avg_max"] = system.monitor.load_max(t0)
     memory = {}
     for name in procs:
         after_warm_samples = [s[name]["rss_mb"] for s in samples if s["t"] >= warm_t] or [0.0]
@@ -882,7 +892,7 @@ def rules(report: dict[str, Any]) -> list[tuple[str, bool, str]]:
 def print_tables(report: dict[str, Any]) -> None:
     rows = [["phase", "requests", "completed", "abandoned", "429", "conn retries",
              "error events", "other errors", "truncations", "TTFT p50", "TTFT p99", "out after",
-             "back after", "contexts free", "errors logged"]]  # fmt: skip
+             "back after", "contexts free", "errors logged", "load avg"]]  # fmt: skip
     for p in report["phases"]:
         f = p.get("fault") or {}
         counts = ("requests", "completed", "abandoned", "refused_429", "connect_retries",
@@ -890,8 +900,11 @@ def print_tables(report: dict[str, Any]) -> None:
         rows.append([p["phase"], *(str(p[c]) for c in counts), _ms(p["ttft_ms"]["p50"]),
                      _ms(p["ttft_ms"]["p99"]), _s(f.get("out_after_s")),
                      _s(f.get("back_after_s")), "yes" if p["contexts"]["free"] else "NO",
-                     str(len(p["errors_logged"]))])  # fmt: skip
+                     str(len(p["errors_logged"])), _load(p.get("load_avg_max"))])  # fmt: skip
     print_table(rows)
+    cpus = report["machine"]["cpus"]
+    print(f"  load avg: the machine's highest 1-minute load average in the phase ({cpus} CPUs:"
+          f" above {cpus}, other work competed with the suite for them)")  # fmt: skip
     for p in report["phases"]:
         if p.get("fault"):
             print(f"  {p['phase']}: {p['fault']['summary']}")
@@ -923,6 +936,10 @@ def print_table(rows: list[list[str]]) -> None:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms"
+
+
+def _load(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _s(value: float | None) -> str:
