@@ -345,6 +345,35 @@ async def test_penalties_apply(engine: Engine, penalty: dict[str, Any], changes:
     assert (penalised.text != plain.text) is changes
 
 
+@pytest.mark.parametrize(
+    ("constraint", "after"),
+    [
+        ({"grammar": "root ::= [z-a]"}, 0),  # an empty class
+        ({"grammar": 'root ::= "\\x00"'}, 0),  # NUL: in no token
+        ({"json_schema": '{"const": "\\u0000"}'}, 1),  # '"', then NUL
+        ({"grammar": 'root ::= "ab" "\\x00"'}, None),  # a dead end after some output
+    ],
+)
+async def test_a_grammar_that_allows_no_token_ends_the_request_not_the_service(
+    engine: Engine, constraint: dict[str, str], after: int | None
+) -> None:
+    """Found by the hostile-input suite: llama.cpp sampled a token all the same, its grammar
+    threw through ctypes, and the process aborted."""
+    request = GenerationRequest(
+        prompt="hi", sampling=SamplingParams(max_tokens=8, temperature=0, **constraint)
+    )
+    end = final(await collect(engine, request))
+    assert end.finish_reason is FinishReason.ERROR
+    field = "sampling.json_schema" if "json_schema" in constraint else "sampling.grammar"
+    assert end.error_field == field and "allows no token after" in (end.error or "")
+    if after is not None:
+        assert end.usage.completion_tokens == after
+    else:
+        assert end.usage.completion_tokens > 0
+    assert engine.pool_state().free == 2
+    assert final(await collect(engine, PROBE)).finish_reason is FinishReason.LENGTH
+
+
 def test_grammar_nesting_skips_strings_classes_and_comments() -> None:
     assert grammar_nesting('root ::= ("a" | ("b" "c")*)+') == 2
     assert grammar_nesting('root ::= "((((" [(((] x  # (((((\nx ::= ("\\"(")') == 1

@@ -28,6 +28,10 @@ class GenerationAborted(Exception):
     """A decode was stopped by the abort check (cancellation or deadline)."""
 
 
+class NoTokenAllowed(Exception):
+    """The request's grammar allows no token of the vocabulary at this point of the output."""
+
+
 class ContextResetError(Exception):
     """Clearing a context's KV cache failed or left state behind; the context must go."""
 

@@ -34,7 +34,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from llm_service.engine.backend import ContextResetError, GenerationAborted, Sampler
+from llm_service.engine.backend import (
+    ContextResetError,
+    GenerationAborted,
+    NoTokenAllowed,
+    Sampler,
+)
 from llm_service.errors import EngineError
 from llm_service.log import plural
 
@@ -412,6 +417,8 @@ class BatchScheduler:
         for job, index in samples:
             try:
                 outcomes.append((job, self._decoder.sample(job.sampler, index)))
+            except NoTokenAllowed as exc:  # the request's own fault: it goes to the request
+                outcomes.append((job, exc))
             except Exception as exc:
                 outcomes.append((job, EngineError(f"sampling failed: {exc!r}")))
         return outcomes

@@ -17,6 +17,7 @@ from llm_service.engine.backend import (
     Context,
     GenerationAborted,
     ModelInfo,
+    NoTokenAllowed,
     PoolMode,
     Sampler,
 )
@@ -395,10 +396,17 @@ class _Generation:
         self._first_token_at: float | None = None
         self._prefill_s = 0.0
         error: str | None = None
+        self._error_field: str | None = None
         try:
             reason = self._loop_tokens(context)
         except GenerationAborted:
             reason = self._abort_reason()
+        except NoTokenAllowed as exc:
+            schema = self._request.sampling.json_schema is not None
+            self._error_field = "sampling.json_schema" if schema else "sampling.grammar"
+            reason = FinishReason.ERROR
+            error = f"allows no token after {plural(self._n_generated, 'token')} of output: {exc}"
+            RequestLogger(logger, self._request.request_id).info("%s %s", self._error_field, error)
         except EngineError as exc:
             reason, error = FinishReason.ERROR, str(exc)
             RequestLogger(logger, self._request.request_id).error("generation failed: %s", exc)
@@ -457,4 +465,5 @@ class _Generation:
                 total_ms=(now - self._arrived) * 1000,
             ),
             error=error,
+            error_field=self._error_field,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import threading
 import time
 import weakref
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
@@ -26,6 +28,7 @@ from llm_service.engine.backend import (
     ContextResetError,
     GenerationAborted,
     ModelInfo,
+    NoTokenAllowed,
     PoolMode,
     Sampler,
 )
@@ -60,6 +63,8 @@ _DECODE_ERRORS = {
 }
 # The physical batch (tokens per graph evaluation) at most: llama.cpp's own default.
 MAX_UBATCH = 512
+# llama_token_data, as numpy lays it out (the candidates a constrained sample is checked on).
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 # Groups "( ... )" nested deeper than this in a GBNF grammar are refused: llama.cpp's parser
 # recurses once per group, and ~20,000 levels overflow a thread's stack (SIGSEGV).
 MAX_GRAMMAR_NESTING = 2048
@@ -141,17 +146,53 @@ class LlamaSampler:
     ahead, is done with it), so this guards only against misuse.
     """
 
-    def __init__(self, chain: Any) -> None:
+    def __init__(self, chain: Any, n_vocab: int | None = None) -> None:
+        """``n_vocab``: the chain has a grammar, and every sample is checked against it."""
         self.chain = chain
         self._lock = threading.Lock()
         self._free = weakref.finalize(self, llama_cpp.llama_sampler_free, chain)
+        self._candidates: np.ndarray[Any, Any] | None = None
+        if n_vocab is not None:
+            self._candidates = np.empty(n_vocab, dtype=_TOKEN_DATA)
+            self._ids = np.arange(n_vocab, dtype=np.int32)
 
     def sample(self, ctx: Any, index: int) -> int:
-        """The next token from the logits of ``ctx``'s output ``index`` (-1: the last)."""
+        """The next token from the logits of ``ctx``'s output ``index`` (-1: the last).
+
+        Raises:
+            NoTokenAllowed: the grammar allows no token here (llama.cpp would take one all the
+                same, and its grammar then throws through ctypes: the process aborts).
+        """
         with self._lock:
             if self.chain is None:
                 raise EngineError("the request's sampler is closed")
-            return int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
+            if self._candidates is None:
+                return int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
+            return self._sample_checked(ctx, index)
+
+    def _sample_checked(self, ctx: Any, index: int) -> int:
+        """llama_sampler_sample's steps, with a look at the chosen token before it is accepted."""
+        data = self._candidates
+        assert data is not None
+        n_vocab = len(data)
+        logits = llama_cpp.llama_get_logits_ith(ctx, index)
+        data["id"] = self._ids
+        data["logit"] = np.ctypeslib.as_array(logits, shape=(n_vocab,))
+        data["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            data=data.ctypes.data_as(llama_cpp.llama_token_data_p),
+            size=n_vocab,
+            selected=-1,
+            sorted=False,
+        )
+        llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            raise NoTokenAllowed("no token was selected")
+        chosen = array.data[array.selected]
+        if not math.isfinite(chosen.logit):  # every candidate was ruled out
+            raise NoTokenAllowed("no token of the vocabulary can continue it here")
+        llama_cpp.llama_sampler_accept(self.chain, chosen.id)
+        return int(chosen.id)
 
     def close(self) -> None:
         with self._lock:
@@ -556,7 +597,7 @@ class LlamaBackend:
                     f"nests groups {depth} deep (its grammar); at most {MAX_GRAMMAR_NESTING}",
                 )
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        sampler = LlamaSampler(chain)
+        sampler = LlamaSampler(chain, self._n_vocab if grammar is not None else None)
         try:
             if grammar is not None:
                 with _NATIVE_LOG.held() as held:

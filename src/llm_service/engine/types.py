@@ -367,6 +367,8 @@ class Finished:
     Attributes:
         text: the whole output, equal to the concatenated delta texts.
         error: what went wrong, when finish_reason is ERROR.
+        error_field: the request's field at fault, when the request (not the engine) made it
+            fail midway (a grammar that allows no further token).
     """
 
     request_id: str
@@ -375,6 +377,7 @@ class Finished:
     usage: Usage
     timings: Timings
     error: str | None = None
+    error_field: str | None = None
 
 
 GenerationEvent = Started | TokenDelta | Finished

@@ -19,6 +19,7 @@ from llm_service.engine.types import new_request_id
 from llm_service.errors import (
     DeadlineExceededError,
     EngineError,
+    InvalidRequestError,
     LLMServiceError,
     RequestCancelledError,
     UnavailableError,
@@ -185,6 +186,8 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
 
     @staticmethod
     def _raise_if_failed(event: Finished) -> None:
+        if event.finish_reason is FinishReason.ERROR and event.error_field is not None:
+            raise InvalidRequestError(event.error_field, event.error or "cannot be followed")
         if event.finish_reason is FinishReason.ERROR:
             raise EngineError(event.error or "generation failed")
         if event.finish_reason in _FAILED_FINISH:
