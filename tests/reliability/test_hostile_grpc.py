@@ -64,21 +64,14 @@ TRANSPORT_LIMIT = re.compile(r"larger than max|metadata size exceeds")
 
 # Known defects, avoided by the generators so that the properties keep testing everything else;
 # each has an xfail(strict) regression test below, and goes when that test passes.
-# - a valid non-default penalty fails every request with INTERNAL (test_regression_penalties)
-AVOID_PENALTY_DEFECT = True
-# - a grammar nested ~20000 parentheses deep crashes the process, and so does a JSON schema whose
-#   maxLength or maxItems is ~20000: its grammar nests that deep (test_regression_nesting)
-SAFE_GRAMMAR_NESTING = 5000
-# - a JSON schema's counts (minLength, maxLength, minItems, maxItems) become that many copies in
-#   its grammar: 10**8 takes ~13 GB (test_regression_schema_counts). Counts are drawn small, or so
-#   large that the conversion fails at once.
-AVOID_SCHEMA_COUNT_DEFECT = True
-# - a grammar (or JSON schema) no token can start, such as [z-a], kills the service: llama.cpp
-#   throws a C++ exception through ctypes (test_regression_no_token_allowed)
-AVOID_NO_TOKEN_DEFECT = True
 # - a grammar repetition {m,n} with n < m makes llama.cpp allocate without end: 17 bytes took
 #   12 GB, then the OOM killer took the service (test_regression_repetition_below_its_minimum)
 AVOID_REPETITION_DEFECT = True
+# - a JSON schema count too large for a float (10**400) is INTERNAL: the limit on counts writes
+#   it as a float in its message (test_regression_count_too_large_for_a_float)
+AVOID_FLOAT_COUNT_DEFECT = True
+# An integer no float holds, as a count (while the defect above stands, a huge one that does).
+HUGE_INT = 10**300 if AVOID_FLOAT_COUNT_DEFECT else 10**400
 
 
 # -- calling the service with raw bytes ---------------------------------------------------
@@ -206,7 +199,6 @@ TEXT = st.one_of(st.just(""), st.text(max_size=40), st.text(max_size=2000), HUGE
 SHORT_PROMPT = st.sampled_from(["Hi", "1, 2, 3,", "The capital of France is"]) | st.text(
     min_size=1, max_size=20
 )
-PENALTIES = ("repeat_penalty", "presence_penalty", "frequency_penalty")
 
 
 def _maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -220,18 +212,12 @@ VALID_NUMBERS = {
     "top_k": _maybe(st.integers(0, 200_000)),
     "top_p": _maybe(st.floats(0, 1, exclude_min=True, width=32)),
     "min_p": _maybe(st.floats(0, 1, width=32)),
-    "repeat_penalty": _maybe(st.floats(0.01, 10, width=32)),
+    "repeat_penalty": _maybe(st.floats(0.125, 10, width=32)),
     "presence_penalty": _maybe(st.floats(-2, 2, width=32)),
     "frequency_penalty": _maybe(st.floats(-2, 2, width=32)),
-    "penalty_last_n": _maybe(st.integers(-1, 256)),
+    "penalty_last_n": _maybe(st.integers(-1, 64)),  # at most the context (128 here)
     "seed": _maybe(st.integers(0, 2**32 - 2)),
 }
-if AVOID_PENALTY_DEFECT:
-    VALID_NUMBERS |= {
-        "repeat_penalty": _maybe(st.just(1.0)),
-        "presence_penalty": _maybe(st.just(0.0)),
-        "frequency_penalty": _maybe(st.just(0.0)),
-    }
 # ... and anything the wire can carry.
 HOSTILE_NUMBERS = {
     "max_tokens": INT32,
@@ -242,29 +228,9 @@ HOSTILE_NUMBERS = {
     "repeat_penalty": FLOATS,
     "presence_penalty": FLOATS,
     "frequency_penalty": FLOATS,
-    # Bounded above: llama.cpp allocates that many tokens (test_regression_penalty_last_n).
-    "penalty_last_n": st.integers(-(2**31), 4096),
+    "penalty_last_n": INT32,
     "seed": INT64,
 }
-
-
-def _penalty_is_valid(name: str, value: float) -> bool:
-    if name == "repeat_penalty":
-        return math.isfinite(value) and value > 0
-    return math.isfinite(value) and -2 <= value <= 2
-
-
-def _avoid_penalty_defect(fields: dict[str, Any]) -> dict[str, Any]:
-    """Valid non-default penalties become their defaults (see AVOID_PENALTY_DEFECT)."""
-    if not AVOID_PENALTY_DEFECT:
-        return fields
-    defaults = {"repeat_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
-    return {
-        name: defaults[name]
-        if name in PENALTIES and value is not None and _penalty_is_valid(name, value)
-        else value
-        for name, value in fields.items()
-    }
 
 
 def _hostile(valid: dict[str, Any]) -> st.SearchStrategy[tuple[dict[str, Any], bool]]:
@@ -272,7 +238,7 @@ def _hostile(valid: dict[str, Any]) -> st.SearchStrategy[tuple[dict[str, Any], b
     keys = st.sets(st.sampled_from(sorted(HOSTILE_NUMBERS)), max_size=3)
     return keys.flatmap(
         lambda names: st.fixed_dictionaries({n: HOSTILE_NUMBERS[n] for n in names}).map(
-            lambda bad: (_avoid_penalty_defect(valid | bad), bool(names))
+            lambda bad: (valid | bad, bool(names))
         )
     )
 
@@ -371,21 +337,12 @@ KEYWORDS = [
 ]  # fmt: skip
 
 
-def schema_text(max_size: int) -> st.SearchStrategy[str]:
-    """Strings for schemas: no NUL, nor a range that could be empty, while that defect stands."""
-    if AVOID_NO_TOKEN_DEFECT:
-        return st.text(st.characters(exclude_characters="\x00["), max_size=max_size)
-    return st.text(max_size=max_size)
-
-
 JSON_LEAVES = st.one_of(
     st.none(),
     st.booleans(),
-    st.integers(-2000, 2000) | st.sampled_from([2**63, -(2**63), 10**300, 10**400])
-    if AVOID_SCHEMA_COUNT_DEFECT
-    else st.integers(-(2**70), 2**70),
+    st.integers(-(2**70), 2**70) | st.just(HUGE_INT),
     st.floats(),  # NaN and infinities too: the service's JSON parser reads them
-    schema_text(max_size=10),
+    st.text(max_size=10),
     st.sampled_from(["object", "array", "string", "integer", "number", "boolean", "null"]),
 )
 RANDOM_SCHEMAS = st.recursive(
@@ -396,20 +353,14 @@ RANDOM_SCHEMAS = st.recursive(
     ),
     max_leaves=25,
 ).map(json.dumps)
-# 10**400: an integer too large for a float.
-BIG = st.sampled_from([0, 1, 2000, 2001, 10**6, 2**31, 2**63, -1, 10**300, 10**400])
-COUNTS = (
-    st.sampled_from([0, 1, 2000, 2001, 2**63, -1, 10**300, 10**400])
-    if AVOID_SCHEMA_COUNT_DEFECT
-    else BIG
-)
+BIG = st.sampled_from([0, 1, 2000, 2048, 2049, 30_000, 10**6, 10**8, 2**31, 2**63, -1, HUGE_INT])
 BOMBS = st.one_of(
-    st.builds(lambda n: {"type": "string", "minLength": n}, COUNTS),
-    st.builds(lambda n: {"type": "string", "maxLength": n}, COUNTS),
-    st.builds(lambda n: {"type": "array", "items": {"type": "integer"}, "minItems": n}, COUNTS),
-    st.builds(lambda n: {"type": "array", "items": {"type": "string"}, "maxItems": n}, COUNTS),
+    st.builds(lambda n: {"type": "string", "minLength": n}, BIG),
+    st.builds(lambda n: {"type": "string", "maxLength": n}, BIG),
+    st.builds(lambda n: {"type": "array", "items": {"type": "integer"}, "minItems": n}, BIG),
+    st.builds(lambda n: {"type": "array", "items": {"type": "string"}, "maxItems": n}, BIG),
     st.builds(lambda lo, hi: {"type": "integer", "minimum": lo, "maximum": hi}, BIG, BIG),
-    st.builds(lambda p: {"type": "string", "pattern": p}, schema_text(max_size=30)),
+    st.builds(lambda p: {"type": "string", "pattern": p}, st.text(max_size=30)),
     st.builds(lambda n: {"enum": list(range(n))}, st.integers(0, 20000)),
     st.builds(
         lambda n: {
@@ -444,9 +395,7 @@ GBNF_TOKENS = [
     "{0,}", "{99999}", ".", "\\", '"', "[", "]", "#", "<[100]>", "!", "a ::= root", "root ::= a",
 ]  # fmt: skip
 GRAMMARS = st.one_of(
-    st.builds(
-        lambda d: "root ::= " + "(" * d + '"a"' + ")" * d, st.integers(1, SAFE_GRAMMAR_NESTING)
-    ),
+    st.builds(lambda d: "root ::= " + "(" * d + '"a"' + ")" * d, st.integers(1, 30_000)),
     st.builds(lambda d: "root ::= " + "[a]" * d, st.integers(1, 20000)),
     st.builds(alternation, st.integers(1, 20000)),
     st.builds(chain, st.integers(1, 5000)),
@@ -477,8 +426,8 @@ GRAMMARS = st.one_of(
             "root ::= \x00",
             "root ::= <[99999999999999999999999]>",
             'root ::= "a"\nroot ::= "b"',
+            *NO_TOKEN_GRAMMARS,
         ]
-        + ([] if AVOID_NO_TOKEN_DEFECT else list(NO_TOKEN_GRAMMARS))
     ),
     st.text(max_size=200),
     st.lists(st.sampled_from(GBNF_TOKENS), max_size=40).map(" ".join),
@@ -587,8 +536,6 @@ def test_any_chat(
 
 
 @given(schema=SCHEMAS, max_tokens=st.integers(1, 4))
-# A count too large for a float (formatting it as one raises OverflowError).
-@example(schema=json.dumps({"type": "array", "minItems": 10**400}), max_tokens=1)
 def test_any_json_schema(
     hostile_service: Service, client: Client, schema: str, max_tokens: int
 ) -> None:
@@ -742,20 +689,18 @@ def test_configured_lower_limits_are_enforced_with_clear_errors(
         assert svc.stop() == 0, svc.log
 
 
-# -- defects found in server and engine code (xfail, strict, while not fixed) -------------
+# -- defects found in server and engine code: their regression tests ---------------------
+# (xfail, strict, while a defect is not fixed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: engine/llama.py calls llama_sampler_init_penalties with 4 arguments, the"
-    " binding takes 5 (n_vocab first): TypeError, so any valid non-default penalty is INTERNAL",
-)
 @pytest.mark.parametrize(
     "penalty", [{"repeat_penalty": 1.1}, {"presence_penalty": 0.5}, {"frequency_penalty": -0.5}]
 )
 def test_regression_penalties(
     hostile_service: Service, client: Client, penalty: dict[str, float]
 ) -> None:
+    """Found here (fixed in a35ff6c): engine/llama.py called llama_sampler_init_penalties with 4
+    arguments, the binding takes 5 (n_vocab first): any valid non-default penalty was INTERNAL."""
     request = pb.GenerateRequest(prompt="Hi", sampling=pb.SamplingParams(max_tokens=2, **penalty))
     assert check(client.generate(request), hostile_service).code is grpc.StatusCode.OK
 
@@ -796,14 +741,11 @@ NESTING = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: llama.cpp's GBNF parser recurses once per nested group: a grammar nested 20000"
-    " deep (40 KB, under LLM_MAX_GRAMMAR_BYTES), or the grammar of a 38-byte JSON schema with"
-    " maxLength 30000 (llama-cpp-python's converter nests one group per optional repetition),"
-    " overflows the thread's stack: SIGSEGV, the service is gone",
-)
 def test_regression_nesting(tmp_path: Path, certs: Certs, model_path: Path) -> None:
+    """Found here (fixed in a35ff6c): llama.cpp's GBNF parser recurses once per nested group; a
+    grammar nested 20000 deep (40 KB, under LLM_MAX_GRAMMAR_BYTES), or the grammar of a 38-byte
+    JSON schema with maxLength 30000 (the converter nests one group per optional repetition),
+    overflowed the thread's stack: SIGSEGV."""
     survives(tmp_path, certs, model_path, NESTING, refused=True)
 
 
@@ -814,15 +756,11 @@ NO_TOKEN |= {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a grammar that allows no first token ([z-a], a token id outside the"
-    ' vocabulary, NUL; or the grammar of the JSON schema {"const": "\\u0000"}) leaves every'
-    " candidate at -inf; a token is sampled all the same, and llama.cpp's grammar accept throws"
-    " std::runtime_error ('Unexpected empty grammar stack') through ctypes: std::terminate, the"
-    " service aborts. Through the gateway, one response_format kills a replica",
-)
 def test_regression_no_token_allowed(tmp_path: Path, certs: Certs, model_path: Path) -> None:
+    """Found here (fixed in d8143b6): a grammar that allows no first token ([z-a], a token id
+    outside the vocabulary, NUL; or the grammar of the JSON schema {"const": "\\u0000"}) left
+    every candidate at -inf; a token was sampled all the same and llama.cpp's grammar accept
+    threw through ctypes: std::terminate, the service aborted."""
     # Refused, or ended at once: either way, not a dead service.
     survives(tmp_path, certs, model_path, NO_TOKEN, refused=False)
 
@@ -833,14 +771,10 @@ def _status_kib(svc: Service, key: str = "VmHWM") -> int:
     return int(re.search(rf"^{key}:\s+(\d+) kB", status, re.MULTILINE)[1])  # type: ignore[index]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: llama-cpp-python's json_schema_to_gbnf writes minLength, maxLength, minItems"
-    " and maxItems out as that many copies of the item: a 70-byte schema with minItems 10**8"
-    " builds a grammar of ~2 GB and takes ~13 GB (2**31: the service runs out of memory)."
-    " Counts beyond what the context can hold must be refused before the conversion",
-)
 def test_regression_schema_counts(tmp_path: Path, certs: Certs, model_path: Path) -> None:
+    """Found here (fixed in a35ff6c): llama-cpp-python's json_schema_to_gbnf writes minLength,
+    maxLength, minItems and maxItems out as that many copies: a 70-byte schema with minItems
+    10**8 took ~13 GB (2**31: the service ran out of time and memory)."""
     svc = cap_memory(replica(tmp_path, certs, model_path).wait_ready(), headroom_kib=2_000_000)
     client = Client(svc)
     try:
@@ -858,13 +792,9 @@ def test_regression_schema_counts(tmp_path: Path, certs: Certs, model_path: Path
         svc.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: sampling.penalty_last_n has no upper bound; llama.cpp's penalty sampler"
-    " allocates a ring buffer of that many tokens (2**31 - 1: 8 GiB), so it must be refused"
-    " above the context",
-)
 def test_regression_penalty_last_n(hostile_service: Service, client: Client) -> None:
+    """Found here (fixed in a35ff6c): penalty_last_n had no upper bound, and llama.cpp's
+    penalty sampler allocates a ring buffer of that many tokens (2**31 - 1: 8 GiB)."""
     # Penalties off (the defaults), so that nothing is allocated whatever the service does.
     request = pb.GenerateRequest(
         prompt="Hi", sampling=pb.SamplingParams(max_tokens=1, penalty_last_n=2**31 - 1)
@@ -935,3 +865,21 @@ def test_regression_repetition_below_its_minimum(
         client.channel.close()
         if svc.process.poll() is None:
             svc.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect: a JSON schema count too large for a float (minItems 10**400) is INTERNAL:"
+    " types._check_schema writes the count with :g in its message, and int -> float raises"
+    " OverflowError (before a35ff6c the conversion refused it: INVALID_ARGUMENT)",
+)
+def test_regression_count_too_large_for_a_float(hostile_service: Service, client: Client) -> None:
+    schema = json.dumps({"type": "array", "items": {"type": "integer"}, "minItems": 10**400})
+    request = pb.GenerateRequest(
+        prompt="Hi", sampling=pb.SamplingParams(max_tokens=1, json_schema=schema)
+    )
+    outcome = check(client.generate(request), hostile_service)
+    assert (outcome.code, outcome.field) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.json_schema",
+    )
