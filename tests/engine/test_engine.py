@@ -179,6 +179,7 @@ async def test_overload_when_queue_full(fake) -> None:  # type: ignore[no-untype
         (lambda: req(json_schema='{"properties": {"a": {"$ref": 5}}}'), "sampling.json_schema"),
         (lambda: req(json_schema='{"type":"string","maxLength":30000}'), "sampling.json_schema"),
         (lambda: req(json_schema='{"type":"array","minItems":1e8}'), "sampling.json_schema"),
+        (lambda: req(json_schema='{"minItems":1' + "0" * 400 + "}"), "sampling.json_schema"),
         (lambda: req(json_schema='{"type":"string","pattern":"a{9000}"}'), "sampling.json_schema"),
         (lambda: req(grammar="x", json_schema="{}"), "sampling.grammar"),
         (lambda: GenerationRequest(messages=()), "messages"),

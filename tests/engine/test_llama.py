@@ -30,7 +30,12 @@ from llm_service.engine import (
     TokenDelta,
     llama,
 )
-from llm_service.engine.llama import LLAMA_CPP_COMMIT, LlamaBackend, grammar_nesting
+from llm_service.engine.llama import (
+    LLAMA_CPP_COMMIT,
+    LlamaBackend,
+    grammar_nesting,
+    grammar_repetitions,
+)
 from llm_service.errors import (
     InvalidRequestError,
     ModelLoadError,
@@ -311,6 +316,16 @@ async def test_bad_input_leaves_the_pool_whole(engine: Engine) -> None:
             "sampling.grammar",
         ),  # llama.cpp's parser: a stack overflow
         (
+            GenerationRequest(prompt="hi", sampling=SamplingParams(grammar='root ::= "a"{1,0}')),
+            InvalidRequestError,
+            "sampling.grammar",
+        ),  # llama.cpp allocated without end (12 GB in a minute)
+        (
+            GenerationRequest(prompt="hi", sampling=SamplingParams(grammar='root ::= "a"{,99999}')),
+            InvalidRequestError,
+            "sampling.grammar",
+        ),  # spelled out 99,999 times
+        (
             GenerationRequest(prompt="hi", sampling=SamplingParams(penalty_last_n=2**31 - 1)),
             InvalidRequestError,
             "sampling.penalty_last_n",
@@ -378,6 +393,8 @@ def test_grammar_nesting_skips_strings_classes_and_comments() -> None:
     assert grammar_nesting('root ::= ("a" | ("b" "c")*)+') == 2
     assert grammar_nesting('root ::= "((((" [(((] x  # (((((\nx ::= ("\\"(")') == 1
     assert grammar_nesting("root ::= " + "(" * 3000 + '"a"' + ")" * 3000) == 3000
+    grammar = 'root ::= "a"{1,0} [b]{2} x{3,} "{9}" [{8}] # {7}\nx ::= "c"'
+    assert grammar_repetitions(grammar) == [(1, 0), (2, 2), (3, None)]
 
 
 def test_missing_and_non_gguf_model_files(tmp_path: Path) -> None:

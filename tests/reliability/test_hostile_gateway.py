@@ -327,11 +327,6 @@ def test_regression_a_schema_no_token_satisfies(
             svc.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect (backend): a count too large for a float in a schema is INTERNAL on the"
-    " replica (test_hostile_grpc.test_regression_count_too_large_for_a_float), so 500 here",
-)
 def test_regression_a_count_too_large_for_a_float(http: httpx.Client) -> None:
     schema_ = {"type": "array", "items": {"type": "integer"}, "minItems": 10**400}
     response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema_}}

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import logging
 import math
+import re
 import threading
 import time
 import weakref
@@ -68,6 +69,8 @@ _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float3
 # Groups "( ... )" nested deeper than this in a GBNF grammar are refused: llama.cpp's parser
 # recurses once per group, and ~20,000 levels overflow a thread's stack (SIGSEGV).
 MAX_GRAMMAR_NESTING = 2048
+# A repetition {m,n} is spelled out m-n times (nested for the optional ones): the same bound.
+MAX_GRAMMAR_REPEAT = 2048
 
 # enum ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the last line).
 _NATIVE_LEVELS = {
@@ -589,6 +592,14 @@ class LlamaBackend:
                 ) from None
         if grammar is not None:
             field = "sampling.json_schema" if params.json_schema else "sampling.grammar"
+            for low, high in grammar_repetitions(grammar):
+                # llama.cpp computes high - low unchecked: {1,0} allocates without end.
+                if high is not None and high < low:
+                    raise InvalidRequestError(field, f"repetition {{{low},{high}}}: max < min")
+                if max(low, high or 0) > MAX_GRAMMAR_REPEAT:
+                    raise InvalidRequestError(
+                        field, f"repeats {max(low, high or 0)} times; at most {MAX_GRAMMAR_REPEAT}"
+                    )
             depth = grammar_nesting(grammar)
             if depth > MAX_GRAMMAR_NESTING:
                 # llama.cpp's parser recurses once per group: deeper overflows the stack.
@@ -672,6 +683,33 @@ class LlamaBackend:
 def grammar_nesting(grammar: str) -> int:
     """How deep groups ``( ... )`` nest in a GBNF grammar (strings, classes, comments skipped)."""
     depth = deepest = 0
+    for c in _grammar_syntax(grammar):
+        if c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth -= 1
+    return deepest
+
+
+def grammar_repetitions(grammar: str) -> list[tuple[int, int | None]]:
+    """The ``{m}``, ``{m,}``, ``{,n}`` and ``{m,n}`` repetitions of a GBNF grammar, as
+    (m, n or None)."""
+    syntax = "".join(_grammar_syntax(grammar))
+    found = []
+    for low, comma, high in _REPETITION.findall(syntax):
+        if not (low or high):
+            continue  # "{}" or "{,}": not a repetition; llama.cpp's parser says so
+        m = int(low or 0)
+        found.append((m, int(high) if high else (None if comma else m)))
+    return found
+
+
+_REPETITION = re.compile(r"\{\s*(\d*)\s*(,)?\s*(\d*)\s*\}")
+
+
+def _grammar_syntax(grammar: str) -> Iterator[str]:
+    """The characters of a GBNF grammar outside its strings, classes and comments."""
     i, n = 0, len(grammar)
     while i < n:
         c = grammar[i]
@@ -680,13 +718,10 @@ def grammar_nesting(grammar: str) -> int:
             i += 1
             while i < n and grammar[i] != close:
                 i += 2 if grammar[i] == "\\" else 1
+            yield " "
         elif c == "#":
             while i < n and grammar[i] != "\n":
                 i += 1
-        elif c == "(":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif c == ")":
-            depth -= 1
+        else:
+            yield c
         i += 1
-    return deepest

@@ -63,6 +63,12 @@ _COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
 _REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 
+def _short(number: float) -> str:
+    """A number for a message (an integer of 400 digits has no float to be shown as)."""
+    text = str(number)
+    return text if len(text) <= 20 else f"{text[:8]}...({len(text)} digits)"
+
+
 def _check_schema(schema: object) -> None:
     """Refuse, before any grammar is built from it: references outside the schema itself (a
     schema must never make the service fetch a URL or read a file), and repetition counts
@@ -83,7 +89,8 @@ def _check_schema(schema: object) -> None:
                 count = node.get(key)
                 if isinstance(count, int | float) and count > MAX_SCHEMA_REPEAT:
                     raise InvalidRequestError(
-                        field_name, f"{key} {count:g} is over {MAX_SCHEMA_REPEAT}, the most allowed"
+                        field_name,
+                        f"{key} {_short(count)} is over {MAX_SCHEMA_REPEAT}, the most allowed",
                     )
             pattern = node.get("pattern")
             if isinstance(pattern, str):
