@@ -23,8 +23,10 @@ Phases, one after the other, with a recovery wait between them:
   rotation, then SIGCONT;
 - ``gateway``: the gateway SIGTERMed (it drains) and started again on the same port;
 - ``soak``: many requests at steady concurrency (shorter ones: 8 to 16 tokens); resident memory
-  and open file descriptors of each replica and of the gateway after warm-up (the first 10 % of
-  the requests) and at the end, both taken idle, with the clients' connections closed.
+  (RSS, and its anonymous part: RSS less the mapped model file, which the kernel may drop and
+  read back) and open file descriptors of each replica and of the gateway after warm-up (the
+  first 10 % of the requests) and at the end, both taken idle, with the clients' connections
+  closed.
 
 A fault phase's load lasts at least its number of requests and until the fault is over (the
 replica back in rotation). After every phase every context of every replica must be free, and
@@ -766,33 +768,28 @@ def describe_fault(rec: FaultRecord) -> str:
 
 
 async def soak(system: System, requests: int, concurrency: int, every: float) -> dict[str, Any]:
-    """Steady load; RSS and fds of every process after warm-up (10 %) and at the end, each
+    """Steady load; memory and fds of every process after warm-up (10 %) and at the end, each
     taken with the clients' connections closed and every context free, so they compare."""
-    say(f"phase soak: {requests} requests, {concurrency} clients; RSS and fds every {every} s")
+    say(f"phase soak: {requests} requests, {concurrency} clients; memory and fds every {every} s")
     procs = system.processes()
     cpu = {name: p.cpu_s() for name, p in procs.items()}
-    samples: list[dict[str, Any]] = []
+    samples: list[tuple[float, dict[str, Footprint]]] = []
     t0 = time.monotonic()
+
+    def measure() -> dict[str, Footprint]:
+        return {name: Footprint.of(p) for name, p in procs.items()}
 
     async def sample() -> None:
         while True:
-            samples.append(
-                {"t": round(time.monotonic() - t0, 1)}
-                | {
-                    name: {"rss_mb": round(p.rss_mb(), 1), "fds": p.num_fds()}
-                    for name, p in procs.items()
-                }
-            )
+            samples.append((time.monotonic() - t0, measure()))
             await asyncio.sleep(every)
 
-    async def quiet() -> dict[str, dict[str, float]]:
+    async def quiet() -> dict[str, Footprint]:
         await system.session.close()  # the clients' keep-alive connections go
         system.session = _session(concurrency)
         await system.contexts_free(within=30)
         await asyncio.sleep(1.0)
-        return {
-            name: {"rss_mb": p.rss_mb(), "fds": float(p.num_fds())} for name, p in procs.items()
-        }
+        return measure()
 
     warm = max(1, requests // 10)
     marks = system.log_marks()
@@ -800,7 +797,7 @@ async def soak(system: System, requests: int, concurrency: int, every: float) ->
     try:
         first, _, _ = await drive(system, "soak", warm, concurrency)
         after_warm = await quiet()
-        warm_t = round(time.monotonic() - t0, 1)
+        warm_t = time.monotonic() - t0
         rest, _, _ = await drive(system, "soak", requests - warm, concurrency, offset=warm)
         end = await quiet()
     finally:
@@ -814,31 +811,54 @@ async def soak(system: System, requests: int, concurrency: int, every: float) ->
     result["load_avg_max"] = system.monitor.load_max(t0)
     memory = {}
     for name in procs:
-        after_warm_samples = [s[name]["rss_mb"] for s in samples if s["t"] >= warm_t] or [0.0]
+        w, e = after_warm[name], end[name]
+        later = [s[name].rss_mb for t, s in samples if t >= warm_t] or [e.rss_mb]
         memory[name] = {
-            "rss_warm_mb": round(after_warm[name]["rss_mb"], 1),
-            "rss_end_mb": round(end[name]["rss_mb"], 1),
-            "rss_growth_mb": round(end[name]["rss_mb"] - after_warm[name]["rss_mb"], 1),
-            "rss_peak_mb": round(max(after_warm_samples), 1),
-            "fds_warm": int(after_warm[name]["fds"]),
-            "fds_end": int(end[name]["fds"]),
-            "fds_growth": int(end[name]["fds"] - after_warm[name]["fds"]),
+            "rss_warm_mb": round(w.rss_mb, 1),
+            "rss_end_mb": round(e.rss_mb, 1),
+            "rss_growth_mb": round(e.rss_mb - w.rss_mb, 1),
+            "rss_peak_mb": round(max(later), 1),
+            "anon_warm_mb": round(w.anon_mb, 1),
+            "anon_end_mb": round(e.anon_mb, 1),
+            "anon_growth_mb": round(e.anon_mb - w.anon_mb, 1),
+            "fds_warm": w.fds,
+            "fds_end": e.fds,
+            "fds_growth": e.fds - w.fds,
         }
     result["memory"] = memory
     result["cpu_s_per_request"] = {
         name: round((p.cpu_s() - cpu[name]) / max(1, len(outcomes)), 3) for name, p in procs.items()
     }
-    result["samples"] = samples
+    # Every n-th sample, at most 300, as columns: seconds since the start, then each process's.
+    kept = samples[:: max(1, math.ceil(len(samples) / 300))]
+    result["samples"] = {"t": [round(t, 1) for t, _ in kept]} | {
+        name: {k: [getattr(s[name], k) for _, s in kept] for k in ("rss_mb", "anon_mb", "fds")}
+        for name in procs
+    }
     say(
         f"  {result['completed']} completed, {result['abandoned']} abandoned,"
         f" {result['other_errors']} other errors, {result['truncations']} truncations"
         f" in {result['seconds']} s; growth: "
         + ", ".join(
-            f"{n} {m['rss_growth_mb']:+.1f} MB / {m['fds_growth']:+d} fds"
+            f"{n} RSS {m['rss_growth_mb']:+.1f} MB, anonymous {m['anon_growth_mb']:+.1f} MB,"
+            f" {m['fds_growth']:+d} fds"
             for n, m in memory.items()
         )
     )
     return result
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """One process's memory (MiB, rounded to 0.1) and open file descriptors, at one moment."""
+
+    rss_mb: float
+    anon_mb: float
+    fds: int
+
+    @classmethod
+    def of(cls, server: Server) -> Footprint:
+        return cls(round(server.rss_mb(), 1), round(server.anon_mb(), 1), server.num_fds())
 
 
 def rules(report: dict[str, Any]) -> list[tuple[str, bool, str]]:
@@ -868,9 +888,11 @@ def rules(report: dict[str, Any]) -> list[tuple[str, bool, str]]:
         check(f"{name}: no error logged by a replica or the gateway", not logged,
               f"{len(logged)}" + (f", first: {logged[0][:160]}" if logged else ""))  # fmt: skip
         for proc, m in p.get("memory", {}).items():
-            growth = f"{m['rss_warm_mb']} -> {m['rss_end_mb']} MB ({m['rss_growth_mb']:+.1f})"
-            check(f"{name}: {proc} RSS growth after warm-up < {RSS_GROWTH_LIMIT_MB:.0f} MB",
-                  m["rss_growth_mb"] < RSS_GROWTH_LIMIT_MB, growth)  # fmt: skip
+            for kind, key in (("RSS", "rss"), ("anonymous memory", "anon")):
+                growth = (f"{m[f'{key}_warm_mb']} -> {m[f'{key}_end_mb']} MB"
+                          f" ({m[f'{key}_growth_mb']:+.1f})")  # fmt: skip
+                check(f"{name}: {proc} {kind} growth after warm-up < {RSS_GROWTH_LIMIT_MB:.0f} MB",
+                      m[f"{key}_growth_mb"] < RSS_GROWTH_LIMIT_MB, growth)  # fmt: skip
             check(
                 f"{name}: {proc} open fds stable (growth <= {FD_GROWTH_LIMIT})",
                 m["fds_growth"] <= FD_GROWTH_LIMIT,
@@ -913,12 +935,19 @@ def print_tables(report: dict[str, Any]) -> None:
             continue
         print()
         rows = [["process", "RSS after warm-up", "RSS at end", "growth", "peak after warm-up",
-                 "fds after warm-up", "fds at end"]]  # fmt: skip
+                 "anonymous after warm-up", "at end", "growth", "fds after warm-up",
+                 "fds at end"]]  # fmt: skip
         for name, m in p["memory"].items():
             rows.append([name, f"{m['rss_warm_mb']:.1f} MB", f"{m['rss_end_mb']:.1f} MB",
                          f"{m['rss_growth_mb']:+.1f} MB", f"{m['rss_peak_mb']:.1f} MB",
-                         str(m["fds_warm"]), str(m["fds_end"])])  # fmt: skip
+                         f"{m['anon_warm_mb']:.1f} MB", f"{m['anon_end_mb']:.1f} MB",
+                         f"{m['anon_growth_mb']:+.1f} MB", str(m["fds_warm"]),
+                         str(m["fds_end"])])  # fmt: skip
         print_table(rows)
+        print(
+            "  anonymous: resident memory not backed by a file (RSS less the mapped model and"
+            " libraries, which the kernel may drop under memory pressure): what a leak grows"
+        )
 
 
 def print_table(rows: list[list[str]]) -> None:
@@ -991,7 +1020,7 @@ async def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": "./bench/reliability" + (" --quick" if args.quick else ""),
+        "command": " ".join(["bench/reliability.py", *sys.argv[1:]]),
         "quick": args.quick,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "sizes": asdict(sizes),

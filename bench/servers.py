@@ -98,6 +98,16 @@ class Server:
         except psutil.NoSuchProcess:
             return 0.0
 
+    def anon_mb(self) -> float:
+        """Resident memory not backed by a file (RSS less its shared part: the mapped model
+        file and libraries, which the kernel may drop and read back), MiB; what a leak grows."""
+        try:
+            return (
+                sum(m.rss - m.shared for m in (p.memory_info() for p in self._processes())) / 2**20
+            )
+        except psutil.NoSuchProcess:
+            return 0.0
+
     def cpu_s(self) -> float:
         """CPU seconds (user + system) the process and its children used so far (0 when gone)."""
         try:
