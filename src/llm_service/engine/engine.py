@@ -396,24 +396,24 @@ class _Generation:
         self._first_token_at: float | None = None
         self._prefill_s = 0.0
         error: str | None = None
-        self._error_field: str | None = None
+        error_field: str | None = None  # the request's own field at fault, if it is
         try:
             reason = self._loop_tokens(context)
         except GenerationAborted:
             reason = self._abort_reason()
         except NoTokenAllowed as exc:
             schema = self._request.sampling.json_schema is not None
-            self._error_field = "sampling.json_schema" if schema else "sampling.grammar"
+            error_field = "sampling.json_schema" if schema else "sampling.grammar"
             reason = FinishReason.ERROR
             error = f"allows no token after {plural(self._n_generated, 'token')} of output: {exc}"
-            RequestLogger(logger, self._request.request_id).info("%s %s", self._error_field, error)
+            RequestLogger(logger, self._request.request_id).info("%s %s", error_field, error)
         except EngineError as exc:
             reason, error = FinishReason.ERROR, str(exc)
             RequestLogger(logger, self._request.request_id).error("generation failed: %s", exc)
         except BaseException:
             reason, error = FinishReason.ERROR, "internal engine error"
             RequestLogger(logger, self._request.request_id).exception("generation failed")
-        self._emit(self._finished(reason, error))
+        self._emit(self._finished(reason, error, error_field))
 
     def _loop_tokens(self, context: Context) -> FinishReason:
         decoder = StreamDecoder(self._request.sampling.stop)
@@ -445,7 +445,9 @@ class _Generation:
                 self._text_parts.append(tail)
                 self._emit(TokenDelta((), tail))
 
-    def _finished(self, reason: FinishReason, error: str | None) -> Finished:
+    def _finished(
+        self, reason: FinishReason, error: str | None, error_field: str | None = None
+    ) -> Finished:
         n_generated, first_token_at = self._n_generated, self._first_token_at
         now = time.monotonic()
         decode_s = now - first_token_at if first_token_at is not None else 0.0
@@ -465,5 +467,5 @@ class _Generation:
                 total_ms=(now - self._arrived) * 1000,
             ),
             error=error,
-            error_field=self._error_field,
+            error_field=error_field,
         )
