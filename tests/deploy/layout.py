@@ -124,9 +124,12 @@ def service_metric_names() -> set[str]:
     return set(re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE))
 
 
-def llama_build(variant: str | None, expr: str = "$CMAKE_ARGS") -> subprocess.CompletedProcess[str]:
-    """Source scripts/llama-build.env with LLAMA_VARIANT (None: unset) and print ``expr``."""
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT)}
+def llama_build(
+    variant: str | None, expr: str = "$CMAKE_ARGS", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Source scripts/llama-build.env with LLAMA_VARIANT (None: unset) and ``env``, and print
+    ``expr``."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT), **(env or {})}
     if variant is not None:
         env["LLAMA_VARIANT"] = variant
     return subprocess.run(

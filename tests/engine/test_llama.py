@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
 import psutil
 import pytest
 
@@ -21,7 +22,6 @@ from llm_service.engine import (
     ChatMessage,
     Engine,
     EngineConfig,
-    Finished,
     FinishReason,
     GenerationEvent,
     GenerationRequest,
@@ -340,24 +340,43 @@ async def test_bad_input_leaves_the_pool_whole(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize(
-    ("penalty", "changes"),
-    [({"repeat_penalty": 1.3}, True), ({"frequency_penalty": 1.5}, True),
-     ({"repeat_penalty": 1.3, "penalty_last_n": -1}, True),
-     ({"presence_penalty": 2.0}, False)],  # too small a push to change this greedy answer
+    "penalty",
+    [{"repeat_penalty": 1.3}, {"frequency_penalty": 1.5}, {"presence_penalty": 2.0},
+     {"repeat_penalty": 1.3, "penalty_last_n": -1}],
 )  # fmt: skip
-async def test_penalties_apply(engine: Engine, penalty: dict[str, Any], changes: bool) -> None:
+async def test_penalties_apply(engine: Engine, penalty: dict[str, Any]) -> None:
     """Found by the hostile-input suite: every penalty was an internal error (llama.cpp's
     penalties sampler takes n_vocab first, at this commit)."""
-    prompt = "one one one one one one one one"
+    request = GenerationRequest(
+        prompt="one one one one one one one one",
+        sampling=SamplingParams(max_tokens=12, temperature=0, **penalty),
+    )
+    assert final(await collect(engine, request)).finish_reason is FinishReason.LENGTH
 
-    async def answer(**sampling: Any) -> Finished:
-        request = GenerationRequest(prompt=prompt, sampling=SamplingParams(**sampling))
-        return final(await collect(engine, request))
 
-    plain = await answer(max_tokens=12, temperature=0)
-    penalised = await answer(max_tokens=12, temperature=0, **penalty)
-    assert penalised.finish_reason is FinishReason.LENGTH
-    assert (penalised.text != plain.text) is changes
+@pytest.mark.parametrize(
+    "penalty",
+    [{"repeat_penalty": 1.3}, {"frequency_penalty": 1.5}, {"presence_penalty": 2.0},
+     {"repeat_penalty": 1.3, "penalty_last_n": -1}],
+)  # fmt: skip
+def test_penalties_push_down_what_was_generated(
+    llama_backend: Backend, penalty: dict[str, Any]
+) -> None:
+    """The request's real sampler chain on made-up logits, where the outcome is arithmetic:
+    token 7 leads token 8 by 0.2; once 7 was generated, each of these penalties takes more than
+    that off it (1.0 / 1.3 = 0.77 < 0.8; 1.0 - 1.5; 1.0 - 2.0), and the greedy choice is 8."""
+    backend = llama_backend
+    assert isinstance(backend, LlamaBackend)
+    logits = np.full(backend.info.n_vocab, -100.0, dtype=np.float32)
+    logits[7], logits[8] = 1.0, 0.8
+    plain = backend.create_sampler(SamplingParams(temperature=0))
+    penalised = backend.create_sampler(SamplingParams(temperature=0, **penalty))
+    try:
+        assert [plain.sample_logits(logits) for _ in range(3)] == [7, 7, 7]
+        assert [penalised.sample_logits(logits) for _ in range(2)] == [7, 8]
+    finally:
+        plain.close()
+        penalised.close()
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,6 @@ async def test_stream_arrives_token_by_token_and_adds_up(service: Service) -> No
     assert done.finish_reason == pb.FINISH_REASON_LENGTH
     assert done.usage.completion_tokens == 64 == sum(len(d.token_ids) for d in deltas)
     assert "".join(d.text for d in deltas) == done.text
-    assert done.text.startswith(" 9, 10,")
     # Streamed, not buffered: the first token arrived long before the last one was produced.
     first_delta_at, done_at = arrivals[1][0], arrivals[-1][0]
     assert first_delta_at < done_at / 2, (first_delta_at, done_at)

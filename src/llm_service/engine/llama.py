@@ -20,6 +20,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from llm_service.engine.cpu import check_build_fits_cpu
+
+# Before the library is loaded: a build for another CPU dies with SIGILL in it, with no message.
+check_build_fits_cpu()
+
 import llama_cpp
 import numpy as np
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -154,10 +159,9 @@ class LlamaSampler:
         self.chain = chain
         self._lock = threading.Lock()
         self._free = weakref.finalize(self, llama_cpp.llama_sampler_free, chain)
-        self._candidates: np.ndarray[Any, Any] | None = None
-        if n_vocab is not None:
-            self._candidates = np.empty(n_vocab, dtype=_TOKEN_DATA)
-            self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._n_vocab = n_vocab
+        self._candidates: np.ndarray[Any, Any] = np.empty(0, dtype=_TOKEN_DATA)
+        self._ids: np.ndarray[Any, Any] = np.empty(0, dtype=np.int32)
 
     def sample(self, ctx: Any, index: int) -> int:
         """The next token from the logits of ``ctx``'s output ``index`` (-1: the last).
@@ -169,18 +173,28 @@ class LlamaSampler:
         with self._lock:
             if self.chain is None:
                 raise EngineError("the request's sampler is closed")
-            if self._candidates is None:
+            if self._n_vocab is None:
                 return int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
-            return self._sample_checked(ctx, index)
+            logits = llama_cpp.llama_get_logits_ith(ctx, index)
+            return self._choose(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)))
 
-    def _sample_checked(self, ctx: Any, index: int) -> int:
+    def sample_logits(self, logits: np.ndarray[Any, Any]) -> int:
+        """The next token from ``logits`` (one per token of the vocabulary), through the whole
+        chain, as ``sample`` does for a grammar's: the chain on logits made up by a test."""
+        with self._lock:
+            if self.chain is None:
+                raise EngineError("the request's sampler is closed")
+            return self._choose(logits)
+
+    def _choose(self, logits: np.ndarray[Any, Any]) -> int:
         """llama_sampler_sample's steps, with a look at the chosen token before it is accepted."""
+        n_vocab = len(logits)
+        if len(self._candidates) != n_vocab:
+            self._candidates = np.empty(n_vocab, dtype=_TOKEN_DATA)
+            self._ids = np.arange(n_vocab, dtype=np.int32)
         data = self._candidates
-        assert data is not None
-        n_vocab = len(data)
-        logits = llama_cpp.llama_get_logits_ith(ctx, index)
-        data["id"] = self._ids
-        data["logit"] = np.ctypeslib.as_array(logits, shape=(n_vocab,))
+        data["id"] = self._ids  # (samplers may sort the array in place)
+        data["logit"] = logits
         data["p"] = 0.0
         array = llama_cpp.llama_token_data_array(
             data=data.ctypes.data_as(llama_cpp.llama_token_data_p),

@@ -34,6 +34,7 @@ from llm_service.engine import (
     load_backend,
     start_engine,
 )
+from llm_service.engine.cpu import check_build_fits_cpu
 from llm_service.errors import ConfigurationError
 from llm_service.server.guards import AllowListInterceptor, RequestParseInterceptor
 from llm_service.server.http import start_http
@@ -171,6 +172,8 @@ async def serve(settings: ServiceSettings) -> int:
         ConfigurationError: missing or conflicting TLS settings, an unusable address.
         ModelLoadError, ModelFetchError: the model could not be loaded.
     """
+    # Before any port opens: a llama.cpp build for another CPU would die at the model's load.
+    check_build_fits_cpu()
     credentials = _credentials(settings)
     grpc_host, _ = parse_address(settings.grpc_addr, "--grpc-addr")
     http_host, http_port = parse_address(settings.http_addr, "--http-addr")
