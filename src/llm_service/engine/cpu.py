@@ -4,7 +4,7 @@
 what the build needs into the venv, as ``llama-build.info``:
 
 ```
-built_on: AMD EPYC
+built_for: AMD EPYC
 cmake_args: -DGGML_NATIVE=OFF -DGGML_SSE42=ON ...
 requires: sse4_2 avx avx2 fma f16c bmi2
 rebuild: cd /path/to/llm-service && ./scripts/setup
@@ -54,9 +54,10 @@ def read_build_info(path: Path) -> BuildInfo | None:
     return info
 
 
-def cpu_extensions(cpuinfo: Path = CPUINFO) -> tuple[str, set[str]]:
+def cpu_extensions(cpuinfo: Path = CPUINFO) -> tuple[str, set[str] | None]:
     """(model name, extensions) of the CPU that ``cpuinfo`` (a ``/proc/cpuinfo``) describes:
-    its x86-64 ``flags`` or aarch64 ``Features``, as the kernel names them."""
+    its x86-64 ``flags`` or aarch64 ``Features``, as the kernel names them; None if it lists
+    neither."""
     model, flags = "unknown CPU", None
     for line in cpuinfo.read_text(errors="replace").splitlines():
         key, _, value = line.partition(":")
@@ -65,7 +66,7 @@ def cpu_extensions(cpuinfo: Path = CPUINFO) -> tuple[str, set[str]]:
             model = value.strip()
         elif key in ("flags", "Features") and flags is None:
             flags = set(value.split())
-    return model, flags or set()
+    return model, flags
 
 
 def check_build_fits_cpu(prefix: Path | None = None, cpuinfo: Path = CPUINFO) -> None:
@@ -86,13 +87,15 @@ def check_build_fits_cpu(prefix: Path | None = None, cpuinfo: Path = CPUINFO) ->
         model, have = cpu_extensions(cpuinfo)
     except OSError:
         return  # no /proc (not Linux): nothing to compare with
+    if have is None:
+        return  # a CPU that says nothing of its extensions: nothing to compare with
     missing = [flag for flag in info.requires if flag not in have]
     if not missing:
         return
-    built_on = info.get("built_on", "another CPU")
+    built_for = info.get("built_for", "another CPU")
     rebuild = info.get("rebuild", "./scripts/setup")
     raise ModelLoadError(
         f"this llama.cpp build uses the CPU extension{'s' if len(missing) > 1 else ''}"
-        f" {', '.join(missing)}, which this CPU ({model}) lacks: it was built for {built_on}."
+        f" {', '.join(missing)}, which this CPU ({model}) lacks: it was built for {built_for}."
         f" Rebuild it for this machine: {rebuild}"
     )
