@@ -200,6 +200,13 @@ class ServiceSettings(BaseSettings):
         description="On SIGTERM/SIGINT, seconds running streams get to finish before they are"
         " cancelled.",
     )
+    failure_exit_after: float = Field(
+        10.0,
+        ge=0,
+        description="When the engine fails for good (its scheduler died, no context is left,"
+        " llama.cpp fails every request), seconds the service stays up, not ready, before it"
+        " exits with status 1 for its supervisor to restart it.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of llm_service."
     )

@@ -246,3 +246,54 @@ def test_the_scheduler_works_one_token_ahead_and_evaluates_each_token_once() -> 
     assert decoder.kv[0] == []
     sampler.close()
     backend.close()
+
+
+class _SchedulerBug(BaseException):
+    """What no step catches: the scheduler thread dies of it (a test hook for a bug)."""
+
+
+async def test_a_dead_scheduler_makes_the_engine_say_it_failed(batched) -> None:  # type: ignore[no-untyped-def]
+    _, decoder, engine = batched
+    assert engine.failure() is None
+
+    def crash(entries: object) -> None:
+        raise _SchedulerBug("boom")
+
+    decoder.decode = crash  # type: ignore[method-assign]
+    end = final(await collect(engine, req("hi", 4)))
+    assert end.finish_reason is FinishReason.ERROR
+    assert end.error == "the batch scheduler failed: _SchedulerBug('boom')"
+    assert engine.failure() == "the batch scheduler failed: _SchedulerBug('boom')"
+
+
+async def test_a_pool_whose_every_reset_fails_makes_the_engine_say_it_failed(batched) -> None:  # type: ignore[no-untyped-def]
+    backend, _, engine = batched
+    backend.fail_resets = 10**6  # the resets, and those of the replacements too
+    for _ in range(3):  # one request on each slot: each slot is lost with its reset
+        await collect(engine, req("hi", 2))
+        await engine.pool.wait_idle()
+        if engine.pool_state().size:
+            assert engine.failure() is None
+    assert engine.pool_state().size == 0
+    assert engine.failure() == (
+        "every context of the pool failed its reset and could not be replaced"
+    )
+    with pytest.raises(EngineError, match="every context of the pool is broken"):
+        await collect(engine, req("hi", 2))
+
+
+async def test_failing_request_after_request_makes_the_engine_say_it_failed(batched) -> None:  # type: ignore[no-untyped-def]
+    backend, _, engine = batched
+    backend.fail_decodes = 4
+    for _ in range(4):
+        assert final(await collect(engine, req("hi", 4))).finish_reason is FinishReason.ERROR
+    assert engine.failure() is None  # four in a row: not yet
+    backend.enqueue("ok")
+    assert final(await collect(engine, req("hi", 4))).text == "ok"  # a success: count again
+    backend.fail_decodes = 5
+    for _ in range(5):
+        await collect(engine, req("hi", 4))
+    assert engine.failure() == (
+        "llama.cpp failed the last 5 requests, none served in between; the last: fake"
+        " llama_decode failed"
+    )

@@ -29,7 +29,9 @@ from llm_service.engine import (
     Started,
     TokenDelta,
     llama,
+    load_backend,
 )
+from llm_service.engine.backend import ContextResetError
 from llm_service.engine.llama import (
     LLAMA_CPP_COMMIT,
     LlamaBackend,
@@ -42,6 +44,7 @@ from llm_service.errors import (
     OverloadedError,
     PromptTooLongError,
 )
+from llm_service.settings import ServiceSettings
 from tests.conftest import TEST_N_CTX, TEST_PREFILL_CHUNK, TEST_SLOTS
 from tests.support import collect, deltas, final
 
@@ -689,3 +692,46 @@ async def test_releasing_a_slot_clears_it_and_nothing_else(
         events += [e async for e in running]
     assert final(events).finish_reason is FinishReason.LENGTH
     assert token_ids(events) == alone
+
+
+class _SchedulerBug(BaseException):
+    """What no step catches: the batch scheduler's thread dies of it (a test hook for a bug)."""
+
+
+@pytest.mark.parametrize("broken", ["scheduler", "resets"])
+async def test_a_broken_batched_engine_says_so(broken: str) -> None:
+    """On a backend of its own (the session's must stay whole): the scheduler thread killed, or
+    every slot's reset failing (each slot is then lost: its replacement fails its reset too)."""
+    settings = ServiceSettings(
+        n_ctx=256, n_threads=1, pool_mode="batched", llama_service_threads=2, prefill_chunk=64
+    )
+    backend = await asyncio.to_thread(load_backend, settings, progress=False)
+    assert isinstance(backend, LlamaBackend) and backend.decoder is not None
+    engine = await Engine.start(backend, EngineConfig(pool_size=2, max_queue=2))
+    request = GenerationRequest(prompt="Hello", sampling=SamplingParams(max_tokens=2))
+    try:
+        assert final(await collect(engine, request)).finish_reason is FinishReason.LENGTH
+        assert engine.failure() is None
+        if broken == "scheduler":
+
+            def crash(entries: object) -> None:
+                raise _SchedulerBug("boom")
+
+            backend.decoder.decode = crash  # type: ignore[method-assign]
+            assert final(await collect(engine, request)).finish_reason is FinishReason.ERROR
+            assert engine.failure() == "the batch scheduler failed: _SchedulerBug('boom')"
+        else:
+
+            def refuse(seq: int) -> None:
+                raise ContextResetError(f"sequence {seq} kept its positions")
+
+            backend.decoder.clear = refuse  # type: ignore[method-assign]
+            for _ in range(2):
+                await collect(engine, request)
+                await engine.pool.wait_idle()
+            assert engine.pool_state().size == 0
+            assert engine.failure() == (
+                "every context of the pool failed its reset and could not be replaced"
+            )
+    finally:
+        await engine.aclose()

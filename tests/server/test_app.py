@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -193,3 +194,54 @@ async def test_unparsable_requests_are_invalid_argument_and_harmless(
         assert status.pool.free == status.pool.size
         os.kill(os.getpid(), signal.SIGTERM)
         assert await asyncio.wait_for(serving, 10) == 0
+
+
+class _SchedulerBug(BaseException):
+    """What no step catches: the batch scheduler's thread dies of it (a test hook for a bug)."""
+
+
+async def test_a_failed_engine_turns_health_red_then_the_service_exits_1(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backend = FakeBackend(pool_mode="batched", slots=2)
+    serving, grpc_port, http_port = serve_in_process(
+        monkeypatch, lambda settings: backend, llama_service_threads=2, failure_exit_after=1.0
+    )
+    async with (
+        aiohttp.ClientSession() as http,
+        grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel,
+    ):
+        async with asyncio.timeout(10):
+            while True:
+                assert not serving.done(), serving.result()
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    if (await readyz(http, http_port))[0] == 200:
+                        break
+                await asyncio.sleep(0.02)
+        stub = llm_pb2_grpc.InferenceStub(channel)
+        assert (await run_stream(stub, greedy("x", 1)))[-1].HasField("done")
+
+        def crash(entries: object) -> None:
+            raise _SchedulerBug("boom")
+
+        assert backend.decoder is not None
+        backend.decoder.decode = crash  # type: ignore[method-assign]
+        with contextlib.suppress(grpc.aio.AioRpcError):  # the request it died under fails
+            await run_stream(stub, greedy("x", 4))
+        async with asyncio.timeout(5):
+            while (await readyz(http, http_port))[0] != 503:
+                await asyncio.sleep(0.05)
+        async with http.get(f"http://127.0.0.1:{http_port}/readyz") as response:
+            body = await response.json()
+        assert body["status"] == "failed" and body["ready"] is False
+        assert body["reason"] == "the batch scheduler failed: _SchedulerBug('boom')"
+        assert await health_of(channel) == {health_pb2.HealthCheckResponse.NOT_SERVING}
+        status = await stub.GetServerStatus(pb.GetServerStatusRequest())
+        assert status.state == pb.SERVING_STATE_FAILED
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await run_stream(stub, greedy("x", 1))
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "the server's engine failed (the batch scheduler failed" in str(info.value.details())
+        # Then it stops by itself, with the status a supervisor restarts it for.
+        assert await asyncio.wait_for(serving, 10) == 1
+    assert backend.closed

@@ -55,6 +55,7 @@ _STATES = {
     pb.SERVING_STATE_LOADING: "loading",
     pb.SERVING_STATE_SERVING: "serving",
     pb.SERVING_STATE_DRAINING: "draining",
+    pb.SERVING_STATE_FAILED: "failed",
 }
 # Back-off between attempts: the first wait is about BACKOFF_BASE_S, doubling up to BACKOFF_MAX_S,
 # each one jittered (x0.5 to x1.5) so that clients refused together do not come back together;

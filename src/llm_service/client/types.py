@@ -138,7 +138,7 @@ class ServerStatus:
     """A server's state right now (``GetServerStatus``).
 
     Attributes:
-        state: ``loading``, ``serving`` or ``draining``.
+        state: ``loading``, ``serving``, ``draining`` or ``failed``.
     """
 
     state: str

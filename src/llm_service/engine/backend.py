@@ -144,6 +144,11 @@ class Backend(Protocol):
         """
         ...
 
+    def failure(self) -> str | None:
+        """Why the backend can serve no more requests (batched mode's scheduler thread died),
+        or None while it can."""
+        ...
+
     def close(self) -> None:
         """Free everything (call after every context is closed): the batch scheduler and the
         shared context if any, then the model."""

@@ -216,6 +216,7 @@ class BatchScheduler:
         self._closing = False
         self._closed = False
         self._stopped: str | None = None  # why the thread ended: jobs submitted now fail
+        self.failure: str | None = None  # why the thread died, if a bug (not close) ended it
         self._thread = threading.Thread(target=self._loop, name="llm-batch", daemon=True)
         self._thread.start()
 
@@ -327,6 +328,7 @@ class BatchScheduler:
         except BaseException as exc:  # a bug: nobody may be left waiting
             logger.critical("the batch scheduler failed", exc_info=True)
             reason = f"the batch scheduler failed: {exc!r}"
+            self.failure = reason
         with self._lock:
             self._stopped = reason
             jobs = list(self._pending.values())

@@ -245,6 +245,9 @@ class FakeBackend:
         self.contexts.append(context)
         return context
 
+    def failure(self) -> str | None:
+        return self.scheduler.failure if self.scheduler is not None else None
+
     def close(self) -> None:
         if self.scheduler is not None:
             self.scheduler.close()

@@ -535,6 +535,9 @@ class LlamaBackend:
             return self.scheduler.create_slot(index)
         return LlamaContext(self, index)
 
+    def failure(self) -> str | None:
+        return self.scheduler.failure if self.scheduler is not None else None
+
     def close(self) -> None:
         """Stop the scheduler and free the shared context (batched), then free the model."""
         if self.scheduler is not None:

@@ -49,6 +49,10 @@ __all__ = ["SERVICE_NAME", "parse_address", "serve"]
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+# How often the engine's health is looked at, and the exit status of a service whose engine
+# failed for good (for its supervisor: restart it).
+ENGINE_CHECK_S = 0.5
+EXIT_ENGINE_FAILED = 1
 
 
 def parse_address(address: str, flag: str) -> tuple[str, int]:
@@ -74,7 +78,8 @@ class _Shutdown:
             self.hurry.set()
         else:
             logger.info("%s received: draining (not ready, new requests refused)", signum.name)
-            self._state.phase = Phase.DRAINING
+            if self._state.phase is not Phase.FAILED:
+                self._state.phase = Phase.DRAINING
             self.requested.set()
 
 
@@ -201,6 +206,7 @@ async def serve(settings: ServiceSettings) -> int:
     else:
         loop.add_signal_handler(signal.SIGHUP, logger.info, "SIGHUP: no TLS to re-read")
     engine: Engine | None = None
+    exit_code = 0
     try:
         await server.start()
         logger.info(
@@ -230,11 +236,19 @@ async def serve(settings: ServiceSettings) -> int:
                 state.phase = Phase.SERVING
                 await _set_health(health, serving=True)
                 logger.info("ready: serving %s", engine.info.name)
-                await shutdown.requested.wait()
+                watch = asyncio.ensure_future(_watch(engine))
+                try:
+                    await _first(watch, shutdown.requested)
+                finally:
+                    watch.cancel()
+                if watch.done() and not watch.cancelled():
+                    await _fail(watch.result(), state, health, settings, shutdown)
+                    exit_code = EXIT_ENGINE_FAILED
         await health.enter_graceful_shutdown()
         await _drain(servicer, settings.shutdown_grace, shutdown.hurry)
     finally:
-        state.phase = Phase.DRAINING
+        if state.phase is not Phase.FAILED:
+            state.phase = Phase.DRAINING
         await server.stop(grace=1)
         if engine is not None:
             await engine.aclose()  # contexts first, then the model
@@ -242,7 +256,38 @@ async def serve(settings: ServiceSettings) -> int:
         # The signal handlers stay until the event loop closes: a signal during this clean-up
         # must not kill the process halfway.
     logger.info("stopped: contexts and model freed")
-    return 0
+    if exit_code:
+        logger.critical("exiting with status %d: the engine failed", exit_code)
+    return exit_code
+
+
+async def _watch(engine: Engine) -> str:
+    """Return why the engine failed for good, once it has (looked at every ENGINE_CHECK_S: its
+    sources are a thread's death and counts kept elsewhere; a look costs next to nothing)."""
+    while True:
+        if (failure := engine.failure()) is not None:
+            return failure
+        await asyncio.sleep(ENGINE_CHECK_S)
+
+
+async def _fail(
+    failure: str,
+    state: ServerState,
+    health: health_aio.HealthServicer,
+    settings: ServiceSettings,
+    shutdown: _Shutdown,
+) -> None:
+    """Turn the service's health red for ``failure_exit_after`` seconds (probes and balancers
+    see it and stop sending traffic), then let it stop, so that its supervisor restarts it."""
+    logger.critical(
+        "the engine failed: %s; not ready, exiting in %g s", failure, settings.failure_exit_after
+    )
+    state.failure = failure
+    state.phase = Phase.FAILED
+    await _set_health(health, serving=False)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(settings.failure_exit_after):
+            await shutdown.requested.wait()
 
 
 async def _first(work: asyncio.Future[Any], event: asyncio.Event) -> None:

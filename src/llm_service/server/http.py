@@ -29,6 +29,8 @@ def _app(state: ServerState, metrics: ServiceMetrics) -> web.Application:
             "requests_in_flight": state.in_flight,
             "pool": dataclasses.asdict(pool) if pool is not None else None,
         }
+        if state.failure is not None:
+            body["reason"] = state.failure
         return web.json_response(body, status=200 if state.ready else 503)
 
     async def metrics_text(request: web.Request) -> web.Response:

@@ -18,6 +18,7 @@ class Phase(enum.Enum):
     LOADING = pb.SERVING_STATE_LOADING
     SERVING = pb.SERVING_STATE_SERVING
     DRAINING = pb.SERVING_STATE_DRAINING
+    FAILED = pb.SERVING_STATE_FAILED
 
 
 class ServerState:
@@ -25,6 +26,7 @@ class ServerState:
 
     Attributes:
         calls: the task of every Generate call being served or waiting for a context.
+        failure: why the engine failed for good (phase FAILED).
     """
 
     def __init__(self, pool_size: int) -> None:
@@ -34,6 +36,7 @@ class ServerState:
         self.http_port = 0  # the health port once it listens (GetModelInfo tells clients)
         self.started_at = time.monotonic()
         self.calls: set[asyncio.Task[Any]] = set()
+        self.failure: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -56,4 +59,9 @@ class ServerState:
             return self.engine
         if self.phase is Phase.DRAINING:
             raise UnavailableError("the server is shutting down; send the request to another one")
+        if self.phase is Phase.FAILED:
+            raise UnavailableError(
+                f"the server's engine failed ({self.failure}); it restarts: send the request to"
+                " another one"
+            )
         raise UnavailableError("the server is still loading its model; retry shortly")

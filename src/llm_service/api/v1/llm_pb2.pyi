@@ -111,6 +111,10 @@ class _ServingStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ServingS
     """Ready."""
     SERVING_STATE_DRAINING: _ServingState.ValueType  # 3
     """Shutting down: running streams finish, new ones answer UNAVAILABLE."""
+    SERVING_STATE_FAILED: _ServingState.ValueType  # 4
+    """The engine failed for good (its scheduler died, or no context is left): Generate answers
+    UNAVAILABLE, and the process exits with status 1 soon, for its supervisor to restart it.
+    """
 
 class ServingState(_ServingState, metaclass=_ServingStateEnumTypeWrapper):
     """Lifecycle of the server."""
@@ -123,6 +127,10 @@ SERVING_STATE_SERVING: ServingState.ValueType  # 2
 """Ready."""
 SERVING_STATE_DRAINING: ServingState.ValueType  # 3
 """Shutting down: running streams finish, new ones answer UNAVAILABLE."""
+SERVING_STATE_FAILED: ServingState.ValueType  # 4
+"""The engine failed for good (its scheduler died, or no context is left): Generate answers
+UNAVAILABLE, and the process exits with status 1 soon, for its supervisor to restart it.
+"""
 Global___ServingState: _TypeAlias = ServingState  # noqa: Y015
 
 @_typing.final
