@@ -21,7 +21,7 @@ from llm_service.engine import (
     Started,
     TokenDelta,
 )
-from llm_service.engine.backend import ContextResetError
+from llm_service.engine.backend import ContextResetError, DecodeFailures
 from llm_service.engine.batching import BatchEntry, BatchScheduler
 from llm_service.engine.fake import FakeBatchDecoder
 from llm_service.errors import EngineError
@@ -282,7 +282,7 @@ async def test_a_pool_whose_every_reset_fails_makes_the_engine_say_it_failed(bat
         await collect(engine, req("hi", 2))
 
 
-async def test_failing_request_after_request_makes_the_engine_say_it_failed(batched) -> None:  # type: ignore[no-untyped-def]
+async def test_failing_step_after_step_makes_the_engine_say_it_failed(batched) -> None:  # type: ignore[no-untyped-def]
     backend, _, engine = batched
     backend.fail_decodes = 4
     for _ in range(4):
@@ -294,6 +294,45 @@ async def test_failing_request_after_request_makes_the_engine_say_it_failed(batc
     for _ in range(5):
         await collect(engine, req("hi", 4))
     assert engine.failure() == (
-        "llama.cpp failed the last 5 requests, none served in between; the last: fake"
+        "llama.cpp failed 5 evaluations in a row, none succeeding in between; the last: fake"
         " llama_decode failed"
     )
+
+
+async def test_one_failed_step_is_one_failure_however_many_requests_it_fails() -> None:
+    backend = FakeBackend(pool_mode="batched", slots=6, token_delay_s=0.005)
+    engine = await Engine.start(backend, EngineConfig(pool_size=6, max_queue=1))
+    try:
+        backend.enqueue(*["a" * 100] * 6)
+        streams = [engine.generate(req(f"s{i}", 100)) for i in range(6)]
+        for stream in streams:
+            while not isinstance(await anext(stream), TokenDelta):
+                pass
+        backend.fail_decodes = 1
+        failed = 0
+        for stream in streams:
+            async with contextlib.aclosing(stream):
+                end = [e async for e in stream][-1]
+            assert isinstance(end, Finished)
+            failed += end.finish_reason is FinishReason.ERROR
+        assert failed >= DecodeFailures.LIMIT  # as many requests as would have tripped it
+        assert engine.failure() is None
+    finally:
+        await engine.aclose()
+
+
+async def test_contexts_failing_decode_after_decode_make_the_engine_say_it_failed() -> None:
+    backend = FakeBackend(pool_mode="contexts")
+    engine = await Engine.start(backend, EngineConfig(pool_size=2, max_queue=1))
+    try:
+        backend.fail_decodes = 5
+        for _ in range(5):
+            assert engine.failure() is None
+            end = final(await collect(engine, req("hi", 4)))
+            assert end.finish_reason is FinishReason.ERROR and end.error_field is None
+        assert engine.failure() == (
+            "llama.cpp failed 5 evaluations in a row, none succeeding in between; the last:"
+            " fake llama_decode failed"
+        )
+    finally:
+        await engine.aclose()

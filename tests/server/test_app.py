@@ -242,6 +242,8 @@ async def test_a_failed_engine_turns_health_red_then_the_service_exits_1(
             await run_stream(stub, greedy("x", 1))
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
         assert "the server's engine failed (the batch scheduler failed" in str(info.value.details())
+        async with http.get(f"http://127.0.0.1:{http_port}/metrics") as response:
+            assert "llm_engine_failed 1.0" in await response.text()
         # Then it stops by itself, with the status a supervisor restarts it for.
         assert await asyncio.wait_for(serving, 10) == 1
     assert backend.closed

@@ -6,6 +6,7 @@ from the event loop, and never touches one context from two threads at once.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -57,6 +58,41 @@ class ModelInfo:
     description: str
     chat_template: str | None
     llama_cpp_commit: str
+
+
+class DecodeFailures:
+    """llama.cpp's failed evaluations in a row (a batched step, or one context's decode), none
+    succeeding in between: past ``LIMIT``, llama.cpp fails everything and the engine is broken.
+
+    One failed step fails every request in it: this counts the step once. Thread-safe.
+    """
+
+    LIMIT = 5
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_a_row = 0
+        self._last = ""
+
+    def failed(self, message: str) -> None:
+        with self._lock:
+            self._in_a_row += 1
+            self._last = message
+
+    def succeeded(self) -> None:
+        if self._in_a_row:  # (read without the lock: a stale value only delays this write)
+            with self._lock:
+                self._in_a_row = 0
+
+    def failure(self) -> str | None:
+        """Why the engine is broken, once ``LIMIT`` evaluations failed in a row."""
+        with self._lock:
+            if self._in_a_row < self.LIMIT:
+                return None
+            return (
+                f"llama.cpp failed {self._in_a_row} evaluations in a row, none succeeding in"
+                f" between; the last: {self._last}"
+            )
 
 
 class Sampler(Protocol):
@@ -145,8 +181,8 @@ class Backend(Protocol):
         ...
 
     def failure(self) -> str | None:
-        """Why the backend can serve no more requests (batched mode's scheduler thread died),
-        or None while it can."""
+        """Why the backend can serve no more requests (batched mode's scheduler thread died,
+        llama.cpp failed ``DecodeFailures.LIMIT`` evaluations in a row), or None while it can."""
         ...
 
     def close(self) -> None:

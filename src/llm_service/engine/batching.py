@@ -36,6 +36,7 @@ from typing import Protocol
 
 from llm_service.engine.backend import (
     ContextResetError,
+    DecodeFailures,
     GenerationAborted,
     NoTokenAllowed,
     Sampler,
@@ -216,7 +217,8 @@ class BatchScheduler:
         self._closing = False
         self._closed = False
         self._stopped: str | None = None  # why the thread ended: jobs submitted now fail
-        self.failure: str | None = None  # why the thread died, if a bug (not close) ended it
+        self._died: str | None = None  # why the thread died, if a bug (not close) ended it
+        self._decode_failures = DecodeFailures()
         self._thread = threading.Thread(target=self._loop, name="llm-batch", daemon=True)
         self._thread.start()
 
@@ -240,6 +242,11 @@ class BatchScheduler:
             slot.close()
             raise
         return slot
+
+    def failure(self) -> str | None:
+        """Why no request can be served any more (the thread died of a bug, or the last steps
+        all failed), or None."""
+        return self._died or self._decode_failures.failure()
 
     def close(self) -> None:
         """Stop the thread (jobs still waiting fail with EngineError), then close the decoder."""
@@ -328,7 +335,7 @@ class BatchScheduler:
         except BaseException as exc:  # a bug: nobody may be left waiting
             logger.critical("the batch scheduler failed", exc_info=True)
             reason = f"the batch scheduler failed: {exc!r}"
-            self.failure = reason
+            self._died = reason
         with self._lock:
             self._stopped = reason
             jobs = list(self._pending.values())
@@ -411,7 +418,9 @@ class BatchScheduler:
                 plural(len(included), "request"),
                 message,
             )
+            self._decode_failures.failed(message)
             return outcomes + [(job, EngineError(message)) for job in included]
+        self._decode_failures.succeeded()
         for entry, job in zip(entries, included, strict=True):
             job.slot.n_past += len(entry.tokens)
             if isinstance(job, _Prefill):

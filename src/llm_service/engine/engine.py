@@ -48,9 +48,6 @@ __all__ = ["Engine", "EngineConfig"]
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
-# Requests that llama.cpp failed in a row, none served in between, after which the engine counts
-# as broken (its health says so, and the service stops to be restarted).
-FAILED_IN_A_ROW = 5
 T = TypeVar("T")
 
 
@@ -101,8 +98,6 @@ class Engine:
         self._pool_executor = pool_executor
         self._closing = False
         self._closed = False
-        self._failed_in_a_row = 0
-        self._last_failure = ""
 
     @classmethod
     async def start(cls, backend: Backend, config: EngineConfig) -> Engine:
@@ -171,27 +166,14 @@ class Engine:
 
     def failure(self) -> str | None:
         """Why this engine can serve no more requests, or None while it can: batched mode's
-        scheduler died, no context of the pool is left (each failed its reset and could not be
-        replaced), or llama.cpp failed the last ``FAILED_IN_A_ROW`` requests. Cheap: call it
-        from the event loop as often as needed."""
+        scheduler died, llama.cpp failed its last evaluations (``DecodeFailures``), or no
+        context of the pool is left (each failed its reset and could not be replaced). Cheap:
+        call it from the event loop as often as needed."""
         if (why := self.backend.failure()) is not None:
             return why
         if self.pool.state().size == 0:
             return "every context of the pool failed its reset and could not be replaced"
-        if self._failed_in_a_row >= FAILED_IN_A_ROW:
-            return (
-                f"llama.cpp failed the last {self._failed_in_a_row} requests, none served in"
-                f" between; the last: {self._last_failure}"
-            )
         return None
-
-    def _count(self, finished: Finished) -> None:
-        """Keep count of the requests llama.cpp failed in a row (see ``failure``)."""
-        if finished.finish_reason is FinishReason.ERROR and finished.error_field is None:
-            self._failed_in_a_row += 1
-            self._last_failure = finished.error or "unknown error"
-        elif finished.finish_reason not in (FinishReason.CANCELLED, FinishReason.DEADLINE):
-            self._failed_in_a_row = 0
 
     async def aclose(self) -> None:
         """Refuse new requests, wait for running ones to end, then free contexts and model.
@@ -286,8 +268,6 @@ class Engine:
                 try:
                     while True:
                         event = await run.events.get()
-                        if isinstance(event, Finished):
-                            self._count(event)
                         yield event
                         if isinstance(event, Finished):
                             log.info(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from llm_service.engine.backend import (
     ContextResetError,
+    DecodeFailures,
     GenerationAborted,
     ModelInfo,
     PoolMode,
@@ -77,6 +78,12 @@ class FakeContext:
         return self._sample(sampler)
 
     def decode(self, token: int, sampler: Sampler) -> int:
+        backend = self._backend
+        if backend.fail_decodes > 0:
+            backend.fail_decodes -= 1
+            backend.decode_failures.failed("fake llama_decode failed")
+            raise EngineError("fake llama_decode failed")
+        backend.decode_failures.succeeded()
         self.kv.append(token)
         return self._sample(sampler)
 
@@ -194,7 +201,8 @@ class FakeBackend:
         self.resets = 0
         self.misuse: list[str] = []  # what a real backend would crash on (use after close)
         self.fail_resets = 0  # make this many resets fail (to test replacement)
-        self.fail_decodes = 0  # batched: make this many decode steps fail
+        self.fail_decodes = 0  # make this many decodes fail (batched: steps)
+        self.decode_failures = DecodeFailures()  # contexts mode's (the scheduler counts its own)
         self._replies: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
         self.info = ModelInfo(
@@ -246,7 +254,9 @@ class FakeBackend:
         return context
 
     def failure(self) -> str | None:
-        return self.scheduler.failure if self.scheduler is not None else None
+        if self.scheduler is not None:
+            return self.scheduler.failure()
+        return self.decode_failures.failure()
 
     def close(self) -> None:
         if self.scheduler is not None:

@@ -32,6 +32,7 @@ from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from llm_service.engine.backend import (
     ContextResetError,
+    DecodeFailures,
     GenerationAborted,
     ModelInfo,
     NoTokenAllowed,
@@ -267,7 +268,10 @@ class LlamaContext:
         if rc == 2:
             raise GenerationAborted()
         if rc != 0:
-            raise EngineError(f"llama_decode failed on context {self.index}: {_decode_error(rc)}")
+            message = f"llama_decode failed on context {self.index}: {_decode_error(rc)}"
+            self._backend.decode_failures.failed(message)
+            raise EngineError(message)
+        self._backend.decode_failures.succeeded()
 
     def _sample(self, sampler: Sampler) -> int:
         assert isinstance(sampler, LlamaSampler)
@@ -429,6 +433,7 @@ class LlamaBackend:
         self.pool_mode: PoolMode = "contexts"
         self.decoder: LlamaBatchDecoder | None = None  # batched mode: the shared context
         self.scheduler: BatchScheduler | None = None  # batched mode: its thread
+        self.decode_failures = DecodeFailures()  # contexts mode's (the scheduler counts its own)
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         template_ptr = llama_cpp.llama_model_chat_template(model, None)
@@ -536,7 +541,9 @@ class LlamaBackend:
         return LlamaContext(self, index)
 
     def failure(self) -> str | None:
-        return self.scheduler.failure if self.scheduler is not None else None
+        if self.scheduler is not None:
+            return self.scheduler.failure()
+        return self.decode_failures.failure()
 
     def close(self) -> None:
         """Stop the scheduler and free the shared context (batched), then free the model."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from typing import Any
@@ -53,6 +54,8 @@ SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 # failed for good (for its supervisor: restart it).
 ENGINE_CHECK_S = 0.5
 EXIT_ENGINE_FAILED = 1
+# How long a failed engine gets to free its contexts and model before the process exits anyway.
+ENGINE_CLOSE_S = 30.0
 
 
 def parse_address(address: str, flag: str) -> tuple[str, int]:
@@ -233,16 +236,14 @@ async def serve(settings: ServiceSettings) -> int:
             await _warm_up(engine, settings.llama_service_threads)
             state.engine = engine
             if not shutdown.requested.is_set():
-                state.phase = Phase.SERVING
-                await _set_health(health, serving=True)
-                logger.info("ready: serving %s", engine.info.name)
-                watch = asyncio.ensure_future(_watch(engine))
-                try:
-                    await _first(watch, shutdown.requested)
-                finally:
-                    watch.cancel()
-                if watch.done() and not watch.cancelled():
-                    await _fail(watch.result(), state, health, settings, shutdown)
+                # (the warm-up may have found the engine broken already)
+                if (failure := _failure(engine)) is None:
+                    state.phase = Phase.SERVING
+                    await _set_health(health, serving=True)
+                    logger.info("ready: serving %s", engine.info.name)
+                    failure = await _watch(engine, shutdown.requested)
+                if failure is not None:
+                    await _fail(failure, state, health, settings, shutdown)
                     exit_code = EXIT_ENGINE_FAILED
         await health.enter_graceful_shutdown()
         await _drain(servicer, settings.shutdown_grace, shutdown.hurry)
@@ -250,7 +251,17 @@ async def serve(settings: ServiceSettings) -> int:
         if state.phase is not Phase.FAILED:
             state.phase = Phase.DRAINING
         await server.stop(grace=1)
-        if engine is not None:
+        if engine is not None and exit_code:
+            # A broken engine may not let go (a call stuck in llama.cpp): the exit must come.
+            try:
+                async with asyncio.timeout(ENGINE_CLOSE_S):
+                    await engine.aclose()
+            except TimeoutError:
+                logger.critical(
+                    "the failed engine did not close in %g s: exiting now", ENGINE_CLOSE_S
+                )
+                os._exit(exit_code)
+        elif engine is not None:
             await engine.aclose()  # contexts first, then the model
         await http.cleanup()
         # The signal handlers stay until the event loop closes: a signal during this clean-up
@@ -261,13 +272,28 @@ async def serve(settings: ServiceSettings) -> int:
     return exit_code
 
 
-async def _watch(engine: Engine) -> str:
-    """Return why the engine failed for good, once it has (looked at every ENGINE_CHECK_S: its
-    sources are a thread's death and counts kept elsewhere; a look costs next to nothing)."""
-    while True:
-        if (failure := engine.failure()) is not None:
+def _failure(engine: Engine) -> str | None:
+    """Why the engine failed for good, or None (a failing look counts as a failure)."""
+    try:
+        return engine.failure()
+    except Exception as exc:
+        logger.exception("looking at the engine's health failed")
+        return f"looking at its health failed: {exc!r}"
+
+
+async def _watch(engine: Engine, stop: asyncio.Event) -> str | None:
+    """Wait for ``stop`` (return None), unless the engine fails for good first (return why).
+
+    Looks every ENGINE_CHECK_S: the failure's sources are a thread's death and counts kept in
+    other threads, and a look costs next to nothing.
+    """
+    while not stop.is_set():
+        if (failure := _failure(engine)) is not None:
             return failure
-        await asyncio.sleep(ENGINE_CHECK_S)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ENGINE_CHECK_S):
+                await stop.wait()
+    return None
 
 
 async def _fail(

@@ -51,6 +51,11 @@ class ServiceMetrics:
         Gauge(
             "llm_requests_in_flight", "Generate calls being served or waiting", registry=r
         ).set_function(lambda: state.in_flight)
+        Gauge(
+            "llm_engine_failed",
+            "1 once the engine failed for good (the service then exits to be restarted)",
+            registry=r,
+        ).set_function(lambda: state.failure is not None)
         self.prompt_tokens = Counter("llm_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generated_tokens = Counter(
             "llm_generated_tokens", "Completion tokens generated", registry=r
