@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -40,19 +42,27 @@ from llm_service.certs import write_dev_certs
 from llm_service.client import AsyncClient
 from llm_service.client.bench import BenchResult, bench_prompt, run_load
 from llm_service.default_model import fetch_default_model
+from llm_service.engine.cpu import BUILD_INFO, cpu_extensions, read_build_info
 from llm_service.engine.llama import LLAMA_CPP_COMMIT
 from llm_service.settings import ServiceSettings
 
 REFERENCE = "llama-server"
 # Sends request (prompt index, max tokens); yields the token count of each chunk as it arrives.
 StreamOpener = Callable[[int, int], AsyncIterator[int]]
+# The prompt of request i.
+Prompts = Callable[[int], str]
+# The long prompts whose time to first token is measured alone (tokens, about), and how often.
+LONG_PROMPTS = (800, 3900)
+LONG_PROMPT_RUNS = 3
+# llama-batched-bench's shape: prompt and generated tokens of each sequence.
+BATCHED_BENCH_PP, BATCHED_BENCH_TG = 32, 96
 
 
-def grpc_opener(client: AsyncClient) -> StreamOpener:
+def grpc_opener(client: AsyncClient, prompts: Prompts = bench_prompt) -> StreamOpener:
     """Streams Generate through the Python client; counts the tokens of each delta."""
 
     async def stream(prompt_index: int, max_tokens: int) -> AsyncIterator[int]:
-        prompt = bench_prompt(prompt_index)
+        prompt = prompts(prompt_index)
         async with client.stream(prompt, max_tokens=max_tokens, temperature=0) as chunks:
             async for chunk in chunks:
                 yield len(chunk.token_ids)
@@ -60,11 +70,13 @@ def grpc_opener(client: AsyncClient) -> StreamOpener:
     return stream
 
 
-def openai_opener(session: aiohttp.ClientSession, base: str, model: str) -> StreamOpener:
+def openai_opener(
+    session: aiohttp.ClientSession, base: str, model: str, prompts: Prompts = bench_prompt
+) -> StreamOpener:
     """Streams /v1/completions (OpenAI wire format); each streamed choice is one token."""
 
     async def stream(prompt_index: int, max_tokens: int) -> AsyncIterator[int]:
-        body = {"model": model, "prompt": bench_prompt(prompt_index), "max_tokens": max_tokens,
+        body = {"model": model, "prompt": prompts(prompt_index), "max_tokens": max_tokens,
                 "temperature": 0, "stream": True}  # fmt: skip
         async with session.post(f"{base}/v1/completions", json=body) as response:
             if response.status != 200:
@@ -144,6 +156,115 @@ def llama_bench_tg(setup: Setup, n: int = 128) -> float:
     return float(json.loads(out.stdout)[0]["avg_ts"])
 
 
+def llama_batched_bench(setup: Setup, sizes: list[int]) -> dict[int, float]:
+    """The physical limit of batched decoding, with no server at all: llama-batched-bench on
+    the same build and model, B sequences of BATCHED_BENCH_PP prompt tokens decoding
+    BATCHED_BENCH_TG tokens each in one batch per step. Generated tokens/s by B."""
+    assert setup.tools is not None
+    per_seq = 2 * (BATCHED_BENCH_PP + BATCHED_BENCH_TG)
+    out = subprocess.run(
+        [str(setup.tools / "llama-batched-bench"), "-m", str(setup.model),
+         "-c", str(max(sizes) * per_seq), "-b", "2048", "-ub", "512",
+         "-npp", str(BATCHED_BENCH_PP), "-ntg", str(BATCHED_BENCH_TG),
+         "-npl", ",".join(map(str, sizes)), "-t", str(setup.threads),
+         "--output-format", "jsonl"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return {int(row["pl"]): round(float(row["speed_tg"]), 1) for row in rows}
+
+
+def long_prompt(i: int, n_tokens: int) -> str:
+    """A prompt of about ``n_tokens`` tokens (a count, as bench_prompt's), unique to ``i``."""
+    start = 100_000 + 1_000 * (i % 800)  # (distinct first numbers, and six digits each)
+    # Six-digit numbers and ", ": 8 tokens each (one per digit) with this model's tokenizer.
+    return ", ".join(str(n) for n in range(start, start + n_tokens // 8)) + ","
+
+
+async def time_to_first_token(opener: StreamOpener, prompt_index: int) -> float:
+    """Seconds from sending one request to its first token."""
+    sent = time.perf_counter()
+    stream = opener(prompt_index, 4)
+    try:
+        await anext(stream)
+        return time.perf_counter() - sent
+    finally:
+        await _drain(stream)
+
+
+async def long_prompt_ttft(
+    name: str, opener: StreamOpener, n_tokens: int, first: int
+) -> dict[str, Any]:
+    """TTFT of one request at a time with a prompt of about ``n_tokens`` tokens, the median of
+    LONG_PROMPT_RUNS (each prompt new to the server)."""
+    times = sorted([await time_to_first_token(opener, first + r) for r in range(LONG_PROMPT_RUNS)])
+    ttft = times[len(times) // 2] * 1000
+    print(f"  {name:<18} {n_tokens:>5}-token prompt: TTFT {ttft:.0f} ms", file=sys.stderr)
+    return {"target": name, "prompt_tokens": n_tokens, "ttft_ms": round(ttft, 1)}
+
+
+def _display(target: str) -> str:
+    """A target's name in the figures ("llm_service-batched" is "llm_service batched")."""
+    return target.replace("llm_service-", "llm_service ")
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    target: str, setup: Setup, session: aiohttp.ClientSession, model_id: str
+) -> AsyncIterator[tuple[Server | Stack, Callable[[Prompts], StreamOpener]]]:
+    """Start ``target`` (and what it needs), wait until it is ready, and yield it with a maker
+    of stream openers for given prompts; stop it at the end."""
+    if target in ("llama-server", "llama-cpp-python"):
+        maker = llama_server if target == "llama-server" else llama_cpp_python_server
+        server, url = maker(setup)
+        server.start(setup.workdir)
+        try:
+            server.wait_ready()
+            yield server, lambda prompts: openai_opener(session, url, model_id, prompts)
+        finally:
+            server.stop()
+    elif target == "llm-gateway":
+        # The OpenAI path of llm_service: HTTP to the gateway, gRPC + mTLS to the replica.
+        service, grpc_target = llm_service(setup, "batched")
+        gateway, url = llm_gateway(setup, grpc_target)
+        service.start(setup.workdir)
+        try:
+            service.wait_ready()
+            gateway.start(setup.workdir)
+            gateway.wait_ready()
+            yield (
+                Stack([service, gateway]),
+                lambda prompts: openai_opener(session, url, model_id, prompts),
+            )
+        finally:
+            gateway.stop()
+            service.stop()
+    else:
+        server, grpc_target = llm_service(setup, target.removeprefix("llm_service-"))
+        server.start(setup.workdir)
+        try:
+            server.wait_ready()
+            async with AsyncClient(
+                grpc_target,
+                tls_ca=setup.certs["ca.crt"], tls_cert=setup.certs["client.crt"],
+                tls_key=setup.certs["client.key"], max_retries=0,
+            ) as client:  # fmt: skip
+                yield server, lambda prompts: grpc_opener(client, prompts)
+        finally:
+            server.stop()
+
+
+def build_info() -> dict[str, Any]:
+    """The CPU and the llama.cpp build every server here runs (figures differ between them)."""
+    model_name, _ = cpu_extensions()
+    info: dict[str, str] = read_build_info(Path(sys.prefix) / BUILD_INFO) or {}
+    return {
+        "cpu_model": model_name,
+        "cmake_args": info.get("cmake_args", "unknown"),
+        "cpu_extensions_used": info.get("requires", "unknown"),
+    }
+
+
 def idle_rss(setup: Setup, slots: int) -> float:
     """llm_service's resident memory once ready, with ``slots`` slots (batched mode)."""
     server, _ = llm_service(Setup(**{**setup.__dict__, "slots": slots}), "batched")
@@ -181,6 +302,35 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def print_long_and_limit(report: dict[str, Any]) -> None:
+    """The rows against llama-batched-bench, and the long prompts' time to first token."""
+    if report["physical_limit"]:
+        print(
+            "\nagainst llama-batched-bench (same build, no server; prompt"
+            f" {BATCHED_BENCH_PP}, {BATCHED_BENCH_TG} generated; generated tokens/s):"
+        )
+        for row in report["physical_limit"]:
+            server = row["llama_server"] or 0.0
+            print(
+                f"  batch {row['batch']:>3}: {row['llama_batched_bench']:7.1f};"
+                f" llm_service {row['llm_service']:7.1f} (x{row['ratio']:.2f});"
+                f" llama-server {server:7.1f} (x{row['llama_server_ratio'] or 0:.2f})"
+            )
+    if report.get("long_prompts"):
+        print(f"\nfirst token of one request alone, long prompts (median of {LONG_PROMPT_RUNS}):")
+        ref = {
+            r["prompt_tokens"]: r["ttft_ms"]
+            for r in report["long_prompts"]
+            if r["target"] == REFERENCE
+        }
+        for r in report["long_prompts"]:
+            base = ref.get(r["prompt_tokens"])
+            ratio = f" (x{r['ttft_ms'] / base:.2f})" if base else ""
+            print(
+                f"  {r['target']:<20} ~{r['prompt_tokens']:>5} tokens: {_ms(r['ttft_ms'])}{ratio}"
+            )
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms"
 
@@ -204,10 +354,39 @@ def check_targets(report: dict[str, Any]) -> list[tuple[str, bool, str]]:
             ("tokens/s >= 1.0 x llama-server at every concurrency", min(tps.values()) >= 1.0,
              listed(tps))
         )  # fmt: skip
+        itl = ratios(lambda r: r["itl_ms"]["p99"] or 0.0)
+        checks.append(
+            ("inter-token p99 <= 1.25 x llama-server at every concurrency",
+             max(itl.values()) <= 1.25, listed(itl))
+        )  # fmt: skip
         ttft = ratios(lambda r: r["ttft_ms"]["p50"] or 0.0)
         checks.append(
-            ("TTFT p50 <= 1.1 x llama-server at every concurrency", max(ttft.values()) <= 1.1,
+            ("TTFT p50 <= 1.0 x llama-server at every concurrency", max(ttft.values()) <= 1.0,
              listed(ttft))
+        )  # fmt: skip
+    limit = {row["batch"]: row["ratio"] for row in report.get("physical_limit", [])}
+    if 8 in limit:
+        checks.append(
+            (">= 0.9 x llama-batched-bench at 8 streams", limit[8] >= 0.9, f"{limit[8]:.2f}")
+        )
+    gateway = {g["concurrency"]: g["tokens_per_s_ratio"] for g in gateway_overhead(report)}
+    if {1, 8} <= set(gateway):
+        checks.append(
+            ("through llm-gateway >= 0.95 x llm_service reached directly, at 1 and 8 streams",
+             min(gateway[1], gateway[8]) >= 0.95, f"1: {gateway[1]:.2f}, 8: {gateway[8]:.2f}")
+        )  # fmt: skip
+    longs = report.get("long_prompts", [])
+    ref_long = {r["prompt_tokens"]: r["ttft_ms"] for r in longs if r["target"] == REFERENCE}
+    gw_long = {
+        r["prompt_tokens"]: r["ttft_ms"] / ref_long[r["prompt_tokens"]]
+        for r in longs
+        if r["target"] == "llm-gateway" and r["prompt_tokens"] in ref_long
+    }
+    if gw_long:
+        checks.append(
+            ("long-prompt TTFT through llm-gateway <= 1.05 x llama-server",
+             max(gw_long.values()) <= 1.05,
+             ", ".join(f"~{n} tokens: {r:.2f}" for n, r in gw_long.items()))
         )  # fmt: skip
     tg = report["llama_bench_tg128"]
     if (ours, 1) in by:
@@ -224,6 +403,25 @@ def check_targets(report: dict[str, Any]) -> list[tuple[str, bool, str]]:
         cut = sum(r["cut_off"] + sum(r["errors"].values()) for r in mine)
         checks.append(("no llm_service stream cut off or failed", cut == 0, f"{cut}"))
     return checks
+
+
+def physical_limit(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each server's tokens/s at B streams as a ratio to llama-batched-bench at batch B."""
+    by = {(r["target"], r["concurrency"]): r for r in report["runs"]}
+    rows = []
+    for batch, limit in sorted(report.get("llama_batched_bench_tg", {}).items()):
+        ours, ref = by.get(("llm_service batched", batch)), by.get((REFERENCE, batch))
+        if ours is None or not limit:
+            continue
+        rows.append({
+            "batch": batch,
+            "llama_batched_bench": limit,
+            "llm_service": ours["tokens_per_s"],
+            "ratio": round(ours["tokens_per_s"] / limit, 3),
+            "llama_server": ref["tokens_per_s"] if ref else None,
+            "llama_server_ratio": round(ref["tokens_per_s"] / limit, 3) if ref else None,
+        })  # fmt: skip
+    return rows
 
 
 def gateway_overhead(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -285,7 +483,7 @@ async def run(args: argparse.Namespace) -> int:
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
-            "processor": platform.processor(),
+            **build_info(),
         },
         "model": model.name,
         "llama_cpp_commit": LLAMA_CPP_COMMIT,
@@ -296,8 +494,14 @@ async def run(args: argparse.Namespace) -> int:
         "concurrency": levels,
         "runs": [],
     }
+    machine = report["machine"]
+    print(f"bench: CPU {machine['cpu_model']} ({machine['cpus']} cores), llama.cpp built with"
+          f" {machine['cmake_args']}", file=sys.stderr)  # fmt: skip
     print("bench: llama-bench tg128 ...", file=sys.stderr)
     report["llama_bench_tg128"] = round(llama_bench_tg(setup), 2)
+    print("bench: llama-batched-bench ...", file=sys.stderr)
+    sizes = [c for c in levels if c <= 16]
+    report["llama_batched_bench_tg"] = llama_batched_bench(setup, sizes) if sizes else {}
     targets = [t for t in args.targets.split(",") if t]
     model_id = model.name.removesuffix(".gguf")  # the gateway's id of it; the others ignore it
     # A fresh connection per request: llama-server closes a connection after a stream, and a
@@ -306,52 +510,26 @@ async def run(args: argparse.Namespace) -> int:
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         for target in targets:
-            if target in ("llama-server", "llama-cpp-python"):
-                maker = llama_server if target == "llama-server" else llama_cpp_python_server
-                server, url = maker(setup)
-                server.start(workdir)
-                try:
-                    server.wait_ready()
-                    opener = openai_opener(session, url, model_id)
-                    report["runs"] += await measure(
-                        target, opener, server, levels, args.requests_per_stream, args.max_tokens
-                    )
-                finally:
-                    server.stop()
-            elif target == "llm-gateway":
-                # The OpenAI path of llm_service: HTTP to the gateway, gRPC + mTLS to the replica.
-                service, grpc_target = llm_service(setup, "batched")
-                gateway, url = llm_gateway(setup, grpc_target)
-                service.start(workdir)
-                try:
-                    service.wait_ready()
-                    gateway.start(workdir)
-                    gateway.wait_ready()
-                    opener = openai_opener(session, url, model_id)
-                    report["runs"] += await measure(
-                        target, opener, Stack([service, gateway]), levels,
-                        args.requests_per_stream, args.max_tokens,
-                    )  # fmt: skip
-                finally:
-                    gateway.stop()
-                    service.stop()
-            else:
-                mode = target.removeprefix("llm_service-")
-                server, grpc_target = llm_service(setup, mode)
-                server.start(workdir)
-                try:
-                    server.wait_ready()
-                    async with AsyncClient(
-                        grpc_target,
-                        tls_ca=setup.certs["ca.crt"], tls_cert=setup.certs["client.crt"],
-                        tls_key=setup.certs["client.key"], max_retries=0,
-                    ) as client:  # fmt: skip
-                        report["runs"] += await measure(
-                            server.name, grpc_opener(client), server, levels,
-                            args.requests_per_stream, args.max_tokens,
-                        )  # fmt: skip
-                finally:
-                    server.stop()
+            async with serving(target, setup, session, model_id) as (server, openers):
+                report["runs"] += await measure(
+                    _display(target), openers(bench_prompt), server, levels,
+                    args.requests_per_stream, args.max_tokens,
+                )  # fmt: skip
+        if args.long_prompts:
+            # Servers with room for the longest prompt in every slot.
+            long_setup = Setup(**{**setup.__dict__, "ctx_per_slot": max(LONG_PROMPTS) + 256})
+            report["long_prompts"] = []
+            for target in (REFERENCE, "llm_service-batched", "llm-gateway"):
+                if target not in targets:
+                    continue
+                async with serving(target, long_setup, session, model_id) as (_, openers):
+                    for k, n_tokens in enumerate(LONG_PROMPTS):
+                        prompts = functools.partial(long_prompt, n_tokens=n_tokens)
+                        report["long_prompts"].append(
+                            await long_prompt_ttft(
+                                _display(target), openers(prompts), n_tokens, first=1000 * (k + 1)
+                            )
+                        )
     print("bench: memory per slot ...", file=sys.stderr)
     one, many = idle_rss(setup, 1), idle_rss(setup, args.slots)
     report["memory"] = {
@@ -360,6 +538,9 @@ async def run(args: argparse.Namespace) -> int:
         "mb_per_extra_slot": round((many - one) / max(1, args.slots - 1), 1),
     }
     print()
+    print(f"CPU {machine['cpu_model']} ({machine['cpus']} cores); llama.cpp extensions:"
+          f" {machine['cpu_extensions_used']}")  # fmt: skip
+    print()
     print_table(report["runs"])
     print(f"\nllama-bench tg128 (same build, {args.threads} threads): "
           f"{report['llama_bench_tg128']:.1f} tokens/s")  # fmt: skip
@@ -367,6 +548,8 @@ async def run(args: argparse.Namespace) -> int:
     print(f"llm_service memory when ready: {mem['rss_1_slot_mb']:.0f} MB with 1 slot,"
           f" {many:.0f} MB with {args.slots}: {mem['mb_per_extra_slot']:.1f} MB per extra slot"
           f" ({args.ctx_per_slot} tokens of KV cache each)")  # fmt: skip
+    report["physical_limit"] = physical_limit(report)
+    print_long_and_limit(report)
     report["gateway_overhead"] = gateway_overhead(report)
     if report["gateway_overhead"]:
         print("\nllm-gateway vs llm_service batched reached directly (same replica settings):")
@@ -392,7 +575,7 @@ async def run(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="bench/run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tools", type=Path, required=True, help="folder with llama-server")
-    parser.add_argument("--concurrency", default="1,2,4,8,16", help="levels, comma-separated")
+    parser.add_argument("--concurrency", default="1,2,4,8,16,32", help="levels, comma-separated")
     parser.add_argument("--requests-per-stream", type=int, default=3,
                         help="requests per level = this x concurrency (at least 6)")  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=96, help="tokens per request")
@@ -405,6 +588,11 @@ def main() -> int:
         "llama-cpp-python",
         help="which servers, comma-separated",
     )
+    parser.add_argument(
+        "--long-prompts", action=argparse.BooleanOptionalAction, default=True,
+        help=f"also time the first token of one request alone with prompts of about"
+        f" {' and '.join(map(str, LONG_PROMPTS))} tokens",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     return asyncio.run(run(parser.parse_args()))
 
