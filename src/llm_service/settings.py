@@ -129,16 +129,19 @@ class ServiceSettings(BaseSettings):
         description="Tokens one request can use (prompt + completion): the context of each slot.",
     )
     n_batch: int = Field(
-        512, ge=1, description="Contexts mode: prompt tokens evaluated per llama_decode call."
+        512,
+        ge=1,
+        description="Prompt tokens evaluated per llama_decode call: in contexts mode, and in"
+        " batched mode for prompts with no stream decoding beside them.",
     )
     prefill_chunk: int = Field(
         64,
         ge=1,
         le=65_536,
-        description="Batched mode: prompt tokens evaluated per step at most, shared by the"
-        " prompts being admitted. Running streams get a token every step, so a long prompt"
-        " never stalls them for its whole prefill; on CPU, prompt speed is the same from about"
-        " 32 tokens up.",
+        description="Batched mode: prompt tokens evaluated per step at most while streams are"
+        " decoding, shared by the prompts being admitted. Running streams get a token every"
+        " step, so a long prompt never stalls them for its whole prefill. With no stream"
+        " decoding, prompts are evaluated LLM_N_BATCH tokens a step.",
     )
     n_threads: int | None = Field(
         None,

@@ -256,7 +256,7 @@ async def test_a_dead_scheduler_makes_the_engine_say_it_failed(batched) -> None:
     _, decoder, engine = batched
     assert engine.failure() is None
 
-    def crash(entries: object) -> None:
+    def crash(*args: object) -> None:
         raise _SchedulerBug("boom")
 
     decoder.decode = crash  # type: ignore[method-assign]
@@ -334,5 +334,39 @@ async def test_contexts_failing_decode_after_decode_make_the_engine_say_it_faile
             "llama.cpp failed 5 evaluations in a row, none succeeding in between; the last:"
             " fake llama_decode failed"
         )
+    finally:
+        await engine.aclose()
+
+
+async def test_a_prompt_with_no_stream_beside_it_takes_the_lone_prompt_chunk() -> None:
+    """Nobody waits on its steps but itself: n_batch tokens a step, not the small chunk; a
+    prompt admitted while a stream decodes still goes in small chunks."""
+    backend = FakeBackend(
+        n_ctx=256, pool_mode="batched", slots=2, prefill_chunk=4, lone_prompt_chunk=32
+    )
+    assert backend.decoder is not None
+    decoder = backend.decoder
+    engine = await Engine.start(backend, EngineConfig(pool_size=2, max_queue=1))
+    try:
+        await engine.pool.wait_idle()  # (the slots' first resets)
+        backend.enqueue("a", "r" * 100, "b")
+        first = len(decoder.steps)
+        alone = await collect(engine, req("x" * 79, 1))  # 80 prompt tokens with BOS
+        slot = alone[0].slot if isinstance(alone[0], Started) else -1
+        prefill = [e for step in decoder.steps[first:] for e in step if e.seq == slot]
+        assert [(e.pos, len(e.tokens)) for e in prefill if e.pos < 80] == [
+            (0, 32), (32, 32), (64, 16),
+        ]  # fmt: skip
+
+        backend.token_delay_s = 0.002
+        async with contextlib.aclosing(engine.generate(req("hi", 100))) as running:
+            async for event in running:
+                if isinstance(event, TokenDelta):
+                    break  # a stream is decoding
+            first = len(decoder.steps)
+            beside = await collect(engine, req("y" * 15, 1))  # 16 prompt tokens
+        slot = beside[0].slot if isinstance(beside[0], Started) else -1
+        prefill = [e for step in decoder.steps[first:] for e in step if e.seq == slot]
+        assert [len(e.tokens) for e in prefill if e.pos < 16] == [4, 4, 4, 4]
     finally:
         await engine.aclose()

@@ -714,7 +714,7 @@ async def test_a_broken_batched_engine_says_so(broken: str) -> None:
         assert engine.failure() is None
         if broken == "scheduler":
 
-            def crash(entries: object) -> None:
+            def crash(*args: object) -> None:
                 raise _SchedulerBug("boom")
 
             backend.decoder.decode = crash  # type: ignore[method-assign]

@@ -221,7 +221,7 @@ async def test_a_failed_engine_turns_health_red_then_the_service_exits_1(
         stub = llm_pb2_grpc.InferenceStub(channel)
         assert (await run_stream(stub, greedy("x", 1)))[-1].HasField("done")
 
-        def crash(entries: object) -> None:
+        def crash(*args: object) -> None:
             raise _SchedulerBug("boom")
 
         assert backend.decoder is not None

@@ -80,8 +80,15 @@ class BatchDecoder(Protocol):
 
     slots: int
 
-    def decode(self, entries: Sequence[BatchEntry]) -> None:
-        """Evaluate one step. Raises EngineError (the step's sequences are then undefined)."""
+    def decode(
+        self, entries: Sequence[BatchEntry], should_abort: Callable[[], bool] | None = None
+    ) -> None:
+        """Evaluate one step; with ``should_abort``, stop early once it turns true.
+
+        Raises:
+            EngineError: the step failed (its sequences are then undefined).
+            GenerationAborted: ``should_abort`` stopped it (its sequences are then undefined).
+        """
         ...
 
     def sample(self, sampler: Sampler, index: int) -> int:
@@ -197,15 +204,22 @@ class BatchScheduler:
 
     Args:
         decoder: the model side (owned: closed by ``close``).
-        prefill_chunk: prompt tokens per step at most, over every prompt being admitted.
+        prefill_chunk: prompt tokens per step at most, over every prompt being admitted, while
+            streams are decoding (each step then costs them one inter-token delay).
+        lone_prompt_chunk: the same when no stream is decoding (default: ``prefill_chunk``):
+            nobody waits on those steps but the prompts themselves, so llama.cpp's own batch
+            size evaluates them fastest.
     """
 
-    def __init__(self, decoder: BatchDecoder, *, prefill_chunk: int) -> None:
+    def __init__(
+        self, decoder: BatchDecoder, *, prefill_chunk: int, lone_prompt_chunk: int | None = None
+    ) -> None:
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be at least 1")
         self.slots = decoder.slots
         self._decoder = decoder
         self._prefill_chunk = prefill_chunk
+        self._lone_prompt_chunk = max(prefill_chunk, lone_prompt_chunk or 0)
         self._lock = threading.Condition()
         # Jobs by slot, in order of arrival; a job stays here until its future is resolved.
         self._pending: dict[int, _Job] = {}
@@ -382,7 +396,14 @@ class BatchScheduler:
         """One batch: every decode, plus prompt chunks in order of arrival within the budget."""
         outcomes: list[_Outcome] = []
         chunks: list[tuple[_Decode | _Prefill, Sequence[int], bool]] = []  # job, tokens, output
-        budget = self._prefill_chunk
+        # A slot past its prompt is a stream (decoding, or about to ask for its next token): a
+        # big prompt chunk would hold up its next token. With none, prompts take llama.cpp's
+        # batch size.
+        prefilling = {job.slot for job in jobs if isinstance(job, _Prefill)}
+        with self._lock:  # (slots come and go from other threads; n_past is this thread's)
+            live = list(self._live.values())
+        streams = any(slot.n_past > 0 and slot not in prefilling for slot in live)
+        budget = self._prefill_chunk if streams else self._lone_prompt_chunk
         for job in jobs:
             if isinstance(job, _Decode):
                 if not job.dropped:
@@ -409,8 +430,18 @@ class BatchScheduler:
                 samples.append((job, n_tokens - 1))
         if not entries:
             return outcomes
+
+        # A step of lone prompts may take a while and holds up nobody else: it stops as soon as
+        # every prompt in it is cancelled (a step beside streams is short: it runs to its end).
+        prefills = [job for job in included if isinstance(job, _Prefill)]
+
+        def every_prompt_aborted() -> bool:
+            return all(job.aborted() for job in prefills)
+
         try:
-            self._decoder.decode(entries)
+            self._decoder.decode(entries, None if streams or not prefills else every_prompt_aborted)
+        except GenerationAborted:
+            return outcomes + [(job, GenerationAborted()) for job in included]
         except Exception as exc:
             message = str(exc) if isinstance(exc, EngineError) else f"decode failed: {exc!r}"
             logger.error(

@@ -119,8 +119,12 @@ class FakeBatchDecoder:
         self._backend = backend
         self._prompts: dict[int, tuple[FakeCall, list[int]]] = {}  # sequences being prefilled
 
-    def decode(self, entries: Sequence[BatchEntry]) -> None:
+    def decode(
+        self, entries: Sequence[BatchEntry], should_abort: Callable[[], bool] | None = None
+    ) -> None:
         backend = self._backend
+        if should_abort is not None and should_abort():
+            raise GenerationAborted()
         if backend.fail_decodes > 0:
             backend.fail_decodes -= 1
             raise EngineError("fake llama_decode failed")
@@ -171,7 +175,9 @@ class FakeBackend:
         default_reply: the reply when nothing is enqueued.
         pool_mode: ``batched`` runs the pool's slots on the real ``BatchScheduler``, over a
             ``FakeBatchDecoder`` of ``slots`` sequences (see ``decoder``).
-        prefill_chunk: batched mode: prompt tokens per step.
+        prefill_chunk: batched mode: prompt tokens per step while streams decode.
+        lone_prompt_chunk: batched mode: prompt tokens per step when none does (default:
+            ``prefill_chunk``).
     """
 
     def __init__(
@@ -184,13 +190,16 @@ class FakeBackend:
         pool_mode: PoolMode = "contexts",
         slots: int = 2,
         prefill_chunk: int = 8,
+        lone_prompt_chunk: int | None = None,
     ) -> None:
         self.pool_mode: PoolMode = pool_mode
         self.decoder: FakeBatchDecoder | None = None
         self.scheduler: BatchScheduler | None = None
         if pool_mode == "batched":
             self.decoder = FakeBatchDecoder(self, slots)
-            self.scheduler = BatchScheduler(self.decoder, prefill_chunk=prefill_chunk)
+            self.scheduler = BatchScheduler(
+                self.decoder, prefill_chunk=prefill_chunk, lone_prompt_chunk=lone_prompt_chunk
+            )
         self.token_delay_s = token_delay_s
         self.prefill_delay_s = prefill_delay_s
         self.default_reply = default_reply

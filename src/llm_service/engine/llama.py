@@ -320,8 +320,9 @@ class LlamaBatchDecoder:
         self.slots = slots
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = backend.n_ctx * slots
-        # Room for a step: one token per slot plus the prompt chunk.
-        self._capacity = slots + prefill_chunk
+        # Room for a step: one token per slot plus the prompt chunk, or a lone prompt's
+        # n_batch tokens (see BatchScheduler).
+        self._capacity = slots + max(prefill_chunk, backend.n_batch)
         params.n_batch = self._capacity
         params.n_ubatch = min(self._capacity, MAX_UBATCH)
         params.n_seq_max = slots
@@ -348,8 +349,19 @@ class LlamaBatchDecoder:
         self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
         # Uncontended in service (one thread drives the context); lets pos_max look in safely.
         self._lock = threading.Lock()
+        self._should_abort: Callable[[], bool] = _never
+        # Referenced by this object for as long as the context lives (see _NativeLog).
+        self._abort_callback = llama_cpp.ggml_abort_callback(self._check_abort)
 
-    def decode(self, entries: Sequence[BatchEntry]) -> None:
+    def _check_abort(self, _data: Any) -> bool:
+        try:
+            return self._should_abort()
+        except Exception:
+            return True
+
+    def decode(
+        self, entries: Sequence[BatchEntry], should_abort: Callable[[], bool] | None = None
+    ) -> None:
         n_tokens = sum(len(e.tokens) for e in entries)
         if n_tokens > self._capacity:  # llama.cpp would abort the process, not fail
             raise EngineError(f"a step of {n_tokens} tokens exceeds the batch ({self._capacity})")
@@ -367,8 +379,19 @@ class LlamaBatchDecoder:
                 batch.logits[i - 1] = 1
         batch.n_tokens = n_tokens
         with self._lock, _NATIVE_LOG.held() as held:
-            rc = llama_cpp.llama_decode(self._ctx, batch)
-        _NATIVE_LOG.emit(held)
+            if should_abort is not None:  # (checked after every graph node: not per token)
+                self._should_abort = should_abort
+                llama_cpp.llama_set_abort_callback(self._ctx, self._abort_callback, None)
+            try:
+                rc = llama_cpp.llama_decode(self._ctx, batch)
+            finally:
+                if should_abort is not None:
+                    llama_cpp.llama_set_abort_callback(self._ctx, _NO_ABORT_CALLBACK, None)
+                    self._should_abort = _never
+        # An abort asked for makes llama.cpp log errors: expected, so debug only.
+        _NATIVE_LOG.emit(held, logging.DEBUG if rc == 2 else None)
+        if rc == 2:
+            raise GenerationAborted()
         if rc != 0:
             raise EngineError(
                 f"llama_decode failed: {_decode_error(rc)} (a step of {n_tokens} tokens over"
@@ -478,9 +501,11 @@ class LlamaBackend:
 
         Args:
             n_ctx: tokens of one pool entry (a context, or a slot of the shared context).
-            n_batch: contexts mode: prompt tokens per llama_decode.
+            n_batch: prompt tokens per llama_decode: contexts mode's, and batched mode's for a
+                prompt with no stream decoding beside it.
             pool_mode: ``batched`` also creates the shared context, of ``slots`` sequences,
-                and its scheduler, evaluating at most ``prefill_chunk`` prompt tokens a step.
+                and its scheduler, evaluating at most ``prefill_chunk`` prompt tokens a step
+                while streams are decoding.
 
         Raises:
             ModelLoadError: the file is missing, unreadable, not GGUF, or rejected by llama.cpp.
@@ -526,7 +551,9 @@ class LlamaBackend:
                 raise
             backend.pool_mode = "batched"
             backend.decoder = decoder
-            backend.scheduler = BatchScheduler(decoder, prefill_chunk=prefill_chunk)
+            backend.scheduler = BatchScheduler(
+                decoder, prefill_chunk=prefill_chunk, lone_prompt_chunk=backend.n_batch
+            )
             logger.info(
                 "batched mode: one context of %d tokens, %s of %d tokens each",
                 decoder.n_ctx,
