@@ -75,7 +75,9 @@ def test_a_discovery_name_is_enough_to_start(tmp_path: Path) -> None:
     assert gateway.pool.backends == []  # resolved when the gateway starts
 
 
-def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # (not the developer's own certificates, which `llm_service certs` puts in their config)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     monkeypatch.setenv("LLM_GATEWAY_TLS_CERT", "")
     monkeypatch.setenv("LLM_GATEWAY_BACKENDS", "")
     monkeypatch.setenv("LLM_MODEL_PATH", "")

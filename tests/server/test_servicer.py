@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -66,12 +67,14 @@ async def test_engine_failure_after_start_ends_the_stream_with_unavailable(
     else:
         real_step = FakeBatchDecoder.decode
 
-        def failing_step(self: FakeBatchDecoder, entries: list[BatchEntry]) -> None:
+        def failing_step(
+            self: FakeBatchDecoder, entries: list[BatchEntry], should_abort: Any = None
+        ) -> None:
             nonlocal calls
             calls += 1
             if calls > 3:
                 raise EngineError("llama_decode failed with status -3")
-            real_step(self, entries)
+            real_step(self, entries, should_abort)
 
         monkeypatch.setattr(FakeBatchDecoder, "decode", failing_step)
     call = rig.stub.Generate(pb.GenerateRequest(prompt="x"))

@@ -146,6 +146,39 @@ llama_cpp.llama_log_set(_NATIVE_LOG.callback, ctypes.c_void_p(0))
 llama_cpp.llama_backend_init()
 
 
+class _AbortHook:
+    """llama.cpp's abort callback on one context, armed for one ``llama_decode`` at a time.
+
+    ggml calls it after every graph node (hundreds per decode), each call taking the GIL: worth
+    it inside a long prompt's decode, far too costly per token, so it is armed only when asked.
+    """
+
+    def __init__(self) -> None:
+        self._should_abort: Callable[[], bool] = _never
+        # Referenced for as long as the context lives (see _NativeLog).
+        self._callback = llama_cpp.ggml_abort_callback(self._check)
+
+    def _check(self, _data: Any) -> bool:
+        try:
+            return self._should_abort()
+        except Exception:
+            return True
+
+    @contextlib.contextmanager
+    def armed(self, ctx: Any, should_abort: Callable[[], bool] | None) -> Iterator[None]:
+        """Within the block, a decode on ``ctx`` stops (returns 2) once ``should_abort()``."""
+        if should_abort is None:
+            yield
+            return
+        self._should_abort = should_abort
+        llama_cpp.llama_set_abort_callback(ctx, self._callback, None)
+        try:
+            yield
+        finally:
+            llama_cpp.llama_set_abort_callback(ctx, _NO_ABORT_CALLBACK, None)
+            self._should_abort = _never
+
+
 class LlamaSampler:
     """A llama.cpp sampler chain built for one request (freed by ``close``, or when collected).
 
@@ -237,32 +270,14 @@ class LlamaContext:
             raise EngineError(f"llama.cpp could not create context {index} (n_ctx={backend.n_ctx})")
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
-        self._should_abort: Callable[[], bool] = _never
-        # Referenced by this object for as long as the context lives (see _NativeLog).
-        self._abort_callback = llama_cpp.ggml_abort_callback(self._check_abort)
-
-    def _check_abort(self, _data: Any) -> bool:
-        try:
-            return self._should_abort()
-        except Exception:
-            return True
+        self._abort = _AbortHook()
 
     def _decode(self, tokens: Sequence[int], should_abort: Callable[[], bool] | None) -> None:
         """One llama_decode; with ``should_abort``, llama.cpp checks it between graph nodes."""
         array = (llama_cpp.llama_token * len(tokens))(*tokens)
         batch = llama_cpp.llama_batch_get_one(array, len(tokens))
-        if should_abort is not None:
-            # ggml calls the abort callback after every graph node (hundreds per decode), each
-            # call taking the GIL: worth it inside a long prefill, far too costly per token.
-            self._should_abort = should_abort
-            llama_cpp.llama_set_abort_callback(self._ctx, self._abort_callback, None)
-        try:
-            with _NATIVE_LOG.held() as held:
-                rc = llama_cpp.llama_decode(self._ctx, batch)
-        finally:
-            if should_abort is not None:
-                llama_cpp.llama_set_abort_callback(self._ctx, _NO_ABORT_CALLBACK, None)
-                self._should_abort = _never
+        with self._abort.armed(self._ctx, should_abort), _NATIVE_LOG.held() as held:
+            rc = llama_cpp.llama_decode(self._ctx, batch)
         # An abort we asked for makes llama.cpp log three errors: expected, so debug only.
         _NATIVE_LOG.emit(held, logging.DEBUG if rc == 2 else None)
         if rc == 2:
@@ -349,15 +364,7 @@ class LlamaBatchDecoder:
         self._batch = llama_cpp.llama_batch_init(self._capacity, 0, 1)
         # Uncontended in service (one thread drives the context); lets pos_max look in safely.
         self._lock = threading.Lock()
-        self._should_abort: Callable[[], bool] = _never
-        # Referenced by this object for as long as the context lives (see _NativeLog).
-        self._abort_callback = llama_cpp.ggml_abort_callback(self._check_abort)
-
-    def _check_abort(self, _data: Any) -> bool:
-        try:
-            return self._should_abort()
-        except Exception:
-            return True
+        self._abort = _AbortHook()
 
     def decode(
         self, entries: Sequence[BatchEntry], should_abort: Callable[[], bool] | None = None
@@ -378,16 +385,8 @@ class LlamaBatchDecoder:
             if entry.output:
                 batch.logits[i - 1] = 1
         batch.n_tokens = n_tokens
-        with self._lock, _NATIVE_LOG.held() as held:
-            if should_abort is not None:  # (checked after every graph node: not per token)
-                self._should_abort = should_abort
-                llama_cpp.llama_set_abort_callback(self._ctx, self._abort_callback, None)
-            try:
-                rc = llama_cpp.llama_decode(self._ctx, batch)
-            finally:
-                if should_abort is not None:
-                    llama_cpp.llama_set_abort_callback(self._ctx, _NO_ABORT_CALLBACK, None)
-                    self._should_abort = _never
+        with self._lock, self._abort.armed(self._ctx, should_abort), _NATIVE_LOG.held() as held:
+            rc = llama_cpp.llama_decode(self._ctx, batch)
         # An abort asked for makes llama.cpp log errors: expected, so debug only.
         _NATIVE_LOG.emit(held, logging.DEBUG if rc == 2 else None)
         if rc == 2:
