@@ -342,11 +342,16 @@ async def test_bad_input_leaves_the_pool_whole(engine: Engine) -> None:
     assert final(await collect(engine, PROBE)).finish_reason is FinishReason.LENGTH
 
 
-@pytest.mark.parametrize(
-    "penalty",
-    [{"repeat_penalty": 1.3}, {"frequency_penalty": 1.5}, {"presence_penalty": 2.0},
-     {"repeat_penalty": 1.3, "penalty_last_n": -1}],
-)  # fmt: skip
+# Each takes more than 0.2 off a logit of 1.0 once its token was generated (1.0 / 1.3 = 0.77).
+PENALTIES = [
+    {"repeat_penalty": 1.3},
+    {"frequency_penalty": 1.5},
+    {"presence_penalty": 2.0},
+    {"repeat_penalty": 1.3, "penalty_last_n": -1},
+]
+
+
+@pytest.mark.parametrize("penalty", PENALTIES)
 async def test_penalties_apply(engine: Engine, penalty: dict[str, Any]) -> None:
     """Found by the hostile-input suite: every penalty was an internal error (llama.cpp's
     penalties sampler takes n_vocab first, at this commit)."""
@@ -357,11 +362,7 @@ async def test_penalties_apply(engine: Engine, penalty: dict[str, Any]) -> None:
     assert final(await collect(engine, request)).finish_reason is FinishReason.LENGTH
 
 
-@pytest.mark.parametrize(
-    "penalty",
-    [{"repeat_penalty": 1.3}, {"frequency_penalty": 1.5}, {"presence_penalty": 2.0},
-     {"repeat_penalty": 1.3, "penalty_last_n": -1}],
-)  # fmt: skip
+@pytest.mark.parametrize("penalty", PENALTIES)
 def test_penalties_push_down_what_was_generated(
     llama_backend: Backend, penalty: dict[str, Any]
 ) -> None:
