@@ -207,8 +207,8 @@ class ServiceSettings(BaseSettings):
         10.0,
         ge=0,
         description="When the engine fails for good (its scheduler died, no context is left,"
-        " llama.cpp fails every request), seconds the service stays up, not ready, before it"
-        " exits with status 1 for its supervisor to restart it.",
+        " llama.cpp fails evaluation after evaluation), seconds the service stays up, not"
+        " ready, before it exits with status 1 for its supervisor to restart it.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of llm_service."

@@ -65,7 +65,8 @@ def test_generate_streams_a_prompt_from_stdin(
     # The command ends right after `done`; the call must be over by then, not cancelled.
     assert "[rq-cli] call cancelled" not in service.log
     # What the model says depends on the CPU: the same request through the client library.
-    assert result.stdout == client().generate(COUNTING, max_tokens=8, temperature=0).text + "\n"
+    text = client().generate(COUNTING, max_tokens=8, temperature=0).text
+    assert result.stdout == (text if text.endswith("\n") else text + "\n")  # (ends the line)
     assert result.stderr.startswith("[length: 8 tokens, prompt ")
     assert "first token after" in result.stderr and "tokens/s" in result.stderr
 

@@ -4,13 +4,15 @@ A ``BatchScheduler`` owns one thread, the only one that touches the shared conte
 entry is a ``BatchSlot`` (sequence id = its index) implementing the ``Context`` protocol: the
 request's worker thread submits a job (prefill, decode or reset) and blocks on its future. Each
 step, the scheduler thread gathers the jobs of every slot into one batch (one token for each
-decoding slot, plus chunks of the prompts being admitted, at most ``prefill_chunk`` prompt tokens
-in all), evaluates it with one decode, samples every slot that needs a token with that slot's
-own sampler (the logits are valid only until the next step), and resolves the futures.
+decoding slot, plus chunks of the prompts being admitted: at most ``prefill_chunk`` prompt
+tokens in all, or ``lone_prompt_chunk`` when no stream is decoding), evaluates it with one
+decode, samples every slot that needs a token with that slot's own sampler (the logits are valid
+only until the next step), and resolves the futures.
 
 So a long prompt is evaluated over several steps while the running streams go on producing a
-token per step; a cancelled prompt stops between two chunks; a failed decode fails the jobs of
-its step (and only those) with EngineError; a reset runs between steps, never during one.
+token per step; a cancelled prompt stops between two chunks (in a step of lone prompts, within
+it); a failed decode fails the jobs of its step (and only those) with EngineError; a reset runs
+between steps, never during one.
 
 The scheduler works one token ahead: once a slot has sampled token t, the next step evaluates t
 and samples t+1 without waiting for the request's thread to ask (it always asks for exactly
