@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -22,8 +21,9 @@ from llm_service.engine import (
     TokenDelta,
 )
 from llm_service.engine.backend import ContextResetError, DecodeFailures
-from llm_service.engine.batching import BatchEntry, BatchScheduler
+from llm_service.engine.batching import BatchScheduler
 from llm_service.engine.fake import FakeBatchDecoder
+from llm_service.engine.generation import MAX_BACKLOG
 from llm_service.errors import EngineError
 from tests.support import collect, final
 
@@ -80,13 +80,9 @@ async def test_prompts_admitted_together_share_the_chunk_in_order_of_arrival(bat
     )
     slots = [e[0].slot for e in (first, second) if isinstance(e[0], Started)]
     prompt_steps = [[(e.seq, len(e.tokens)) for e in step] for step in decoder.steps]
-    # 6 tokens each (BOS + 5), 4 a step: the first prompt's tokens go first. In the third step
-    # the first request's sampled token is evaluated ahead (then dropped: max_tokens is 1).
-    assert prompt_steps[:3] == [
-        [(slots[0], 4)],
-        [(slots[0], 2), (slots[1], 2)],
-        [(slots[0], 1), (slots[1], 4)],
-    ]
+    # 6 tokens each (BOS + 5), 4 a step: the first prompt's tokens go first. Its one token
+    # (max_tokens is 1) is never evaluated: nothing is computed ahead of what a request needs.
+    assert prompt_steps[:3] == [[(slots[0], 4)], [(slots[0], 2), (slots[1], 2)], [(slots[1], 4)]]
     # Entries are in sequence order within a step (llama.cpp needs consecutive runs).
     for step in decoder.steps:
         assert [e.seq for e in step] == sorted(e.seq for e in step)
@@ -164,35 +160,26 @@ async def test_a_slot_lives_once_and_not_after_close() -> None:
         again.reset()
 
 
-async def test_jobs_waiting_when_the_scheduler_stops_fail_instead_of_hanging() -> None:
-    decoder_backend = FakeBackend(pool_mode="batched", slots=2, prefill_delay_s=0.05)
-    scheduler = decoder_backend.scheduler
+async def test_requests_running_when_the_scheduler_stops_finish_instead_of_hanging() -> None:
+    backend = FakeBackend(pool_mode="batched", slots=2, prefill_delay_s=0.05)
+    engine = await Engine.start(backend, EngineConfig(pool_size=2))
+    scheduler = backend.scheduler
     assert scheduler is not None
-    slot = scheduler.create_slot(0)
-    sampler = decoder_backend.create_sampler(SamplingParams())
-    outcome: list[BaseException] = []
-
-    def prefill() -> None:
-        try:
-            slot.prefill(list(range(64)), sampler, lambda: False)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    worker = threading.Thread(target=prefill)
-    worker.start()
+    task = asyncio.create_task(collect(engine, req("p" * 63, 4)))  # 64 tokens: 3.2 s
     await asyncio.sleep(0.1)
     await asyncio.to_thread(scheduler.close)
-    worker.join(2)
-    assert not worker.is_alive()
-    assert len(outcome) == 1 and isinstance(outcome[0], EngineError)
-    assert "shutting down" in str(outcome[0])
+    end = final(await asyncio.wait_for(task, 2))
+    assert end.finish_reason is FinishReason.ERROR and end.error == "the engine is shutting down"
+    assert backend.samplers[-1].closed and backend.misuse == []
+    with pytest.raises(EngineError, match="shutting down"):
+        scheduler.create_slot(0)
 
 
 async def test_a_bug_in_the_scheduler_fails_every_waiter(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = FakeBackend(pool_mode="batched", slots=1)
     engine = await Engine.start(backend, EngineConfig(pool_size=1))
 
-    def broken(self: BatchScheduler, jobs: object) -> object:
+    def broken(self: BatchScheduler) -> None:
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(BatchScheduler, "_step", broken)
@@ -218,34 +205,116 @@ def test_a_reset_failure_is_a_context_reset_error() -> None:
     backend.close()
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.001)
-
-
-def test_the_scheduler_works_one_token_ahead_and_evaluates_each_token_once() -> None:
+async def test_each_token_is_evaluated_once_in_order_and_nothing_past_the_end() -> None:
     backend = FakeBackend(pool_mode="batched", slots=1, prefill_chunk=8)
-    decoder, scheduler = backend.decoder, backend.scheduler
-    assert decoder is not None and scheduler is not None
-    backend.enqueue("abc")
-    slot = scheduler.create_slot(0)
-    sampler = backend.create_sampler(SamplingParams())
-    prompt = backend.tokenize("hi", add_special=True, parse_special=False)
-    t1 = slot.prefill(prompt, sampler, lambda: False)
-    # The sampled token is evaluated (and the next one sampled) before anyone asks for it.
-    wait_until(lambda: 0 in scheduler._ready)
-    assert decoder.steps[1] == [BatchEntry(0, len(prompt), (t1,), True)]
-    t2 = slot.decode(t1, sampler)  # answered from what was computed ahead
-    wait_until(lambda: len(decoder.steps) == 3)
-    assert decoder.kv[0] == [*prompt, t1, t2]  # every token evaluated once, in order
-    with pytest.raises(EngineError, match="asked to evaluate"):
-        slot.decode(t2 + 1, sampler)  # not the token it sampled: refused, nothing evaluated
-    slot.reset()
-    assert decoder.kv[0] == []
-    sampler.close()
-    backend.close()
+    decoder = backend.decoder
+    assert decoder is not None
+    engine = await Engine.start(backend, EngineConfig(pool_size=1))
+    try:
+        backend.enqueue("abc")
+        first = len(decoder.steps)
+        done = await collect(engine, req("hi", 3))
+        prompt = backend.tokenize("hi", add_special=True, parse_special=False)
+        evaluated = [t for step in decoder.steps[first:] for e in step for t in e.tokens]
+        # The prompt, then each sampled token but the last (max_tokens reached: not evaluated).
+        assert evaluated == [*prompt, ord("a"), ord("b")]
+        assert final(done).text == "abc"
+    finally:
+        await engine.aclose()
+
+
+async def test_no_thread_runs_per_request_and_each_step_reaches_the_loop_at_once() -> None:
+    """8 streams on the scheduler: while they run, no thread but the engine's fixed ones is
+    alive; every stream gets its tokens in order; the event loop is called once per step,
+    however many streams the step served."""
+    backend = FakeBackend(pool_mode="batched", slots=8, token_delay_s=0.002)
+    decoder = backend.decoder
+    assert decoder is not None
+    engine = await Engine.start(backend, EngineConfig(pool_size=8))
+    loop = asyncio.get_running_loop()
+    calls = 0
+    original = loop.call_soon_threadsafe
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        if threading.current_thread().name == "llm-batch":
+            calls += 1
+        return original(*args, **kwargs)
+
+    try:
+        await engine.pool.wait_idle()
+        before = {t.name for t in threading.enumerate()}
+        replies = [f"{i}" + "abcdefghij" * 4 for i in range(8)]
+        backend.enqueue(*replies)
+        streams = [engine.generate(req(f"p{i}", 100)) for i in range(8)]
+        texts = [""] * 8
+        names: set[str] = set()
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        first_step = len(decoder.steps)
+        for round_ in range(41):
+            for i, stream in enumerate(streams):
+                event = await anext(stream)
+                while not isinstance(event, TokenDelta):
+                    event = await anext(stream)
+                texts[i] += event.text
+            if round_ == 20:
+                names = {t.name for t in threading.enumerate()}
+        for stream in streams:
+            await stream.aclose()
+        steps = len(decoder.steps) - first_step
+        loop.call_soon_threadsafe = original  # type: ignore[method-assign]
+        assert texts == replies
+        # New since the engine started: only threads of the executor that tokenizes requests
+        # before they are admitted (4 at most, idle by now), none that runs one.
+        assert all(name.startswith("llm-prepare_") for name in names - before), names - before
+        assert "llm-batch" in names
+        assert calls <= steps + 8  # one per step (plus each stream's last, as it stops)
+    finally:
+        loop.call_soon_threadsafe = original  # type: ignore[method-assign]
+        await engine.aclose()
+
+
+async def test_a_consumer_that_stops_reading_holds_up_only_its_own_slot() -> None:
+    """Its backlog is bounded: the scheduler pauses it and serves the others; when it reads
+    again it goes on from where it was; closing it frees its slot."""
+    backend = FakeBackend(pool_mode="batched", slots=2, token_delay_s=0.001)
+    decoder = backend.decoder
+    assert decoder is not None
+    engine = await Engine.start(backend, EngineConfig(pool_size=2))
+    try:
+        await engine.pool.wait_idle()
+        backend.enqueue("s" * 400, "r" * 300)
+        stalled = engine.generate(req("stalled", 400))
+        assert isinstance(await anext(stalled), Started)
+        slot = 0 if decoder.kv[0] else 1
+        done = await asyncio.wait_for(collect(engine, req("reader", 300)), 10)
+        assert final(done).text == "r" * 300  # the other slot ran to its end meanwhile
+        # The stalled stream went no further than its backlog allows (+ the token in flight).
+        assert len(decoder.kv[slot]) - 8 <= MAX_BACKLOG + 1
+        text = ""
+        async for event in stalled:
+            if isinstance(event, TokenDelta):
+                text += event.text
+        assert text == "s" * 400
+    finally:
+        await engine.aclose()
+
+
+async def test_a_paused_request_is_still_cancelled_and_its_slot_freed() -> None:
+    backend = FakeBackend(pool_mode="batched", slots=1, token_delay_s=0.001)
+    engine = await Engine.start(backend, EngineConfig(pool_size=1))
+    try:
+        backend.enqueue("s" * 400)
+        stalled = engine.generate(req("stalled", 400))
+        await anext(stalled)
+        await asyncio.sleep(0.3)  # it fills its backlog and pauses
+        await stalled.aclose()
+        await asyncio.wait_for(engine.pool.wait_idle(), 2)
+        assert engine.pool_state().free == 1 and backend.samplers[-1].closed
+        backend.enqueue("next")
+        assert final(await collect(engine, req("next", 10))).text == "next"
+    finally:
+        await engine.aclose()
 
 
 class _SchedulerBug(BaseException):

@@ -1,18 +1,23 @@
 """The seam between the engine and a model runtime (llama.cpp, or the fake).
 
-Everything here is synchronous and blocking: the engine calls it from worker threads, never
-from the event loop, and never touches one context from two threads at once.
+Everything here is synchronous and blocking: the engine calls it from its threads (and a
+context's work runs in the context's own thread, or the batch scheduler's), never from the
+event loop, and never touches one context from two threads at once.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from llm_service.engine.types import ChatMessage, SamplingParams
 from llm_service.settings import PoolMode
+
+if TYPE_CHECKING:
+    from llm_service.engine.generation import Generation
 
 __all__ = [
     "Backend",
@@ -102,29 +107,16 @@ class Sampler(Protocol):
 
 
 class Context(Protocol):
-    """One inference context (or one slot of a shared one), leased to one request at a time.
-
-    Evaluating and sampling are one operation: in batched mode the logits of a step are valid
-    only until the next step, which may belong to another request.
-    """
+    """One inference context (or one slot of a shared one), leased to one request at a time."""
 
     index: int
 
-    def prefill(
-        self, tokens: Sequence[int], sampler: Sampler, should_abort: Callable[[], bool]
-    ) -> int:
-        """Evaluate the prompt, then sample the first token with ``sampler``.
+    def start(self, generation: Generation) -> concurrent.futures.Future[None]:
+        """Run ``generation`` on this context, from its prompt to its ``Finished`` event, in
+        the context's own thread (contexts mode) or the batch scheduler's (batched mode).
 
-        Raises:
-            GenerationAborted: ``should_abort()`` turned true before the prompt was evaluated.
-            EngineError: llama.cpp failed.
-        """
-        ...
-
-    def decode(self, token: int, sampler: Sampler) -> int:
-        """Evaluate one generated token, then sample the next one.
-
-        The engine checks for cancellation between tokens. Raises EngineError.
+        Returns at once: the future is done once that thread is done with the generation, and
+        the context may be reset. Raises EngineError if the context can run nothing any more.
         """
         ...
 

@@ -1,26 +1,27 @@
 """Batched mode: the pool's requests share one context, one sequence each, decoded together.
 
-A ``BatchScheduler`` owns one thread, the only one that touches the shared context. Each pool
-entry is a ``BatchSlot`` (sequence id = its index) implementing the ``Context`` protocol: the
-request's worker thread submits a job (prefill, decode or reset) and blocks on its future. Each
-step, the scheduler thread gathers the jobs of every slot into one batch (one token for each
-decoding slot, plus chunks of the prompts being admitted: at most ``prefill_chunk`` prompt
-tokens in all, or ``lone_prompt_chunk`` when no stream is decoding), evaluates it with one
-decode, samples every slot that needs a token with that slot's own sampler (the logits are valid
-only until the next step), and resolves the futures.
+A ``BatchScheduler`` owns one thread, the only one that touches the shared context, and every
+request running on it (its ``Generation``: sampler, text, limits, events). Each pool entry is a
+``BatchSlot`` (sequence id = its index); ``start`` hands it a request and returns at once. Each
+step, the scheduler thread:
 
-So a long prompt is evaluated over several steps while the running streams go on producing a
-token per step; a cancelled prompt stops between two chunks (in a step of lone prompts, within
-it); a failed decode fails the jobs of its step (and only those) with EngineError; a reset runs
-between steps, never during one.
+1. finishes the requests that were cancelled or passed their deadline (the flag is set from
+   the event loop; it is read here, between steps);
+2. builds one batch: the last sampled token of every decoding request, plus chunks of the
+   prompts being admitted (at most ``prefill_chunk`` prompt tokens in all while streams are
+   decoding, so that a long prompt never stalls them; ``lone_prompt_chunk`` when none is);
+3. evaluates it with one decode;
+4. samples every request that needs a token with its own sampler (the logits are valid only
+   until the next step), and advances each request's text and finish state (``accept``);
+5. hands every request's new events to the event loop at once (``deliver``: one
+   ``call_soon_threadsafe`` per step).
 
-The scheduler works one token ahead: once a slot has sampled token t, the next step evaluates t
-and samples t+1 without waiting for the request's thread to ask (it always asks for exactly
-that, unless it stops), so steps follow each other with no round trip through the worker
-threads in between. When the request stops instead (end of generation, max tokens, a stop
-string, cancellation), the token computed ahead is dropped with the slot's reset. This is why
-a request's sampler must stay open until its slot is reset (the pool closes it then, see
-``Lease.close_after_reset``).
+So no thread runs per request, and a token crosses threads once, on its way to the event loop.
+A request whose consumer stops reading pauses (``Generation.paused``) without holding up the
+others. A failed decode fails the requests of its step (and only those) with EngineError;
+resets (``llama_memory_seq_rm`` and the check that the sequence is empty) run between steps, on
+the same thread. A step of lone prompts (no stream decoding) may be long: it stops as soon as
+every prompt in it is cancelled (llama.cpp's abort callback).
 
 This module knows nothing of llama.cpp: the model side is a ``BatchDecoder``
 (``llm_service.engine.llama.LlamaBatchDecoder``, or the fake backend's).
@@ -31,7 +32,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,6 +43,7 @@ from llm_service.engine.backend import (
     NoTokenAllowed,
     Sampler,
 )
+from llm_service.engine.generation import Generation, deliver
 from llm_service.errors import EngineError
 from llm_service.log import plural
 
@@ -50,11 +51,9 @@ __all__ = ["BatchDecoder", "BatchEntry", "BatchScheduler", "BatchSlot"]
 
 logger = logging.getLogger(__name__)
 
-# After a step, how long the scheduler waits for the slots it just gave a token to submit their
-# next job (their worker threads need a moment to stream the token), so that the next step holds
-# every running stream instead of whichever came back first. A slot later than this joins the
-# step after.
-GATHER_S = 0.005
+# With requests running but every one of them paused (their consumers not reading), how often
+# the scheduler looks at their deadlines.
+PAUSED_POLL_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,63 +104,23 @@ class BatchDecoder(Protocol):
     def close(self) -> None: ...
 
 
-class _Job:
-    """One request of a slot to the scheduler; a slot has at most one at a time."""
-
-    __slots__ = ("future", "slot")
-
-    def __init__(self, slot: BatchSlot) -> None:
-        self.slot = slot
-        self.future: concurrent.futures.Future[int | None] = concurrent.futures.Future()
-
-
-class _Prefill(_Job):
-    __slots__ = ("done", "sampler", "should_abort", "tokens")
-
-    def __init__(
-        self,
-        slot: BatchSlot,
-        tokens: Sequence[int],
-        sampler: Sampler,
-        should_abort: Callable[[], bool],
-    ) -> None:
-        super().__init__(slot)
-        self.tokens = tokens
-        self.sampler = sampler
-        self.should_abort = should_abort
-        self.done = 0  # prompt tokens evaluated so far
-
-    def aborted(self) -> bool:
-        try:
-            return bool(self.should_abort())
-        except Exception:
-            return True
-
-
-class _Decode(_Job):
-    """Evaluate ``token`` and sample the next one.
+class _Running:
+    """A request on its slot, as the scheduler thread sees it.
 
     Attributes:
-        ahead: made by the scheduler before the worker asked (nobody waits for it yet).
-        dropped: the request stopped (its slot is being reset): the outcome goes nowhere.
+        evaluated: prompt tokens evaluated so far.
+        token: the last token sampled, to evaluate next (None while the prompt is evaluated).
+        done: resolved once the scheduler is done with the request (its slot may be reset).
     """
 
-    __slots__ = ("ahead", "dropped", "sampler", "token")
+    __slots__ = ("done", "evaluated", "generation", "slot", "token")
 
-    def __init__(self, slot: BatchSlot, token: int, sampler: Sampler, *, ahead: bool = False):
-        super().__init__(slot)
-        self.token = token
-        self.sampler = sampler
-        self.ahead = ahead
-        self.dropped = False
-
-
-class _Reset(_Job):
-    __slots__ = ()
-
-
-# What a job ended with: a token, None (a reset), or the exception its waiter gets.
-_Outcome = tuple[_Job, int | BaseException | None]
+    def __init__(self, slot: BatchSlot, generation: Generation) -> None:
+        self.slot = slot
+        self.generation = generation
+        self.evaluated = 0
+        self.token: int | None = None
+        self.done: concurrent.futures.Future[None] = concurrent.futures.Future()
 
 
 class BatchSlot:
@@ -178,23 +137,16 @@ class BatchSlot:
         self.closed = False
         self._scheduler = scheduler
 
-    def prefill(
-        self, tokens: Sequence[int], sampler: Sampler, should_abort: Callable[[], bool]
-    ) -> int:
-        if not tokens:
+    def start(self, generation: Generation) -> concurrent.futures.Future[None]:
+        """Run ``generation`` on this slot; the future is done once the scheduler is done
+        with it. Raises EngineError (the scheduler stopped, or the slot is closed)."""
+        if not generation.prompt_tokens:
             raise EngineError("an empty prompt cannot be evaluated")
-        token = self._scheduler._submit(_Prefill(self, list(tokens), sampler, should_abort))
-        assert token is not None
-        return token
-
-    def decode(self, token: int, sampler: Sampler) -> int:
-        result = self._scheduler._submit(_Decode(self, token, sampler))
-        assert result is not None
-        return result
+        return self._scheduler._start(self, generation)
 
     def reset(self) -> None:
         """Clear the slot's sequence (between two steps) and verify it is empty."""
-        self._scheduler._submit(_Reset(self))
+        self._scheduler._reset(self)
 
     def close(self) -> None:
         """Give the sequence up; a new slot can then be made on it (its native memory stays)."""
@@ -223,17 +175,16 @@ class BatchScheduler:
         self._prefill_chunk = prefill_chunk
         self._lone_prompt_chunk = max(prefill_chunk, lone_prompt_chunk or 0)
         self._lock = threading.Condition()
-        # Jobs by slot, in order of arrival; a job stays here until its future is resolved.
-        self._pending: dict[int, _Job] = {}
-        # Computed ahead and not asked for yet, by slot: (token evaluated, outcome).
-        self._ready: dict[int, tuple[int, int | BaseException]] = {}
-        # Slots given a token by the last step: their next job is on its way (see GATHER_S).
-        self._expected: set[int] = set()
+        # Handed over by other threads, taken by the scheduler thread between steps.
+        self._arrivals: list[_Running] = []
+        self._resets: list[tuple[BatchSlot, concurrent.futures.Future[None]]] = []
         self._live: dict[int, BatchSlot] = {}
         self._closing = False
         self._closed = False
-        self._stopped: str | None = None  # why the thread ended: jobs submitted now fail
+        self._stopped: str | None = None  # why the thread ended: what comes now fails
         self._died: str | None = None  # why the thread died, if a bug (not close) ended it
+        # The scheduler thread's own: the requests on their slots, in order of arrival.
+        self._running: dict[int, _Running] = {}
         self._decode_failures = DecodeFailures()
         self._thread = threading.Thread(target=self._loop, name="llm-batch", daemon=True)
         self._thread.start()
@@ -265,7 +216,8 @@ class BatchScheduler:
         return self._died or self._decode_failures.failure()
 
     def close(self) -> None:
-        """Stop the thread (jobs still waiting fail with EngineError), then close the decoder."""
+        """Stop the thread (requests still running finish with EngineError), then close the
+        decoder."""
         with self._lock:
             if self._closed:
                 return
@@ -274,70 +226,40 @@ class BatchScheduler:
         self._thread.join()
         self._decoder.close()
 
-    # -- called by the slots (from their worker threads) ------------------------------
+    # -- called from other threads --------------------------------------------------------
+
+    def _check_open(self, slot: BatchSlot) -> None:
+        """(under the lock)"""
+        if self._stopped is not None or self._closing:
+            raise EngineError(self._stopped or "the engine is shutting down")
+        if slot.closed:
+            raise EngineError(f"slot {slot.index} is closed")
+
+    def _start(self, slot: BatchSlot, generation: Generation) -> concurrent.futures.Future[None]:
+        running = _Running(slot, generation)
+        generation.attach(self._wake)
+        with self._lock:
+            self._check_open(slot)
+            self._arrivals.append(running)
+            self._lock.notify()
+        return running.done
+
+    def _reset(self, slot: BatchSlot) -> None:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._lock:
+            self._check_open(slot)
+            self._resets.append((slot, future))
+            self._lock.notify()
+        future.result()
 
     def _release(self, slot: BatchSlot) -> None:
         with self._lock:
             slot.closed = True
             if self._live.get(slot.index) is slot:
                 del self._live[slot.index]
-                self._expected.discard(slot.index)
 
-    def _submit(self, job: _Job) -> int | None:
-        """Submit ``job`` and wait for its outcome (called from the slot's worker thread)."""
+    def _wake(self) -> None:
         with self._lock:
-            if self._stopped is not None or self._closing:
-                raise EngineError(self._stopped or "the engine is shutting down")
-            if job.slot.closed:
-                raise EngineError(f"slot {job.slot.index} is closed")
-            future = self._enqueue(job)
-        return future.result()
-
-    def _enqueue(self, job: _Job) -> concurrent.futures.Future[int | None]:
-        """The future ``job``'s caller waits on (under the lock)."""
-        seq = job.slot.index
-        current = self._pending.get(seq)
-        if isinstance(job, _Decode):
-            if (ready := self._ready.pop(seq, None)) is not None:  # computed ahead, done
-                self._expected.discard(seq)
-                self._expect(job, ready[0])
-                answered: concurrent.futures.Future[int | None] = concurrent.futures.Future()
-                if isinstance(ready[1], BaseException):
-                    answered.set_exception(ready[1])
-                else:
-                    answered.set_result(ready[1])
-                    self._ahead(job.slot, ready[1], job.sampler)
-                return answered
-            if isinstance(current, _Decode) and current.ahead:  # being computed ahead
-                self._expect(job, current.token)
-                current.ahead = False  # claimed: its outcome is this caller's
-                return current.future
-        else:  # a prefill or a reset: what was computed ahead is of no use any more
-            self._ready.pop(seq, None)
-            self._expected.discard(seq)
-            if isinstance(current, _Decode) and current.ahead:
-                current.dropped = True
-                del self._pending[seq]
-                current = None
-        if current is not None:
-            raise EngineError(f"slot {seq} already has a job in progress")
-        self._pending[seq] = job
-        self._expected.discard(seq)
-        self._lock.notify()
-        return job.future
-
-    @staticmethod
-    def _expect(job: _Decode, token: int) -> None:
-        if job.token != token:  # the protocol makes this impossible: a bug if it happens
-            raise EngineError(
-                f"slot {job.slot.index}: asked to evaluate token {job.token}, but {token} was"
-                " sampled"
-            )
-
-    def _ahead(self, slot: BatchSlot, token: int, sampler: Sampler) -> None:
-        """Queue the evaluation of ``token`` (just sampled) before the worker asks for it."""
-        if slot.index not in self._pending and not slot.closed:
-            self._pending[slot.index] = _Decode(slot, token, sampler, ahead=True)
             self._lock.notify()
 
     # -- the scheduler thread ------------------------------------------------------------
@@ -345,105 +267,137 @@ class BatchScheduler:
     def _loop(self) -> None:
         reason = "the engine is shutting down"
         try:
-            while (jobs := self._next_jobs()) is not None:
-                resets = [job for job in jobs if isinstance(job, _Reset)]
-                self._resolve(self._reset(resets) if resets else self._step(jobs))
+            while self._next_step():
+                pass
         except BaseException as exc:  # a bug: nobody may be left waiting
             logger.critical("the batch scheduler failed", exc_info=True)
             reason = f"the batch scheduler failed: {exc!r}"
             self._died = reason
         with self._lock:
             self._stopped = reason
-            jobs = list(self._pending.values())
-            self._pending.clear()
-        for job in jobs:
-            job.future.set_exception(EngineError(reason))
-
-    def _next_jobs(self) -> list[_Job] | None:
-        """Wait for work: resets at once; steps once the expected slots are back (or late)."""
-        with self._lock:
-            gather_until: float | None = None
-            while not self._closing:
-                if not self._pending:
-                    self._lock.wait()
-                    continue
-                jobs = list(self._pending.values())
-                if any(isinstance(job, _Reset) for job in jobs):
-                    return jobs
-                if self._expected.issubset(self._pending):
-                    return jobs
-                now = time.monotonic()
-                if gather_until is None:
-                    gather_until = now + GATHER_S
-                elif now >= gather_until:
-                    self._expected.clear()  # late ones join the step after they arrive
-                    return jobs
-                self._lock.wait(gather_until - now)
-            return None
-
-    def _reset(self, resets: list[_Reset]) -> list[_Outcome]:
-        outcomes: list[_Outcome] = []
-        for job in resets:
+            running = [*self._running.values(), *self._arrivals]
+            resets = self._resets
+            self._running, self._arrivals, self._resets = {}, [], []
+        for request in running:
             try:
-                self._decoder.clear(job.slot.index)
-            except Exception as exc:
-                error = exc if isinstance(exc, ContextResetError) else ContextResetError(str(exc))
-                outcomes.append((job, error))
-            else:
-                job.slot.n_past = 0
-                outcomes.append((job, None))
-        return outcomes
+                request.generation.fail(EngineError(reason))
+            finally:
+                deliver((request.generation,))
+                request.done.set_result(None)
+        for _, future in resets:
+            future.set_exception(EngineError(reason))
 
-    def _step(self, jobs: list[_Job]) -> list[_Outcome]:
-        """One batch: every decode, plus prompt chunks in order of arrival within the budget."""
-        outcomes: list[_Outcome] = []
-        chunks: list[tuple[_Decode | _Prefill, Sequence[int], bool]] = []  # job, tokens, output
-        # A slot past its prompt is a stream (decoding, or about to ask for its next token): a
-        # big prompt chunk would hold up its next token. With none, prompts take llama.cpp's
-        # batch size.
-        prefilling = {job.slot for job in jobs if isinstance(job, _Prefill)}
-        with self._lock:  # (slots come and go from other threads; n_past is this thread's)
-            live = list(self._live.values())
-        streams = any(slot.n_past > 0 and slot not in prefilling for slot in live)
+    def _next_step(self) -> bool:
+        """Wait for work, then do it: resets, arrivals, one step. False once closing."""
+        with self._lock:
+            while not self._closing:
+                arrivals, resets = self._arrivals, self._resets
+                if arrivals or resets or self._can_step():
+                    self._arrivals, self._resets = [], []
+                    break
+                self._lock.wait(PAUSED_POLL_S if self._running else None)
+            else:
+                return False
+        for slot, future in resets:
+            self._clear(slot, future)
+        for request in arrivals:
+            if request.slot.index in self._running:  # the pool makes this impossible
+                request.generation.fail(EngineError(f"slot {request.slot.index} is busy"))
+                deliver((request.generation,))
+                request.done.set_result(None)
+            else:
+                self._running[request.slot.index] = request
+        if self._running:
+            self._step()
+        return True
+
+    def _can_step(self) -> bool:
+        return any(
+            request.token is None
+            or not request.generation.paused()
+            or request.generation.should_abort()
+            for request in self._running.values()
+        )
+
+    def _clear(self, slot: BatchSlot, future: concurrent.futures.Future[None]) -> None:
+        try:
+            if slot.index in self._running:  # the pool makes this impossible
+                raise ContextResetError(f"slot {slot.index} is still running a request")
+            self._decoder.clear(slot.index)
+        except Exception as exc:
+            error = exc if isinstance(exc, ContextResetError) else ContextResetError(str(exc))
+            future.set_exception(error)
+        else:
+            slot.n_past = 0
+            future.set_result(None)
+
+    def _step(self) -> None:
+        """One batch: every decoding request's token, plus prompt chunks in order of arrival
+        within the budget; then sampling, and every request's events to the event loop."""
+        touched: list[_Running] = []  # whose events go out after this step
+        decoding: list[_Running] = []
+        prompts: list[_Running] = []
+        for request in self._running.values():
+            generation = request.generation
+            if generation.should_abort():
+                generation.abort()
+                touched.append(request)
+            elif request.token is None:
+                prompts.append(request)
+            elif not generation.paused():
+                decoding.append(request)
+        # Any request past its prompt is a stream (decoding, or paused): a big prompt chunk
+        # would hold up its next token. With none, prompts take llama.cpp's batch size.
+        streams = any(request.token is not None for request in self._running.values())
         budget = self._prefill_chunk if streams else self._lone_prompt_chunk
-        for job in jobs:
-            if isinstance(job, _Decode):
-                if not job.dropped:
-                    chunks.append((job, (job.token,), True))
-            elif isinstance(job, _Prefill):
-                if job.aborted():
-                    outcomes.append((job, GenerationAborted()))
-                elif budget:
-                    take = min(budget, len(job.tokens) - job.done)
-                    budget -= take
-                    end = job.done + take
-                    chunks.append((job, job.tokens[job.done : end], end == len(job.tokens)))
+        chunks: list[tuple[_Running, Sequence[int], bool]] = []  # request, tokens, output
+        for request in decoding:
+            assert request.token is not None
+            chunks.append((request, (request.token,), True))
+        for request in prompts:
+            if not budget:
+                break
+            tokens = request.generation.prompt_tokens
+            take = min(budget, len(tokens) - request.evaluated)
+            budget -= take
+            end = request.evaluated + take
+            chunks.append((request, tokens[request.evaluated : end], end == len(tokens)))
         # In sequence order: llama.cpp evaluates a run of consecutive sequences in one ubatch
         # when the KV cache is not unified, and splits the batch wherever the run breaks.
         chunks.sort(key=lambda chunk: chunk[0].slot.index)
+        if chunks:
+            self._evaluate(chunks, lone_prompts=not streams)
+            touched.extend(request for request, _, _ in chunks)
+        deliver(request.generation for request in touched)
+        for request in touched:
+            if request.generation.finished:
+                del self._running[request.slot.index]
+                request.done.set_result(None)
+
+    def _evaluate(
+        self, chunks: list[tuple[_Running, Sequence[int], bool]], *, lone_prompts: bool
+    ) -> None:
         entries: list[BatchEntry] = []
-        included = [job for job, _, _ in chunks]
-        samples: list[tuple[_Decode | _Prefill, int]] = []  # job, index of its output token
+        samples: list[tuple[_Running, int]] = []  # request, index of its output token
         n_tokens = 0
-        for job, tokens, output in chunks:
-            entries.append(BatchEntry(job.slot.index, job.slot.n_past, tokens, output))
+        for request, tokens, output in chunks:
+            entries.append(BatchEntry(request.slot.index, request.slot.n_past, tokens, output))
             n_tokens += len(tokens)
             if output:
-                samples.append((job, n_tokens - 1))
-        if not entries:
-            return outcomes
+                samples.append((request, n_tokens - 1))
+        included = [request.generation for request, _, _ in chunks]
 
         # A step of lone prompts may take a while and holds up nobody else: it stops as soon as
         # every prompt in it is cancelled (a step beside streams is short: it runs to its end).
-        prefills = [job for job in included if isinstance(job, _Prefill)]
-
         def every_prompt_aborted() -> bool:
-            return all(job.aborted() for job in prefills)
+            return all(generation.should_abort() for generation in included)
 
         try:
-            self._decoder.decode(entries, None if streams or not prefills else every_prompt_aborted)
-        except GenerationAborted:
-            return outcomes + [(job, GenerationAborted()) for job in included]
+            self._decoder.decode(entries, every_prompt_aborted if lone_prompts else None)
+        except GenerationAborted as exc:
+            for generation in included:
+                generation.fail(exc)
+            return
         except Exception as exc:
             message = str(exc) if isinstance(exc, EngineError) else f"decode failed: {exc!r}"
             logger.error(
@@ -452,40 +406,22 @@ class BatchScheduler:
                 message,
             )
             self._decode_failures.failed(message)
-            return outcomes + [(job, EngineError(message)) for job in included]
+            for generation in included:
+                generation.fail(EngineError(message))
+            return
         self._decode_failures.succeeded()
-        for entry, job in zip(entries, included, strict=True):
-            job.slot.n_past += len(entry.tokens)
-            if isinstance(job, _Prefill):
-                job.done += len(entry.tokens)
-        for job, index in samples:
+        for request, tokens, _ in chunks:
+            request.slot.n_past += len(tokens)
+            if request.token is None:
+                request.evaluated += len(tokens)
+        for request, index in samples:
+            generation = request.generation
             try:
-                outcomes.append((job, self._decoder.sample(job.sampler, index)))
+                token = self._decoder.sample(generation.sampler, index)
             except NoTokenAllowed as exc:  # the request's own fault: it goes to the request
-                outcomes.append((job, exc))
+                generation.fail(exc)
             except Exception as exc:
-                outcomes.append((job, EngineError(f"sampling failed: {exc!r}")))
-        return outcomes
-
-    def _resolve(self, outcomes: list[_Outcome]) -> None:
-        waiting: list[_Outcome] = []
-        # The bookkeeping first, under the lock: a woken worker may submit its next job at once.
-        with self._lock:
-            for job, outcome in outcomes:
-                seq = job.slot.index
-                if self._pending.get(seq) is job:
-                    del self._pending[seq]
-                if isinstance(job, _Decode) and job.dropped:
-                    continue
-                if isinstance(job, _Decode) and job.ahead:  # done before its worker asked
-                    self._ready[seq] = (job.token, outcome)  # type: ignore[assignment]
-                    self._expected.add(seq)
-                    continue
-                if isinstance(outcome, int) and not isinstance(job, _Reset):
-                    self._ahead(job.slot, outcome, job.sampler)  # type: ignore[attr-defined]
-                waiting.append((job, outcome))
-        for job, outcome in waiting:
-            if isinstance(outcome, BaseException):
-                job.future.set_exception(outcome)
+                generation.fail(EngineError(f"sampling failed: {exc!r}"))
             else:
-                job.future.set_result(outcome)
+                if generation.accept(token):
+                    request.token = token

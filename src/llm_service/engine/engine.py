@@ -6,7 +6,6 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,25 +14,19 @@ from typing import ParamSpec, TypeVar
 from llm_service.engine.backend import (
     Backend,
     Context,
-    GenerationAborted,
     ModelInfo,
-    NoTokenAllowed,
     PoolMode,
     Sampler,
 )
+from llm_service.engine.generation import Generation, deliver
 from llm_service.engine.pool import LlamaContextPool, PoolState
-from llm_service.engine.text import StreamDecoder
 from llm_service.engine.types import (
     ChatMessage,
     Finished,
-    FinishReason,
     GenerationEvent,
     GenerationRequest,
     RequestLimits,
     Started,
-    Timings,
-    TokenDelta,
-    Usage,
 )
 from llm_service.errors import (
     DeadlineExceededError,
@@ -85,7 +78,6 @@ class Engine:
         backend: Backend,
         pool: LlamaContextPool[Context],
         *,
-        workers: concurrent.futures.ThreadPoolExecutor,
         prep: concurrent.futures.ThreadPoolExecutor,
         pool_executor: concurrent.futures.ThreadPoolExecutor,
         limits: RequestLimits,
@@ -93,7 +85,6 @@ class Engine:
         self.backend = backend
         self.pool = pool
         self._limits = limits
-        self._workers = workers
         self._prep = prep
         self._pool_executor = pool_executor
         self._closing = False
@@ -102,10 +93,10 @@ class Engine:
     @classmethod
     async def start(cls, backend: Backend, config: EngineConfig) -> Engine:
         """Create the pool's contexts on ``backend`` and return a ready engine."""
-        # Three executors, so that no kind of work waits behind another: one token-loop thread
-        # per context; tokenizing, templates and grammar compilation for requests not yet
-        # admitted; and the pool's resets and replacements.
-        workers = concurrent.futures.ThreadPoolExecutor(config.pool_size, "llm-generate")
+        # Two executors, so that neither kind of work waits behind the other: tokenizing,
+        # templates and grammar compilation for requests not yet admitted; and the pool's
+        # resets and replacements. (Requests run on the contexts themselves: the batch
+        # scheduler's thread, or in contexts mode each context's own.)
         prep = concurrent.futures.ThreadPoolExecutor(4, "llm-prepare")
         pool_executor = concurrent.futures.ThreadPoolExecutor(2, "llm-pool")
         loop = asyncio.get_running_loop()
@@ -119,7 +110,7 @@ class Engine:
         except BaseException:
             for c in contexts:
                 c.close()
-            for executor in (workers, prep, pool_executor):
+            for executor in (prep, pool_executor):
                 executor.shutdown(wait=False)
             raise
         n_ctx = backend.info.n_ctx
@@ -147,7 +138,6 @@ class Engine:
         return cls(
             backend,
             pool,
-            workers=workers,
             prep=prep,
             pool_executor=pool_executor,
             limits=config.limits,
@@ -190,7 +180,7 @@ class Engine:
 
         def free_everything() -> None:
             self.pool.close()
-            for executor in (self._workers, self._prep, self._pool_executor):
+            for executor in (self._prep, self._pool_executor):
                 executor.shutdown(wait=True)
             self.backend.close()
 
@@ -238,11 +228,9 @@ class Engine:
         prompt_tokens = await self._run(self._prompt_tokens, request)
         max_tokens = self._check_fits(request, len(prompt_tokens))
         sampler = await self._create_sampler(request)
-        handed_over = False  # once leased, the pool closes the sampler after the reset
+        handed_over = False  # once the context runs the generation, it closes the sampler
         try:
             async with self.pool.lease(self._lease_timeout(request)) as lease:
-                lease.close_after_reset(sampler)
-                handed_over = True
                 context = lease.context
                 log.info(
                     "started on context %d: %s, max %d new, queued %.1f ms",
@@ -254,20 +242,25 @@ class Engine:
                 yield Started(
                     request.request_id, len(prompt_tokens), lease.queue_wait_s * 1000, context.index
                 )
-                run = _Generation(
+                run = Generation(
                     self.backend,
                     request,
                     prompt_tokens,
                     max_tokens,
                     sampler,
-                    arrived,
-                    lease.queue_wait_s,
-                    asyncio.get_running_loop(),
+                    arrived=arrived,
+                    queue_wait_s=lease.queue_wait_s,
+                    loop=asyncio.get_running_loop(),
                 )
-                lease.hold(self._workers.submit(run.execute, context))
+                try:
+                    lease.hold(context.start(run))
+                except EngineError as exc:  # the context cannot run anything any more
+                    run.fail(exc)
+                    deliver((run,))
+                handed_over = True
                 try:
                     while True:
-                        event = await run.events.get()
+                        event = await run.next_event()
                         yield event
                         if isinstance(event, Finished):
                             log.info(
@@ -352,131 +345,3 @@ class Engine:
 def _close_result(future: asyncio.Future[Sampler]) -> None:
     if not future.cancelled() and future.exception() is None:
         future.result().close()
-
-
-class _Generation:
-    """One request's token loop, run in a worker thread on a leased context.
-
-    Events go to the event loop through ``events``; ``cancel()`` (from the loop) makes the loop
-    stop at the next token; a long prefill stops too (contexts mode: through llama.cpp's
-    abort callback; batched mode: between two prompt chunks).
-    """
-
-    def __init__(
-        self,
-        backend: Backend,
-        request: GenerationRequest,
-        prompt_tokens: list[int],
-        max_tokens: int,
-        sampler: Sampler,
-        arrived: float,
-        queue_wait_s: float,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self._backend = backend
-        self._request = request
-        self._prompt_tokens = prompt_tokens
-        self._max_tokens = max_tokens
-        self._sampler = sampler
-        self._arrived = arrived
-        self._queue_wait_s = queue_wait_s
-        self._loop = loop
-        self._cancelled = threading.Event()
-        self.events: asyncio.Queue[TokenDelta | Finished] = asyncio.Queue()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    def _should_abort(self) -> bool:
-        deadline = self._request.deadline
-        return self._cancelled.is_set() or (deadline is not None and time.monotonic() >= deadline)
-
-    def _emit(self, event: TokenDelta | Finished) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is gone: nobody is listening any more
-            self._cancelled.set()
-
-    def _abort_reason(self) -> FinishReason:
-        return FinishReason.CANCELLED if self._cancelled.is_set() else FinishReason.DEADLINE
-
-    def execute(self, context: Context) -> None:
-        """The token loop. Always ends by emitting exactly one Finished."""
-        self._text_parts: list[str] = []
-        self._n_generated = 0
-        self._first_token_at: float | None = None
-        self._prefill_s = 0.0
-        error: str | None = None
-        error_field: str | None = None  # the request's own field at fault, if it is
-        try:
-            reason = self._loop_tokens(context)
-        except GenerationAborted:
-            reason = self._abort_reason()
-        except NoTokenAllowed as exc:
-            schema = self._request.sampling.json_schema is not None
-            error_field = "sampling.json_schema" if schema else "sampling.grammar"
-            reason = FinishReason.ERROR
-            error = f"allows no token after {plural(self._n_generated, 'token')} of output: {exc}"
-            RequestLogger(logger, self._request.request_id).info("%s %s", error_field, error)
-        except EngineError as exc:
-            reason, error = FinishReason.ERROR, str(exc)
-            RequestLogger(logger, self._request.request_id).error("generation failed: %s", exc)
-        except BaseException:
-            reason, error = FinishReason.ERROR, "internal engine error"
-            RequestLogger(logger, self._request.request_id).exception("generation failed")
-        self._emit(self._finished(reason, error, error_field))
-
-    def _loop_tokens(self, context: Context) -> FinishReason:
-        decoder = StreamDecoder(self._request.sampling.stop)
-        try:
-            t0 = time.monotonic()
-            token = context.prefill(self._prompt_tokens, self._sampler, self._should_abort)
-            self._prefill_s = time.monotonic() - t0
-            while True:
-                if self._backend.is_end_of_generation(token):
-                    return FinishReason.STOP
-                self._n_generated += 1
-                if self._first_token_at is None:
-                    self._first_token_at = time.monotonic()
-                text = decoder.push(self._backend.token_bytes(token))
-                self._text_parts.append(text)
-                self._emit(TokenDelta((token,), text))
-                if decoder.stopped:
-                    return FinishReason.STOP_SEQUENCE
-                if self._n_generated >= self._max_tokens:
-                    return FinishReason.LENGTH
-                if self._should_abort():
-                    return self._abort_reason()
-                token = context.decode(token, self._sampler)
-        finally:
-            # Whatever ended the loop, text held back (a partial character, a possible start of
-            # a stop string that never completed) belongs to the output.
-            tail = decoder.finish()
-            if tail:
-                self._text_parts.append(tail)
-                self._emit(TokenDelta((), tail))
-
-    def _finished(
-        self, reason: FinishReason, error: str | None, error_field: str | None = None
-    ) -> Finished:
-        n_generated, first_token_at = self._n_generated, self._first_token_at
-        now = time.monotonic()
-        decode_s = now - first_token_at if first_token_at is not None else 0.0
-        rate = (n_generated - 1) / decode_s if n_generated > 1 and decode_s > 0 else 0.0
-        return Finished(
-            request_id=self._request.request_id,
-            finish_reason=reason,
-            text="".join(self._text_parts),
-            usage=Usage(len(self._prompt_tokens), n_generated),
-            timings=Timings(
-                queue_wait_ms=self._queue_wait_s * 1000,
-                prefill_ms=self._prefill_s * 1000,
-                time_to_first_token_ms=(
-                    (first_token_at - self._arrived) * 1000 if first_token_at is not None else None
-                ),
-                decode_tokens_per_s=rate,
-                total_ms=(now - self._arrived) * 1000,
-            ),
-            error=error,
-            error_field=error_field,
-        )

@@ -21,6 +21,7 @@ from llm_service.engine.backend import (
     Sampler,
 )
 from llm_service.engine.batching import BatchEntry, BatchScheduler, BatchSlot
+from llm_service.engine.generation import ThreadContext
 from llm_service.engine.types import ChatMessage, SamplingParams
 from llm_service.errors import EngineError, InvalidRequestError
 
@@ -55,7 +56,7 @@ def _next_token(backend: FakeBackend, sampler: Sampler, where: str) -> int:
     return sampler.script.popleft() if sampler.script else EOS
 
 
-class FakeContext:
+class FakeContext(ThreadContext):
     """A context whose "KV cache" is the list of tokens it was fed."""
 
     def __init__(self, backend: FakeBackend, index: int) -> None:
@@ -100,6 +101,7 @@ class FakeContext:
         self._backend.resets += 1
 
     def close(self) -> None:
+        self._stop_thread()
         self.closed = True
 
 

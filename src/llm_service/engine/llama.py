@@ -40,6 +40,7 @@ from llm_service.engine.backend import (
     Sampler,
 )
 from llm_service.engine.batching import BatchEntry, BatchScheduler, BatchSlot
+from llm_service.engine.generation import ThreadContext
 from llm_service.engine.types import ChatMessage, SamplingParams
 from llm_service.errors import EngineError, InvalidRequestError, ModelLoadError
 from llm_service.log import plural
@@ -183,9 +184,9 @@ class LlamaSampler:
     """A llama.cpp sampler chain built for one request (freed by ``close``, or when collected).
 
     Sampling and closing exclude each other, and sampling a closed chain raises EngineError: a
-    chain freed under a running sample would crash the process. The pool closes a request's
-    sampler only after its slot's reset (when batched mode's scheduler, which samples one token
-    ahead, is done with it), so this guards only against misuse.
+    chain freed under a running sample would crash the process. A request's sampler is closed
+    by the thread that samples with it, with the request's last event, so this guards only
+    against misuse.
     """
 
     def __init__(self, chain: Any, n_vocab: int | None = None) -> None:
@@ -251,8 +252,9 @@ class LlamaSampler:
             self.chain = None
 
 
-class LlamaContext:
-    """One ``llama_context`` on the shared model (one sequence, ``n_ctx`` positions)."""
+class LlamaContext(ThreadContext):
+    """One ``llama_context`` on the shared model (one sequence, ``n_ctx`` positions), with a
+    thread of its own that runs its requests."""
 
     def __init__(self, backend: LlamaBackend, index: int) -> None:
         self.index = index
@@ -319,6 +321,7 @@ class LlamaContext:
                 )
 
     def close(self) -> None:
+        self._stop_thread()
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None

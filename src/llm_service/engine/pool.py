@@ -18,10 +18,6 @@ __all__ = ["Lease", "LlamaContextPool", "PoolState"]
 logger = logging.getLogger(__name__)
 
 
-class Closable(Protocol):
-    def close(self) -> None: ...
-
-
 class Poolable(Protocol):
     index: int
 
@@ -58,18 +54,9 @@ class Lease(Generic[C]):
     def __init__(self, context: C, queue_wait_s: float) -> None:
         self.context = context
         self.queue_wait_s = queue_wait_s
-        self._holds: list[concurrent.futures.Future[object]] = []
-        self._after_reset: list[Closable] = []
+        self._holds: list[concurrent.futures.Future[None]] = []
 
-    def close_after_reset(self, resource: Closable) -> None:
-        """Close ``resource`` once the context is reset (or discarded), not before.
-
-        For what the context's own work may use until then: in batched mode the scheduler may
-        still be sampling one token ahead with the request's sampler.
-        """
-        self._after_reset.append(resource)
-
-    def hold(self, future: concurrent.futures.Future[object]) -> None:
+    def hold(self, future: concurrent.futures.Future[None]) -> None:
         """Keep the context from being reset until ``future`` is done.
 
         Guarantees one thread at a time per context even when the lease holder is cancelled
@@ -156,7 +143,7 @@ class LlamaContextPool(Generic[C]):
         finally:
             # The recycle task owns the rest: waiting for the worker thread, the reset and the
             # return. Shielded, so a second cancellation cannot leave the context half-returned.
-            task = loop.create_task(self._recycle(lease))
+            task = loop.create_task(self._reset_and_return(lease))
             self._recycling.add(task)
             task.add_done_callback(self._recycling.discard)
             await asyncio.shield(task)
@@ -227,13 +214,6 @@ class LlamaContextPool(Generic[C]):
         self._free.append(context)
         if self._leased == 0:
             self._all_free.set()
-
-    async def _recycle(self, lease: Lease[C]) -> None:
-        try:
-            await self._reset_and_return(lease)
-        finally:
-            for resource in lease._after_reset:
-                resource.close()
 
     async def _reset_and_return(self, lease: Lease[C]) -> None:
         context = lease.context
