@@ -135,13 +135,15 @@ class ServiceSettings(BaseSettings):
         " batched mode for prompts with no stream decoding beside them.",
     )
     prefill_chunk: int = Field(
-        64,
+        4,
         ge=1,
         le=65_536,
         description="Batched mode: prompt tokens evaluated per step at most while streams are"
-        " decoding, shared by the prompts being admitted. Running streams get a token every"
-        " step, so a long prompt never stalls them for its whole prefill. With no stream"
-        " decoding, prompts are evaluated LLM_N_BATCH tokens a step.",
+        " decoding (or one per decoding stream, if more), shared by the prompts being admitted"
+        " in order of arrival. Every prompt token in a step delays the running streams' next"
+        " token, so a long prompt goes in small chunks beside them instead of stalling them"
+        " for its whole evaluation. With no stream decoding, prompts are evaluated LLM_N_BATCH"
+        " tokens a step.",
     )
     n_threads: int | None = Field(
         None,

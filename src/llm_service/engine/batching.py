@@ -8,8 +8,9 @@ step, the scheduler thread:
 1. finishes the requests that were cancelled or passed their deadline (the flag is set from
    the event loop; it is read here, between steps);
 2. builds one batch: the last sampled token of every decoding request, plus chunks of the
-   prompts being admitted (at most ``prefill_chunk`` prompt tokens in all while streams are
-   decoding, so that a long prompt never stalls them; ``lone_prompt_chunk`` when none is);
+   prompts being admitted, in order of arrival (``_prompt_budget``: about as many prompt
+   tokens as there are streams decoding, so that a long prompt never stalls them;
+   ``lone_prompt_chunk`` when none is);
 3. evaluates it with one decode;
 4. samples every request that needs a token with its own sampler (the logits are valid only
    until the next step), and advances each request's text and finish state (``accept``);
@@ -159,7 +160,8 @@ class BatchScheduler:
     Args:
         decoder: the model side (owned: closed by ``close``).
         prefill_chunk: prompt tokens per step at most, over every prompt being admitted, while
-            streams are decoding (each step then costs them one inter-token delay).
+            streams are decoding, or one per decoding stream if there are more (see
+            ``_prompt_budget``).
         lone_prompt_chunk: the same when no stream is decoding (default: ``prefill_chunk``):
             nobody waits on those steps but the prompts themselves, so llama.cpp's own batch
             size evaluates them fastest.
@@ -348,8 +350,8 @@ class BatchScheduler:
                 decoding.append(request)
         # Any request past its prompt is a stream (decoding, or paused): a big prompt chunk
         # would hold up its next token. With none, prompts take llama.cpp's batch size.
-        streams = any(request.token is not None for request in self._running.values())
-        budget = self._prefill_chunk if streams else self._lone_prompt_chunk
+        streams = sum(request.token is not None for request in self._running.values())
+        budget = self._prompt_budget(streams)
         chunks: list[tuple[_Running, Sequence[int], bool]] = []  # request, tokens, output
         for request in decoding:
             assert request.token is not None
@@ -366,13 +368,25 @@ class BatchScheduler:
         # when the KV cache is not unified, and splits the batch wherever the run breaks.
         chunks.sort(key=lambda chunk: chunk[0].slot.index)
         if chunks:
-            self._evaluate(chunks, lone_prompts=not streams)
+            self._evaluate(chunks, lone_prompts=streams == 0)
             touched.extend(request for request, _, _ in chunks)
         deliver(request.generation for request in touched)
         for request in touched:
             if request.generation.finished:
                 del self._running[request.slot.index]
                 request.done.set_result(None)
+
+    def _prompt_budget(self, streams: int) -> int:
+        """Prompt tokens this step may evaluate beside ``streams`` running streams.
+
+        On a CPU a step costs about the same per token, prompt or not, so each prompt token in
+        a step delays every running stream's next token. ``prefill_chunk``, or one per stream
+        if there are more, keeps a step with prompts at about twice the tokens (and time) of
+        one without, whatever the load: a long prompt can stretch the streams' inter-token time
+        by about 2x at most, instead of by its whole evaluation. With no stream decoding,
+        nobody waits but the prompts: llama.cpp's own batch size is fastest.
+        """
+        return max(self._prefill_chunk, streams) if streams else self._lone_prompt_chunk
 
     def _evaluate(
         self, chunks: list[tuple[_Running, Sequence[int], bool]], *, lone_prompts: bool

@@ -338,9 +338,9 @@ class LlamaBatchDecoder:
         self.slots = slots
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = backend.n_ctx * slots
-        # Room for a step: one token per slot plus the prompt chunk, or a lone prompt's
-        # n_batch tokens (see BatchScheduler).
-        self._capacity = slots + max(prefill_chunk, backend.n_batch)
+        # Room for a step: one token per slot plus the prompt budget, or a lone prompt's
+        # n_batch tokens (see BatchScheduler._prompt_budget).
+        self._capacity = slots + max(prefill_chunk, slots, backend.n_batch)
         params.n_batch = self._capacity
         params.n_ubatch = min(self._capacity, MAX_UBATCH)
         params.n_seq_max = slots
@@ -496,7 +496,7 @@ class LlamaBackend:
         n_gpu_layers: int = 0,
         pool_mode: PoolMode = "contexts",
         slots: int = 1,
-        prefill_chunk: int = 64,
+        prefill_chunk: int = 4,
         progress: Callable[[float], None] | None = None,
     ) -> LlamaBackend:
         """Load a GGUF model file.
@@ -507,7 +507,7 @@ class LlamaBackend:
                 prompt with no stream decoding beside it.
             pool_mode: ``batched`` also creates the shared context, of ``slots`` sequences,
                 and its scheduler, evaluating at most ``prefill_chunk`` prompt tokens a step
-                while streams are decoding.
+                (or one per stream, if more) while streams are decoding.
 
         Raises:
             ModelLoadError: the file is missing, unreadable, not GGUF, or rejected by llama.cpp.
