@@ -177,7 +177,8 @@ class FakeBackend:
         default_reply: the reply when nothing is enqueued.
         pool_mode: ``batched`` runs the pool's slots on the real ``BatchScheduler``, over a
             ``FakeBatchDecoder`` of ``slots`` sequences (see ``decoder``).
-        prefill_chunk: batched mode: prompt tokens per step while streams decode.
+        prefill_chunk: batched mode: prompt tokens per step while streams decode (or one per
+            decoding stream, if more).
         lone_prompt_chunk: batched mode: prompt tokens per step when none does (default:
             ``prefill_chunk``).
     """

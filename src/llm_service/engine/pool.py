@@ -60,7 +60,8 @@ class Lease(Generic[C]):
         """Keep the context from being reset until ``future`` is done.
 
         Guarantees one thread at a time per context even when the lease holder is cancelled
-        while a worker thread is still inside llama.cpp.
+        while the thread running its request (the context's own, or the batch scheduler) is
+        still inside llama.cpp.
         """
         self._holds.append(future)
 
@@ -70,7 +71,7 @@ class LlamaContextPool(Generic[C]):
 
     ``lease()`` hands out the free context with the lowest index, or waits in a bounded FIFO
     queue. When the lease ends, for whatever reason, the context is reset (KV cache cleared and
-    verified empty) in a worker thread before anyone else can lease it. A context whose reset
+    verified empty) in the pool's executor before anyone else can lease it. A context whose reset
     fails is closed and replaced by a new one from ``factory``.
 
     Args:
@@ -141,7 +142,7 @@ class LlamaContextPool(Generic[C]):
         try:
             yield lease
         finally:
-            # The recycle task owns the rest: waiting for the worker thread, the reset and the
+            # The recycle task owns the rest: waiting for the context's thread, the reset and the
             # return. Shielded, so a second cancellation cannot leave the context half-returned.
             task = loop.create_task(self._reset_and_return(lease))
             self._recycling.add(task)
