@@ -4,9 +4,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from llm_service.engine import Backend, load_backend
+from llm_service.engine import Backend
 from llm_service.log import configure_logging
 from llm_service.settings import ServiceSettings
+from llm_service.wiring import load_backend
 
 TEST_N_CTX = 1024
 # Batched mode: slots of the session's shared context (engines on it use the first ones), and

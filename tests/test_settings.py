@@ -7,8 +7,8 @@ from typing import get_args
 import pytest
 from pydantic import ValidationError
 
-from llm_service.engine import PoolMode
 from llm_service.settings import ServiceSettings
+from llm_service.types import PoolMode
 
 
 def test_threads_are_shared_out_between_contexts(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,12 +18,12 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from llm_service.errors import ConfigurationError
+from llm_service.types import PoolMode
 
 __all__ = [
     "BackendAddress",
     "ClientSettings",
     "GatewaySettings",
-    "PoolMode",
     "ServiceSettings",
     "default_certs_dir",
     "read_file",
@@ -34,7 +34,6 @@ __all__ = [
 DEFAULT_TARGET = "127.0.0.1:50051"
 # How the pool's entries map onto llama.cpp (``LLM_POOL_MODE``): one ``llama_context`` per
 # entry, or one shared context with one sequence per entry, decoded together a step at a time.
-PoolMode = Literal["batched", "contexts"]
 
 
 # Permission bits a file holding a secret must not have: write or execute by its group, or any

@@ -29,7 +29,6 @@ from llm_service.engine import (
     Started,
     TokenDelta,
     llama,
-    load_backend,
 )
 from llm_service.engine.backend import ContextResetError
 from llm_service.engine.llama import (
@@ -45,6 +44,7 @@ from llm_service.errors import (
     PromptTooLongError,
 )
 from llm_service.settings import ServiceSettings
+from llm_service.wiring import load_backend
 from tests.conftest import TEST_N_CTX, TEST_PREFILL_CHUNK, TEST_SLOTS
 from tests.support import collect, deltas, final
 

@@ -32,13 +32,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from llm_service.cli import (
-    add_sampling_flags,
-    add_settings_flags,
-    report_invalid_settings,
-    sampling_options,
-    settings_from,
-)
 from llm_service.client.aio import AsyncClient
 from llm_service.client.bench import bench_prompt, format_table, run_load
 from llm_service.client.chat import ChatSession, default_history_file
@@ -51,6 +44,13 @@ from llm_service.errors import (
     LLMServiceError,
     OverloadedError,
     PermissionDeniedError,
+)
+from llm_service.flags import (
+    add_sampling_flags,
+    add_settings_flags,
+    report_invalid_settings,
+    sampling_options,
+    settings_from,
 )
 from llm_service.settings import ClientSettings
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
-from llm_service.engine.pool import PoolState
-from llm_service.engine.types import ChatMessage, FinishReason, Started, Timings, Usage
+from llm_service.types import ChatMessage, FinishReason, PoolState, Started, Timings, Usage
 
 __all__ = [
     "ChatMessage",

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from llm_service.engine.types import ChatMessage, SamplingParams
-from llm_service.settings import PoolMode
+from llm_service.types import ChatMessage, PoolMode, SamplingParams
 
 if TYPE_CHECKING:
     from llm_service.engine.generation import Generation

@@ -20,14 +20,6 @@ from llm_service.engine.backend import (
 )
 from llm_service.engine.generation import Generation, deliver
 from llm_service.engine.pool import LlamaContextPool, PoolState
-from llm_service.engine.types import (
-    ChatMessage,
-    Finished,
-    GenerationEvent,
-    GenerationRequest,
-    RequestLimits,
-    Started,
-)
 from llm_service.errors import (
     DeadlineExceededError,
     EngineError,
@@ -36,6 +28,14 @@ from llm_service.errors import (
     PromptTooLongError,
 )
 from llm_service.log import RequestLogger, plural
+from llm_service.types import (
+    ChatMessage,
+    Finished,
+    GenerationEvent,
+    GenerationRequest,
+    RequestLimits,
+    Started,
+)
 
 __all__ = ["Engine", "EngineConfig"]
 

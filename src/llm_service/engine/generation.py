@@ -25,7 +25,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 from llm_service.engine.backend import Backend, GenerationAborted, NoTokenAllowed, Sampler
 from llm_service.engine.text import StreamDecoder
-from llm_service.engine.types import (
+from llm_service.errors import EngineError
+from llm_service.log import RequestLogger, plural
+from llm_service.types import (
     Finished,
     FinishReason,
     GenerationRequest,
@@ -33,8 +35,6 @@ from llm_service.engine.types import (
     TokenDelta,
     Usage,
 )
-from llm_service.errors import EngineError
-from llm_service.log import RequestLogger, plural
 
 __all__ = ["MAX_BACKLOG", "Generation", "ThreadContext", "deliver"]
 

@@ -41,9 +41,9 @@ from llm_service.engine.backend import (
 )
 from llm_service.engine.batching import BatchEntry, BatchScheduler, BatchSlot
 from llm_service.engine.generation import ThreadContext
-from llm_service.engine.types import ChatMessage, SamplingParams
 from llm_service.errors import EngineError, InvalidRequestError, ModelLoadError
 from llm_service.log import plural
+from llm_service.types import ChatMessage, SamplingParams
 
 __all__ = [
     "LLAMA_CPP_COMMIT",

@@ -8,10 +8,10 @@ import concurrent.futures
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from llm_service.errors import EngineError, OverloadedError
+from llm_service.types import PoolState
 
 __all__ = ["Lease", "LlamaContextPool", "PoolState"]
 
@@ -27,25 +27,6 @@ class Poolable(Protocol):
 
 
 C = TypeVar("C", bound=Poolable)
-
-
-@dataclass(frozen=True, slots=True)
-class PoolState:
-    """A snapshot of the pool.
-
-    Attributes:
-        size: contexts the pool should hold.
-        free: contexts ready to lease.
-        leased: contexts in use (including ones being scrubbed).
-        waiting: requests queued for a context.
-        replaced: contexts discarded because they failed their reset check, and replaced.
-    """
-
-    size: int
-    free: int
-    leased: int
-    waiting: int
-    replaced: int
 
 
 class Lease(Generic[C]):

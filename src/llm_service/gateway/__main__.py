@@ -2,6 +2,10 @@
 
 import sys
 
-from llm_service.cli import llm_gateway
+from llm_service.flags import quiet_grpc_core
 
-sys.exit(llm_gateway())
+quiet_grpc_core()  # before gRPC is first imported
+
+from llm_service.gateway.cli import main  # noqa: E402
+
+sys.exit(main())

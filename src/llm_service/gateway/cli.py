@@ -21,7 +21,8 @@ import uvicorn
 from pydantic import ValidationError
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from llm_service.cli import (
+from llm_service.errors import ConfigurationError, LLMServiceError
+from llm_service.flags import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -29,7 +30,6 @@ from llm_service.cli import (
     report_invalid_settings,
     settings_from,
 )
-from llm_service.errors import ConfigurationError, LLMServiceError
 from llm_service.gateway.app import build_gateway, create_app
 from llm_service.log import configure_logging
 from llm_service.settings import GatewaySettings

@@ -28,13 +28,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from llm_service.api.v1 import MAX_MESSAGE_BYTES, llm_pb2, llm_pb2_grpc
-from llm_service.engine import (
-    Engine,
-    GenerationRequest,
-    SamplingParams,
-    load_backend,
-    start_engine,
-)
+from llm_service.engine import Engine, GenerationRequest, SamplingParams
 from llm_service.engine.cpu import check_build_fits_cpu
 from llm_service.errors import ConfigurationError
 from llm_service.server.guards import AllowListInterceptor, RequestParseInterceptor
@@ -44,6 +38,7 @@ from llm_service.server.servicer import InferenceServicer
 from llm_service.server.state import Phase, ServerState
 from llm_service.server.tls import ReloadableCredentials, tls_files
 from llm_service.settings import ServiceSettings
+from llm_service.wiring import load_backend, start_engine
 
 __all__ = ["SERVICE_NAME", "parse_address", "serve"]
 

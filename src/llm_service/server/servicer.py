@@ -15,7 +15,6 @@ from llm_service.api.v1 import llm_pb2 as pb
 from llm_service.api.v1 import llm_pb2_grpc
 from llm_service.api.v1 import metadata as md
 from llm_service.engine import Engine, Finished, FinishReason, Started, TokenDelta
-from llm_service.engine.types import new_request_id
 from llm_service.errors import (
     DeadlineExceededError,
     EngineError,
@@ -29,6 +28,7 @@ from llm_service.server import convert
 from llm_service.server.metrics import ServiceMetrics
 from llm_service.server.state import ServerState
 from llm_service.server.status import GrpcStatus, status_for
+from llm_service.types import new_request_id
 
 __all__ = ["InferenceServicer"]
 

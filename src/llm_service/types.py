@@ -1,7 +1,9 @@
-"""The engine's request and result types: frozen dataclasses, validated on construction.
+"""The value types every layer shares: requests, results, events, the pool's state.
 
-Transports convert their wire messages to and from these; nothing below the transports sees a
-protobuf or a JSON body.
+Frozen dataclasses, validated on construction. The engine produces and consumes them; the
+server converts them to and from its wire messages, and the client hands them to its callers,
+so nothing below the transports sees a protobuf or a JSON body. This module is a leaf: it
+imports nothing of the package but ``llm_service.errors``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import math
 import re
 import uuid
 from dataclasses import dataclass, field
+from typing import Literal
 
 from llm_service.errors import InvalidRequestError
 
@@ -21,6 +24,8 @@ __all__ = [
     "Finished",
     "GenerationEvent",
     "GenerationRequest",
+    "PoolMode",
+    "PoolState",
     "RequestLimits",
     "SamplingParams",
     "Started",
@@ -29,6 +34,9 @@ __all__ = [
     "Usage",
     "new_request_id",
 ]
+
+# How a pool's slots share the model: a context each, or sequences of one batched context.
+PoolMode = Literal["batched", "contexts"]
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "random seed" sentinel
@@ -388,3 +396,22 @@ class Finished:
 
 
 GenerationEvent = Started | TokenDelta | Finished
+
+
+@dataclass(frozen=True, slots=True)
+class PoolState:
+    """A snapshot of the pool.
+
+    Attributes:
+        size: contexts the pool should hold.
+        free: contexts ready to lease.
+        leased: contexts in use (including ones being scrubbed).
+        waiting: requests queued for a context.
+        replaced: contexts discarded because they failed their reset check, and replaced.
+    """
+
+    size: int
+    free: int
+    leased: int
+    waiting: int
+    replaced: int

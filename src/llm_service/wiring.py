@@ -1,0 +1,83 @@
+"""Settings to a running engine, in one place: settings → model file → backend → engine.
+
+The engine reads no settings; the server (``llm_service serve``) and the engine demo
+(``llm_service generate``) build theirs here.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from llm_service.engine import Backend, Engine, EngineConfig
+from llm_service.log import plural
+from llm_service.settings import ServiceSettings
+from llm_service.types import RequestLimits
+
+__all__ = ["load_backend", "resolve_model_path", "start_engine"]
+
+logger = logging.getLogger("llm_service.engine")
+
+
+def resolve_model_path(settings: ServiceSettings, *, progress: bool = True) -> Path:
+    """The configured model file, or the default model (fetched into the cache if missing)."""
+    if settings.model_path is not None:
+        return settings.model_path.expanduser()
+    from llm_service.default_model import fetch_default_model
+
+    return fetch_default_model(settings.model_cache, progress=progress)
+
+
+def load_backend(settings: ServiceSettings, *, progress: bool = True) -> Backend:
+    """Load the configured model through llama.cpp (blocking: call it off the event loop)."""
+    from llm_service.engine.llama import LlamaBackend
+
+    show = progress and sys.stderr.isatty()
+    path = resolve_model_path(settings, progress=show)
+    threads = settings.threads_per_context
+    logger.info(
+        "loading model %s (%s mode, %s per context)",
+        path,
+        settings.pool_mode,
+        plural(threads, "CPU thread"),
+    )
+
+    def report(fraction: float) -> None:
+        if show:
+            sys.stderr.write(f"\rloading model: {fraction:4.0%}")
+            if fraction >= 1:
+                sys.stderr.write("\n")
+
+    return LlamaBackend.load(
+        path,
+        n_ctx=settings.n_ctx,
+        n_batch=settings.n_batch,
+        n_threads=threads,
+        n_gpu_layers=settings.n_gpu_layers,
+        pool_mode=settings.pool_mode,
+        slots=settings.llama_service_threads,
+        prefill_chunk=settings.prefill_chunk,
+        progress=report,
+    )
+
+
+async def start_engine(backend: Backend, settings: ServiceSettings) -> Engine:
+    """Create the pool of ``LLM_LLAMA_SERVICE_THREADS`` contexts (or slots, in batched mode:
+    the backend was loaded for that many) and return a ready engine."""
+    return await Engine.start(
+        backend,
+        EngineConfig(
+            pool_size=settings.llama_service_threads,
+            max_queue=settings.max_queue,
+            queue_timeout_s=settings.queue_timeout,
+            limits=RequestLimits(
+                prompt_chars=settings.max_prompt_chars,
+                messages=settings.max_messages,
+                stop_strings=settings.max_stop_strings,
+                stop_chars=settings.max_stop_chars,
+                grammar_bytes=settings.max_grammar_bytes,
+                schema_bytes=settings.max_schema_bytes,
+            ),
+        ),
+    )
