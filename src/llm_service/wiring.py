@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from llm_service.engine import Backend, Engine, EngineConfig
+from llm_service.errors import ModelLoadError
 from llm_service.log import plural
 from llm_service.settings import ServiceSettings
 from llm_service.types import RequestLimits
@@ -30,8 +31,20 @@ def resolve_model_path(settings: ServiceSettings, *, progress: bool = True) -> P
 
 
 def load_backend(settings: ServiceSettings, *, progress: bool = True) -> Backend:
-    """Load the configured model through llama.cpp (blocking: call it off the event loop)."""
-    from llm_service.engine.llama import LlamaBackend
+    """Load the configured model through llama.cpp (blocking: call it off the event loop).
+
+    Raises:
+        ModelLoadError: among others, llama-cpp-python is not installed (the "server" extra).
+    """
+    try:
+        from llm_service.engine.llama import LlamaBackend
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("llama_cpp", "numpy"):
+            raise
+        raise ModelLoadError(
+            f"{exc.name} is not installed: serving a model needs the server extra,"
+            ' pip install "llm-service[server]" (or ./scripts/setup from a source checkout)'
+        ) from None
 
     show = progress and sys.stderr.isatty()
     path = resolve_model_path(settings, progress=show)

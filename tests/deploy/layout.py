@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import subprocess
 import tomllib
@@ -13,6 +14,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from pydantic_settings import BaseSettings
 
 from llm_service.gateway.app import create_app
@@ -171,3 +174,36 @@ def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
             stages[current] = []
         stages[current].append((instruction, args))
     return stages
+
+
+def pyproject() -> dict[str, Any]:
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        return tomllib.load(f)
+
+
+def lock_entries(path: Path) -> dict[str, tuple[str, frozenset[str]]]:
+    """name -> (version, hashes) of a pip-compile style lock file."""
+    entries: dict[str, tuple[str, set[str]]] = {}
+    name = None
+    for line in path.read_text().splitlines():
+        if match := re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line):
+            name = canonicalize_name(match[1])
+            entries[name] = (match[2], set())
+        elif (digest := re.search(r"--hash=(sha256:[0-9a-f]{64})", line)) and name:
+            entries[name][1].add(digest[1])
+    return {n: (v, frozenset(h)) for n, (v, h) in entries.items()}
+
+
+def dependency_closure(requirements: list[str]) -> set[str]:
+    """The packages ``requirements`` pull in, as this venv resolves them (canonical names)."""
+    todo = [Requirement(r) for r in requirements]
+    closure: set[str] = set()
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        wanted = requirement.marker is None or requirement.marker.evaluate({"extra": ""})
+        if name in closure or not wanted:
+            continue
+        closure.add(name)
+        todo += [Requirement(r) for r in importlib.metadata.requires(name) or []]
+    return closure

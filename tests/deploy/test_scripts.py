@@ -3,34 +3,26 @@ scripts/llama-build.env, the runtime lock, scripts/check-runtime and scripts/ins
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
-from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.deploy.layout import ROOT, SCRIPTS, console_scripts, llama_build
-
-
-def _lock(path: Path) -> dict[str, tuple[str, frozenset[str]]]:
-    """name -> (version, hashes) of a pip-compile style lock file."""
-    entries: dict[str, tuple[str, set[str]]] = {}
-    name = None
-    for line in path.read_text().splitlines():
-        if match := re.match(r"^([A-Za-z0-9_.-]+)==(\S+)", line):
-            name = canonicalize_name(match[1])
-            entries[name] = (match[2], set())
-        elif (digest := re.search(r"--hash=(sha256:[0-9a-f]{64})", line)) and name:
-            entries[name][1].add(digest[1])
-    return {n: (v, frozenset(h)) for n, (v, h) in entries.items()}
+from tests.deploy.layout import (
+    ROOT,
+    SCRIPTS,
+    console_scripts,
+    dependency_closure,
+    llama_build,
+    lock_entries,
+    pyproject,
+)
 
 
 def test_the_default_build_is_the_documented_one() -> None:
@@ -113,24 +105,20 @@ def test_linking_backends_needs_a_venv_whose_python_is_a_copy(tmp_path: Path) ->
     assert "create the venv with --copies" in result.stderr
 
 
-def test_the_runtime_lock_is_the_runtime_part_of_the_full_lock() -> None:
-    full, runtime = _lock(ROOT / "requirements.lock"), _lock(ROOT / "requirements-runtime.lock")
+def test_the_runtime_lock_is_the_runtime_part_of_the_fulllock_entries() -> None:
+    full, runtime = (
+        lock_entries(ROOT / "requirements.lock"),
+        lock_entries(ROOT / "requirements-runtime.lock"),
+    )
     for name, (version, hashes) in runtime.items():
         assert name in full, f"{name} is not in requirements.lock"
         assert full[name] == (version, hashes), f"{name}: the two locks disagree"
-    # Exactly the installed closure of the project's dependencies (as this venv resolves
-    # them), less llama-cpp-python, which is compiled from its own lock.
-    with (ROOT / "pyproject.toml").open("rb") as f:
-        todo = [Requirement(r) for r in tomllib.load(f)["project"]["dependencies"]]
-    closure: set[str] = set()
-    while todo:
-        requirement = todo.pop()
-        name = canonicalize_name(requirement.name)
-        wanted = requirement.marker is None or requirement.marker.evaluate({"extra": ""})
-        if name in closure or not wanted:
-            continue
-        closure.add(name)
-        todo += [Requirement(r) for r in importlib.metadata.requires(name) or []]
+    # Exactly the installed closure of the project's dependencies and its "server" extra (as
+    # this venv resolves them), less llama-cpp-python, which is compiled from its own lock.
+    project = pyproject()["project"]
+    closure = dependency_closure(
+        project["dependencies"] + project["optional-dependencies"]["server"]
+    )
     assert set(runtime) == closure - {"llama-cpp-python"}
     assert not {"mypy", "ruff", "cmake", "ninja", "pytest", "hatchling"} & set(runtime)
 
@@ -189,7 +177,7 @@ def test_install_runtime_holds_only_the_runtime_packages(runtime_venv: Path) -> 
         check=True,
     )
     installed = {canonicalize_name(p["name"]) for p in json.loads(listed.stdout)}
-    expected = set(_lock(ROOT / "requirements-runtime.lock"))
+    expected = set(lock_entries(ROOT / "requirements-runtime.lock"))
     expected |= {"llama-cpp-python", "llm-service", "pip"}
     # ensurepip brings setuptools on Python < 3.12
     assert installed - {"setuptools"} == expected
