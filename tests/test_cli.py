@@ -64,9 +64,10 @@ def test_bad_sampling_value_names_the_field() -> None:
 
 
 def test_fake_backend_demo_needs_no_model() -> None:
-    result = run_llm_service("generate", "hi", "--backend", "fake")
+    result = run_llm_service("generate", "hi", "--backend", "fake", "--max-tokens", "12")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "Hello from the fake backend."
+    assert result.stdout.strip() == "1, 2, 3, 4,"  # 12 tokens of one byte each
+    assert "LLM_BACKEND=fake: serving the fake backend, a testing aid" in result.stderr
 
 
 def test_settings_errors_name_the_flag_and_the_variable(

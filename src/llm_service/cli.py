@@ -94,14 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     gen.add_argument("--system", help="system message (implies --chat)")
     add_sampling_flags(gen, max_tokens=256)
-    gen.add_argument(
-        "--backend", choices=["llama", "fake"], default="llama",
-        help="'fake' runs the stack on scripted output, without a model",
-    )  # fmt: skip
     add_settings_flags(
         gen,
-        ["model_path", "model_cache", "pool_mode", "n_ctx", "n_threads", "n_gpu_layers",
-         "log_level", "llama_log_level"],
+        ["backend", "model_path", "model_cache", "pool_mode", "n_ctx", "n_threads",
+         "n_gpu_layers", "log_level", "llama_log_level"],
     )  # fmt: skip
     return parser
 
@@ -194,9 +190,7 @@ def fetch_model(settings: ServiceSettings) -> int:
 
 async def generate(args: argparse.Namespace, settings: ServiceSettings) -> int:
     from llm_service.engine import (
-        Backend,
         ChatMessage,
-        FakeBackend,
         Finished,
         GenerationRequest,
         SamplingParams,
@@ -217,11 +211,7 @@ async def generate(args: argparse.Namespace, settings: ServiceSettings) -> int:
         request = GenerationRequest(prompt=prompt, sampling=sampling)
 
     settings = settings.model_copy(update={"llama_service_threads": 1})
-    backend: Backend
-    if args.backend == "fake":
-        backend = FakeBackend()
-    else:
-        backend = await asyncio.to_thread(load_backend, settings)
+    backend = await asyncio.to_thread(load_backend, settings)
     engine = await start_engine(backend, settings)
     try:
         async with contextlib.aclosing(engine.generate(request)) as events:

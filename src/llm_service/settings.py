@@ -98,6 +98,12 @@ class ServiceSettings(BaseSettings):
         env_ignore_empty=True,  # VAR= (as manifests and compose files write it) means unset
     )
 
+    backend: Literal["llama", "fake"] = Field(
+        "llama",
+        description="What generates the tokens: 'llama', the model through llama.cpp; 'fake', a"
+        " testing aid with no model and no llama.cpp: every reply counts '1, 2, 3, ...' at about"
+        " 100 tokens/s, with a byte-level tokenizer.",
+    )
     model_path: Path | None = Field(
         None,
         description="GGUF model file to serve (default: the embedded SmolLM2-135M-Instruct,"
@@ -305,6 +311,26 @@ def _use_development_certificates(settings: ClientSettings | GatewaySettings) ->
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})$")
 
 
+def split_host_port(address: str, expected: str = "HOST:PORT") -> tuple[str, int]:
+    """``HOST:PORT`` (or ``[IPv6]:PORT``) as (host, port), the one parser of addresses.
+
+    Raises:
+        ValueError: anything else, naming the ``expected`` form.
+    """
+    match = _HOST_PORT.match(address.strip())
+    if match is None or int(match[2]) > 65535:
+        raise ValueError(f"expected {expected}, got {address!r}")
+    return match[1].removeprefix("[").removesuffix("]"), int(match[2])
+
+
+def _is_host_port(address: str) -> bool:
+    try:
+        split_host_port(address)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class BackendAddress:
     """One llm_service replica the gateway sends requests to.
@@ -329,10 +355,10 @@ class BackendAddress:
         health = None
         if rest:
             key, _, health = rest.partition("=")
-            if key.strip() != "health" or not _HOST_PORT.match(health.strip()):
+            if key.strip() != "health" or not _is_host_port(health):
                 raise ValueError(f"{spec!r}: expected HOST:PORT or HOST:PORT,health=HOST:PORT")
             health = health.strip()
-        if not _HOST_PORT.match(target.strip()):
+        if not _is_host_port(target):
             raise ValueError(f"{spec!r}: expected HOST:PORT or HOST:PORT,health=HOST:PORT")
         return cls(target.strip(), health)
 
@@ -496,14 +522,14 @@ class GatewaySettings(BaseSettings):
     @classmethod
     def _names_with_ports(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for name in value:
-            if not _HOST_PORT.match(name):
+            if not _is_host_port(name):
                 raise ValueError(f"{name!r}: expected NAME:PORT (the replicas' gRPC port)")
         return value
 
     @field_validator("dns_server")
     @classmethod
     def _dns_server_address(cls, value: str | None) -> str | None:
-        if value is not None and not _HOST_PORT.match(value):
+        if value is not None and not _is_host_port(value):
             raise ValueError(f"{value!r}: expected HOST:PORT")
         return value
 

@@ -32,6 +32,7 @@ __all__ = [
     "Timings",
     "TokenDelta",
     "Usage",
+    "is_request_id",
     "new_request_id",
 ]
 
@@ -42,9 +43,20 @@ CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "random seed" sentinel
 
 
+# The one rule for request ids, wherever they come from (a gRPC field or metadata, an HTTP
+# header): short, and only characters that cannot forge a log line or break a header.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REQUEST_ID_RULE = "1 to 128 characters of A-Z a-z 0-9 . _ : -"
+
+
 def new_request_id() -> str:
     """A fresh, unique request id."""
     return uuid.uuid4().hex
+
+
+def is_request_id(text: str) -> bool:
+    """Whether ``text`` may be used as a request id (``REQUEST_ID_RULE``)."""
+    return REQUEST_ID.fullmatch(text) is not None
 
 
 class FinishReason(enum.StrEnum):

@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from llm_service.engine import Backend, Engine, EngineConfig
+from llm_service.engine import Backend, Engine, EngineConfig, FakeBackend
 from llm_service.errors import ModelLoadError
 from llm_service.log import plural
 from llm_service.settings import ServiceSettings
@@ -19,6 +19,10 @@ from llm_service.types import RequestLimits
 __all__ = ["load_backend", "resolve_model_path", "start_engine"]
 
 logger = logging.getLogger("llm_service.engine")
+
+# LLM_BACKEND=fake: what every reply says (as long as max_tokens lets it), and how fast.
+FAKE_REPLY = ", ".join(str(n) for n in range(1, 10_000))
+FAKE_TOKEN_DELAY_S = 0.01
 
 
 def resolve_model_path(settings: ServiceSettings, *, progress: bool = True) -> Path:
@@ -33,9 +37,26 @@ def resolve_model_path(settings: ServiceSettings, *, progress: bool = True) -> P
 def load_backend(settings: ServiceSettings, *, progress: bool = True) -> Backend:
     """Load the configured model through llama.cpp (blocking: call it off the event loop).
 
+    With ``LLM_BACKEND=fake``, the fake backend instead (a testing aid: no model, no
+    llama.cpp).
+
     Raises:
         ModelLoadError: among others, llama-cpp-python is not installed (the "server" extra).
     """
+    if settings.backend == "fake":
+        logger.warning(
+            "LLM_BACKEND=fake: serving the fake backend, a testing aid: no model, every reply"
+            " counts"
+        )
+        return FakeBackend(
+            n_ctx=settings.n_ctx,
+            token_delay_s=FAKE_TOKEN_DELAY_S,
+            default_reply=FAKE_REPLY,
+            pool_mode=settings.pool_mode,
+            slots=settings.llama_service_threads,
+            prefill_chunk=settings.prefill_chunk,
+            lone_prompt_chunk=settings.n_batch,
+        )
     try:
         from llm_service.engine.llama import LlamaBackend
     except ModuleNotFoundError as exc:

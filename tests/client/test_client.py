@@ -1,4 +1,9 @@
-"""The Python client against a real llm_service: a second process, mutual TLS, the real model."""
+"""The Python client against a real llm_service: a second process, mutual TLS, real sockets, on
+the fake backend (``LLM_BACKEND=fake``: every reply counts "1, 2, 3, ..." at about 100 tokens/s).
+
+What is tested here is the client: streams, cancellation, deadlines, errors, retries, TLS. What
+the model says is the server's and the engine's business, tested on the real model there.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,10 +26,29 @@ from llm_service.settings import ClientSettings, ServiceSettings
 from tests.client.conftest import options, target
 from tests.server.service import Certs, Service, free_port
 
-pytestmark = pytest.mark.model
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"
+LONG = 900  # tokens: far more than a test waits for (the fake's reply never stops sooner)
 
-COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy output keeps counting: long and predictable
-LONG = 900  # tokens: far more than a test waits for (greedy: it never stops sooner)
+
+@pytest.fixture(scope="session")
+def model_path() -> None:
+    """No model: the services of this module serve the fake backend."""
+    return None
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[Service]:
+    """The module's shared service: fake backend, mTLS, allow-list {llm-client}, pool of 2."""
+    svc = Service(
+        tmp_path_factory.mktemp("fake-service"),
+        certs,
+        None,
+        env={"LLM_TLS_ALLOWED_CLIENTS": "llm-client"},
+    )
+    try:
+        yield svc.wait_ready()
+    finally:
+        assert svc.stop() == 0, svc.log
 
 
 def wait_all_free(client: Client, within: float = 1.0) -> float:
@@ -52,7 +76,7 @@ def test_sync_stream_adds_up_to_the_completion(
     time.sleep(0.2)
     assert "[rq-whole] finished: length" in service.log
     assert "[rq-whole] call cancelled" not in service.log  # a finished call is not cancelled
-    assert "9" in done.text
+    assert done.text == "1, 2, 3, 4, "  # the fake's reply, a byte a token
     assert done.request_id == "rq-whole"
 
 

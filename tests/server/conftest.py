@@ -46,9 +46,10 @@ def service(
 
 @pytest.fixture
 def start_service(
-    tmp_path: Path, certs: Certs, model_path: Path, pool_mode: str
+    tmp_path: Path, certs: Certs, model_path: Path | None, pool_mode: str
 ) -> Iterator[type[Service]]:
-    """Start dedicated services: ``start_service(env={...})``; all stopped at the end."""
+    """Start dedicated services: ``start_service(env={...})``; all stopped at the end. (A
+    ``model_path`` fixture that gives None makes them fake-backend services.)"""
     started: list[Service] = []
 
     def start(

@@ -165,20 +165,21 @@ class Service(ChildProcess):
         self,
         workdir: Path,
         certs: Certs | None,
-        model_path: Path,
+        model_path: Path | None,
         *,
         env: dict[str, str] | None = None,
         pool_mode: str = "batched",
         ports: tuple[int, int] | None = None,
     ) -> None:
-        """``ports``: the gRPC and HTTP ports (default: free ones), to restart a service."""
+        """``model_path``: None serves the fake backend (``LLM_BACKEND=fake``: no model).
+        ``ports``: the gRPC and HTTP ports (default: free ones), to restart a service."""
         self.name = "llm_service"
         self.certs = certs
         self.pool_mode = pool_mode
         self.grpc_port, self.http_port = ports or (free_port(), free_port())
         self.log_path = workdir / f"service-{self.grpc_port}.log"
-        settings = {
-            "LLM_MODEL_PATH": str(model_path),
+        backend = {"LLM_MODEL_PATH": str(model_path)} if model_path else {"LLM_BACKEND": "fake"}
+        settings = backend | {
             "LLM_GRPC_ADDR": f"127.0.0.1:{self.grpc_port}",
             "LLM_HTTP_ADDR": f"127.0.0.1:{self.http_port}",
             "LLM_LLAMA_SERVICE_THREADS": "2",

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from llm_service.errors import (
     UnsupportedError,
 )
 from llm_service.settings import DEFAULT_TARGET, ClientSettings, read_pem
+from llm_service.types import new_request_id
 
 __all__ = ["AsyncClient", "AsyncStream", "TlsOptionNames", "channel_credentials", "options_from"]
 
@@ -180,7 +180,7 @@ class AsyncClient:
             UnavailableError, ConnectionFailedError, PermissionDeniedError, ...
         """
         request = _generate_request(prompt, sampling)
-        return AsyncStream(self, request, self._deadline(timeout), request_id or _new_id())
+        return AsyncStream(self, request, self._deadline(timeout), request_id or new_request_id())
 
     async def generate(
         self,
@@ -289,7 +289,7 @@ class AsyncClient:
         self, method: Callable[..., Awaitable[T]], request: Any, timeout: float | None
     ) -> T:
         deadline = self._deadline(timeout)
-        request_id = _new_id()
+        request_id = new_request_id()
         attempt = 0
         while True:
             try:
@@ -503,10 +503,6 @@ def channel_credentials(
         read_pem(key, names.key, "client key", secret=True) if key else None,
         read_pem(cert, names.cert, "client certificate") if cert else None,
     )
-
-
-def _new_id() -> str:
-    return uuid.uuid4().hex
 
 
 def _remaining(deadline: float | None) -> float | None:

@@ -11,9 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -52,6 +50,7 @@ from llm_service.gateway.openai import (
 from llm_service.gateway.status import INTERNAL_MESSAGE, error_body, http_error
 from llm_service.log import RequestLogger
 from llm_service.settings import GatewaySettings
+from llm_service.types import is_request_id, new_request_id
 
 __all__ = ["Gateway", "build_gateway", "create_app"]
 
@@ -77,8 +76,6 @@ GATEWAY_TLS = TlsOptionNames(
     key="--tls-key / LLM_GATEWAY_TLS_KEY",
     insecure="--insecure-backends / LLM_GATEWAY_INSECURE_BACKENDS",
 )
-# A request id the caller sends is used only if it is this safe to put in logs and headers.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def error_response(exc: LLMServiceError) -> JSONResponse:
@@ -92,7 +89,8 @@ def _sse(obj: dict[str, Any]) -> bytes:
 
 def _request_id(headers: Headers) -> str:
     given = headers.get("x-request-id", "")
-    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    # A request id the caller sends is used only if it is safe to put in logs and headers.
+    return given if is_request_id(given) else new_request_id()
 
 
 class Gateway:

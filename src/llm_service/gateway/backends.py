@@ -40,9 +40,9 @@ from llm_service.errors import (
     RequestCancelledError,
     UnavailableError,
 )
-from llm_service.gateway.discovery import DiscoveryError, Resolver, split_host_port, target
+from llm_service.gateway.discovery import DiscoveryError, Resolver, target
 from llm_service.log import RequestLogger
-from llm_service.settings import BackendAddress, GatewaySettings
+from llm_service.settings import BackendAddress, GatewaySettings, split_host_port
 
 __all__ = ["Backend", "BackendPool", "BackendState", "RetryBudget", "RoutedStream"]
 

@@ -32,7 +32,7 @@ from llm_service.flags import (
 )
 from llm_service.gateway.app import build_gateway, create_app
 from llm_service.log import configure_logging
-from llm_service.settings import GatewaySettings
+from llm_service.settings import GatewaySettings, split_host_port
 
 __all__ = ["main"]
 
@@ -190,9 +190,7 @@ async def _serve(server: _Server, grace: float) -> None:
 
 
 def _address(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ConfigurationError(
-            f"--listen / LLM_GATEWAY_LISTEN: expected HOST:PORT, got {listen!r}"
-        )
-    return host.strip("[]"), int(port)
+    try:
+        return split_host_port(listen)
+    except ValueError as exc:
+        raise ConfigurationError(f"--listen / LLM_GATEWAY_LISTEN: {exc}") from None

@@ -16,19 +16,15 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
-__all__ = ["DiscoveryError", "Resolver", "split_host_port"]
+from llm_service.settings import split_host_port
+
+__all__ = ["DiscoveryError", "Resolver"]
 
 logger = logging.getLogger(__name__)
 
 
 class DiscoveryError(Exception):
     """A name could not be resolved this time (a timeout, a server failure)."""
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[V6]:PORT`` too) as its host and port."""
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def target(ip: str, port: int) -> str:

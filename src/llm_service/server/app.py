@@ -37,7 +37,7 @@ from llm_service.server.metrics import ServiceMetrics
 from llm_service.server.servicer import InferenceServicer
 from llm_service.server.state import Phase, ServerState
 from llm_service.server.tls import ReloadableCredentials, tls_files
-from llm_service.settings import ServiceSettings
+from llm_service.settings import ServiceSettings, split_host_port
 from llm_service.wiring import load_backend, start_engine
 
 __all__ = ["SERVICE_NAME", "parse_address", "serve"]
@@ -55,11 +55,10 @@ ENGINE_CLOSE_S = 30.0
 
 def parse_address(address: str, flag: str) -> tuple[str, int]:
     """``HOST:PORT`` (or ``[IPv6]:PORT``) as (host, port); ConfigurationError names ``flag``."""
-    host, sep, port = address.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigurationError(f"{flag}: expected HOST:PORT, got {address!r}")
-    return host, int(port)
+    try:
+        return split_host_port(address)
+    except ValueError as exc:
+        raise ConfigurationError(f"{flag}: {exc}") from None
 
 
 class _Shutdown:

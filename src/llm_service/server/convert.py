@@ -21,6 +21,7 @@ from llm_service.engine import (
     TokenDelta,
 )
 from llm_service.errors import InvalidRequestError
+from llm_service.types import REQUEST_ID_RULE, is_request_id
 
 __all__ = [
     "FINISH_REASONS",
@@ -31,7 +32,6 @@ __all__ = [
     "pool_message",
 ]
 
-MAX_REQUEST_ID_CHARS = 128
 
 # Finish reasons that end a stream with `done`; the others end it with a status.
 FINISH_REASONS = {
@@ -56,12 +56,9 @@ _OPTIONAL_SAMPLING_FIELDS = (
 
 
 def check_request_id(request_id: str, field: str = "request_id") -> str:
-    """``request_id`` if it is 1-128 printable ASCII characters; else InvalidRequestError."""
-    length_ok = 0 < len(request_id) <= MAX_REQUEST_ID_CHARS
-    if not (length_ok and request_id.isascii() and request_id.isprintable()):
-        raise InvalidRequestError(
-            field, f"must be 1 to {MAX_REQUEST_ID_CHARS} printable ASCII characters"
-        )
+    """``request_id`` if it follows the request-id rule; else InvalidRequestError."""
+    if not is_request_id(request_id):
+        raise InvalidRequestError(field, f"must be {REQUEST_ID_RULE}")
     return request_id
 
 

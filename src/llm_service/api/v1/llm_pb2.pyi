@@ -311,7 +311,7 @@ class GenerateRequest(_message.Message):
     prompt: _builtins.str
     """Raw text, tokenized as is (special-token text in it stays text)."""
     request_id: _builtins.str
-    """Id for logs and events; at most 128 printable ASCII characters. Empty: the "x-request-id"
+    """Id for logs and events; 1 to 128 characters of A-Z a-z 0-9 . _ : -. Empty: the "x-request-id"
     metadata, or a fresh id.
     """
     @_builtins.property
