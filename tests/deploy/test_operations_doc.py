@@ -1,4 +1,5 @@
-"""README.md, "Running in production": the commands it gives match the deployment files."""
+"""docs/operations.md, "Running in production": the commands it gives match the deployment
+files."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from tests.deploy.layout import K8S, ROOT, all_resources, dockerfile_stages, fin
 
 
 def _section() -> str:
-    readme = (ROOT / "README.md").read_text()
-    match = re.search(r"^## Running in production\n(.*?)^## ", readme, re.MULTILINE | re.DOTALL)
-    assert match, "README.md has no section 'Running in production'"
+    text = (ROOT / "docs" / "operations.md").read_text()
+    match = re.search(
+        r"^## Running in production\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL
+    )
+    assert match, "docs/operations.md has no section 'Running in production'"
     return match[1]
 
 
