@@ -21,9 +21,9 @@ from llm_service.errors import ConfigurationError
 from llm_service.types import PoolMode
 
 __all__ = [
-    "BackendAddress",
     "ClientSettings",
     "GatewaySettings",
+    "ReplicaAddress",
     "ServiceSettings",
     "default_certs_dir",
     "read_file",
@@ -332,7 +332,7 @@ def _is_host_port(address: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class BackendAddress:
+class ReplicaAddress:
     """One llm_service replica the gateway sends requests to.
 
     Attributes:
@@ -345,7 +345,7 @@ class BackendAddress:
     health: str | None = None
 
     @classmethod
-    def parse(cls, spec: str) -> BackendAddress:
+    def parse(cls, spec: str) -> ReplicaAddress:
         """``HOST:PORT`` or ``HOST:PORT,health=HOST:PORT``.
 
         Raises:
@@ -377,7 +377,7 @@ class GatewaySettings(BaseSettings):
         env_ignore_empty=True,  # VAR= (as manifests and compose files write it) means unset
     )
 
-    backends: Annotated[tuple[BackendAddress, ...], NoDecode] = Field(
+    backends: Annotated[tuple[ReplicaAddress, ...], NoDecode] = Field(
         (),
         description="An llm_service replica: HOST:PORT of its gRPC port, or"
         " HOST:PORT,health=HOST:PORT to name its HTTP health port too (default: the port the"
@@ -509,7 +509,7 @@ class GatewaySettings(BaseSettings):
             value = value.split()
         if isinstance(value, list | tuple):
             return tuple(
-                v if isinstance(v, BackendAddress) else BackendAddress.parse(str(v)) for v in value
+                v if isinstance(v, ReplicaAddress) else ReplicaAddress.parse(str(v)) for v in value
             )
         return value
 
@@ -535,7 +535,7 @@ class GatewaySettings(BaseSettings):
 
     @field_validator("backends", mode="after")
     @classmethod
-    def _no_duplicates(cls, value: tuple[BackendAddress, ...]) -> tuple[BackendAddress, ...]:
+    def _no_duplicates(cls, value: tuple[ReplicaAddress, ...]) -> tuple[ReplicaAddress, ...]:
         targets = [b.target for b in value]
         if len(set(targets)) != len(targets):
             twice = sorted({t for t in targets if targets.count(t) > 1})

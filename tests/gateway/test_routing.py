@@ -38,16 +38,16 @@ from llm_service.errors import (
     RequestCancelledError,
     UnavailableError,
 )
-from llm_service.gateway import backends
-from llm_service.gateway.backends import (
-    Backend,
-    BackendPool,
-    BackendState,
+from llm_service.gateway import replicas
+from llm_service.gateway.replicas import (
+    Replica,
+    ReplicaPool,
+    ReplicaState,
     RetryBudget,
     RoutedStream,
     model_id,
 )
-from llm_service.settings import BackendAddress, GatewaySettings
+from llm_service.settings import GatewaySettings, ReplicaAddress
 
 MODEL = "SmolLM2"
 OPTIONS = ClientOptions(insecure=True)
@@ -71,16 +71,16 @@ def model_info(path: str = f"/m/{MODEL}.gguf", pool_size: int = 1, http_port: in
     )
 
 
-MakePool = Callable[..., BackendPool]
+MakePool = Callable[..., ReplicaPool]
 
 
 @pytest.fixture
 def make_pool() -> MakePool:
     """A pool of ``n`` healthy replicas serving MODEL (pool size 1), with ``settings``."""
 
-    def make(n: int = 2, **settings: Any) -> BackendPool:
+    def make(n: int = 2, **settings: Any) -> ReplicaPool:
         addresses = tuple(f"127.0.0.1:{port}" for port in range(1, n + 1))
-        pool = BackendPool(
+        pool = ReplicaPool(
             GatewaySettings(backends=addresses, insecure_backends=True, **settings), OPTIONS
         )
         for backend in pool.backends:
@@ -110,7 +110,7 @@ def test_an_ejected_replica_is_not_chosen(make_pool: MakePool) -> None:
     pool = make_pool(2)
     ejected, good = pool.backends
     ejected.ejected_until = time.monotonic() + 60
-    assert ejected.state() is BackendState.EJECTED
+    assert ejected.state() is ReplicaState.EJECTED
     for _ in range(50):
         assert pool.choose(MODEL, set()) is good
 
@@ -203,7 +203,7 @@ def test_the_health_url(make_pool: MakePool) -> None:
     settings = GatewaySettings(
         backends=("10.0.0.1:50051", "10.0.0.2:50051,health=10.0.0.2:9000"), insecure_backends=True
     )
-    reported, named = BackendPool(settings, OPTIONS).backends
+    reported, named = ReplicaPool(settings, OPTIONS).backends
     assert reported.health_url() is None  # port not known yet
     reported.model = model_info(http_port=8081)
     assert reported.health_url() == "http://10.0.0.1:8081/readyz"
@@ -218,11 +218,11 @@ def test_the_first_check_decides_at_once(make_pool: MakePool) -> None:
     passing, failing = pool.backends
     for backend in pool.backends:
         backend.healthy = None
-    assert passing.state() is BackendState.UNKNOWN
+    assert passing.state() is ReplicaState.UNKNOWN
     pool._record_check(passing, None)
     pool._record_check(failing, "refused")
-    assert passing.state() is BackendState.HEALTHY
-    assert failing.state() is BackendState.UNHEALTHY
+    assert passing.state() is ReplicaState.HEALTHY
+    assert failing.state() is ReplicaState.UNHEALTHY
     assert failing.last_error == "refused"
 
 
@@ -234,22 +234,22 @@ def test_a_healthy_replica_leaves_after_failures_in_a_row(make_pool: MakePool) -
     pool._record_check(backend, None)  # a pass starts the count again
     pool._record_check(backend, "timeout")
     pool._record_check(backend, "timeout")
-    assert backend.state() is BackendState.HEALTHY
+    assert backend.state() is ReplicaState.HEALTHY
     pool._record_check(backend, "timeout")
-    assert backend.state() is BackendState.UNHEALTHY
+    assert backend.state() is ReplicaState.UNHEALTHY
 
 
 def test_an_unhealthy_replica_returns_after_passes_in_a_row(make_pool: MakePool) -> None:
     pool = make_pool(1, healthy_after=2, unhealthy_after=1)
     backend = pool.backends[0]
     pool._record_check(backend, "down")
-    assert backend.state() is BackendState.UNHEALTHY
+    assert backend.state() is ReplicaState.UNHEALTHY
     pool._record_check(backend, None)
     pool._record_check(backend, "down")  # a failure starts the count again
     pool._record_check(backend, None)
-    assert backend.state() is BackendState.UNHEALTHY
+    assert backend.state() is ReplicaState.UNHEALTHY
     pool._record_check(backend, None)
-    assert backend.state() is BackendState.HEALTHY
+    assert backend.state() is ReplicaState.HEALTHY
 
 
 def test_a_check_that_changes_nothing_logs_nothing(
@@ -273,9 +273,9 @@ async def test_failures_in_a_row_eject_a_replica(make_pool: MakePool) -> None:
     backend = pool.backends[0]
     pool.record_result(backend, refused())
     pool.record_result(backend, EngineError("decode failed"))
-    assert backend.state() is BackendState.HEALTHY
+    assert backend.state() is ReplicaState.HEALTHY
     pool.record_result(backend, UnavailableError("draining"))
-    assert backend.state() is BackendState.EJECTED
+    assert backend.state() is ReplicaState.EJECTED
     assert pool.ejections == {"127.0.0.1:1": 1}
     assert backend.ejected_until - time.monotonic() == pytest.approx(60, abs=1)
     assert "draining" in backend.last_error
@@ -296,7 +296,7 @@ async def test_errors_that_are_not_the_replicas_do_not_eject(
     backend = pool.backends[0]
     for _ in range(10):
         pool.record_result(backend, error)
-    assert backend.state() is BackendState.HEALTHY
+    assert backend.state() is ReplicaState.HEALTHY
     assert pool.ejections == {}
 
 
@@ -307,7 +307,7 @@ async def test_a_success_resets_the_count(make_pool: MakePool) -> None:
         pool.record_result(backend, refused())
         pool.record_result(backend, refused())
         pool.record_result(backend, None)
-    assert backend.state() is BackendState.HEALTHY
+    assert backend.state() is ReplicaState.HEALTHY
     assert pool.ejections == {}
 
 
@@ -317,8 +317,8 @@ async def test_never_more_than_half_of_the_replicas_are_ejected(make_pool: MakeP
     pool.record_result(first, refused())
     pool.record_result(second, refused())
     pool.record_result(second, refused())
-    assert first.state() is BackendState.EJECTED
-    assert second.state() is BackendState.HEALTHY
+    assert first.state() is ReplicaState.EJECTED
+    assert second.state() is ReplicaState.HEALTHY
     assert pool.ejections == {"127.0.0.1:1": 1}
 
 
@@ -327,7 +327,7 @@ async def test_half_of_four_replicas_may_be_ejected(make_pool: MakePool) -> None
     for backend in pool.backends:
         pool.record_result(backend, refused())
     states = [b.state() for b in pool.backends]
-    assert states.count(BackendState.EJECTED) == 2
+    assert states.count(ReplicaState.EJECTED) == 2
     assert len(pool.ejections) == 2
 
 
@@ -335,7 +335,7 @@ async def test_a_single_replica_is_never_ejected(make_pool: MakePool) -> None:
     pool = make_pool(1, eject_after=1)
     for _ in range(5):
         pool.record_result(pool.backends[0], refused())
-    assert pool.backends[0].state() is BackendState.HEALTHY
+    assert pool.backends[0].state() is ReplicaState.HEALTHY
 
 
 async def test_an_ejection_ends_and_the_next_one_in_a_row_lasts_twice_as_long(
@@ -347,15 +347,15 @@ async def test_an_ejection_ends_and_the_next_one_in_a_row_lasts_twice_as_long(
     assert backend.ejected_until - time.monotonic() == pytest.approx(0.05, abs=0.02)
     with caplog.at_level(logging.INFO, logger="llm_service.gateway"):
         await asyncio.sleep(0.1)
-    assert backend.state() is BackendState.HEALTHY
+    assert backend.state() is ReplicaState.HEALTHY
     assert "is healthy" in caplog.text  # the end of the ejection was logged
 
     pool.record_result(backend, refused())
-    assert backend.state() is BackendState.EJECTED
+    assert backend.state() is ReplicaState.EJECTED
     assert backend.ejected_until - time.monotonic() == pytest.approx(0.1, abs=0.02)
     assert pool.ejections == {"127.0.0.1:1": 2}
     await asyncio.sleep(0.15)
-    assert backend.state() is BackendState.HEALTHY
+    assert backend.state() is ReplicaState.HEALTHY
 
 
 async def test_a_success_after_an_ejection_resets_its_length(make_pool: MakePool) -> None:
@@ -466,13 +466,13 @@ class FakeClient:
         return stream
 
 
-def scripted(backend: Backend, *scripts: Script) -> FakeClient:
+def scripted(backend: Replica, *scripts: Script) -> FakeClient:
     client = FakeClient(*scripts)
     backend.client = client  # type: ignore[assignment]
     return client
 
 
-def routed(pool: BackendPool, **kwargs: Any) -> RoutedStream:
+def routed(pool: ReplicaPool, **kwargs: Any) -> RoutedStream:
     return RoutedStream(
         pool,
         MODEL,
@@ -493,7 +493,7 @@ async def collect(stream: RoutedStream) -> list[Chunk]:
 
 
 @pytest.fixture
-def first_second(make_pool: MakePool) -> tuple[BackendPool, Backend, Backend]:
+def first_second(make_pool: MakePool) -> tuple[ReplicaPool, Replica, Replica]:
     """Two replicas; the first is chosen first (the second has a request in flight)."""
     pool = make_pool(2)
     first, second = pool.backends
@@ -502,7 +502,7 @@ def first_second(make_pool: MakePool) -> tuple[BackendPool, Backend, Backend]:
 
 
 async def test_a_stream_passes_the_replicas_chunks(
-    first_second: tuple[BackendPool, Backend, Backend],
+    first_second: tuple[ReplicaPool, Replica, Replica],
 ) -> None:
     pool, first, _ = first_second
     client = scripted(first, [token("Hi"), token("!"), done()])
@@ -525,7 +525,7 @@ async def test_a_stream_passes_the_replicas_chunks(
 
 
 async def test_chat_messages_are_sent_as_a_list(
-    first_second: tuple[BackendPool, Backend, Backend],
+    first_second: tuple[ReplicaPool, Replica, Replica],
 ) -> None:
     pool, first, _ = first_second
     client = scripted(first, [done()])
@@ -538,7 +538,7 @@ async def test_chat_messages_are_sent_as_a_list(
     "error", [OverloadedError("queue full"), refused(), EngineError("decode failed")]
 )
 async def test_a_refusal_before_the_first_token_goes_to_another_replica(
-    first_second: tuple[BackendPool, Backend, Backend], error: LLMServiceError
+    first_second: tuple[ReplicaPool, Replica, Replica], error: LLMServiceError
 ) -> None:
     pool, first, second = first_second
     scripted(first, [error])
@@ -553,7 +553,7 @@ async def test_a_refusal_before_the_first_token_goes_to_another_replica(
 
 
 async def test_an_error_after_a_token_ends_the_stream(
-    first_second: tuple[BackendPool, Backend, Backend],
+    first_second: tuple[ReplicaPool, Replica, Replica],
 ) -> None:
     pool, first, second = first_second
     scripted(first, [token("Hi"), UnavailableError("draining")])
@@ -568,7 +568,7 @@ async def test_an_error_after_a_token_ends_the_stream(
 
 
 async def test_a_bad_request_is_not_retried(
-    first_second: tuple[BackendPool, Backend, Backend],
+    first_second: tuple[ReplicaPool, Replica, Replica],
 ) -> None:
     pool, first, second = first_second
     scripted(first, [InvalidRequestError("sampling.top_k", "must be >= 0")])
@@ -579,7 +579,7 @@ async def test_a_bad_request_is_not_retried(
 
 
 async def test_when_every_replica_refuses_the_last_refusal_is_raised(
-    first_second: tuple[BackendPool, Backend, Backend],
+    first_second: tuple[ReplicaPool, Replica, Replica],
 ) -> None:
     pool, first, second = first_second
     scripted(first, [refused()])
@@ -602,7 +602,7 @@ async def test_attempts_are_bounded(make_pool: MakePool) -> None:
 
 
 async def test_a_spent_retry_budget_stops_retries(
-    first_second: tuple[BackendPool, Backend, Backend],
+    first_second: tuple[ReplicaPool, Replica, Replica],
 ) -> None:
     pool, first, second = first_second
     pool.budget = RetryBudget(0, floor=0)
@@ -615,7 +615,7 @@ async def test_a_spent_retry_budget_stops_retries(
 
 
 async def test_a_passed_deadline_stops_retries(
-    first_second: tuple[BackendPool, Backend, Backend],
+    first_second: tuple[ReplicaPool, Replica, Replica],
 ) -> None:
     pool, first, second = first_second
     scripted(first, [OverloadedError("queue full")])
@@ -632,12 +632,12 @@ async def test_refusals_count_towards_ejection(make_pool: MakePool) -> None:
     scripted(first, [refused()])
     scripted(second, [done()])
     await collect(routed(pool))
-    assert first.state() is BackendState.EJECTED
+    assert first.state() is ReplicaState.EJECTED
     assert second.request_failures == 0
 
 
 async def test_cancel_cancels_the_replicas_call_once(
-    first_second: tuple[BackendPool, Backend, Backend],
+    first_second: tuple[ReplicaPool, Replica, Replica],
 ) -> None:
     pool, first, _ = first_second
     client = scripted(first, [token("Hi"), token("!"), done()])
@@ -652,7 +652,7 @@ async def test_cancel_cancels_the_replicas_call_once(
 
 
 def test_cancel_before_the_start_does_nothing(
-    first_second: tuple[BackendPool, Backend, Backend],
+    first_second: tuple[ReplicaPool, Replica, Replica],
 ) -> None:
     pool, first, _ = first_second
     client = scripted(first, [done()])
@@ -662,7 +662,7 @@ def test_cancel_before_the_start_does_nothing(
 
 
 async def test_a_stream_ends_after_its_final_chunk(
-    first_second: tuple[BackendPool, Backend, Backend],
+    first_second: tuple[ReplicaPool, Replica, Replica],
 ) -> None:
     pool, first, second = first_second
     scripted(first, [token("Hi"), done()])
@@ -689,7 +689,7 @@ def test_the_retry_budget_forgets_old_requests_as_it_records_new_ones(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = FakeClock()
-    monkeypatch.setattr(backends, "time", clock)
+    monkeypatch.setattr(replicas, "time", clock)
     budget = RetryBudget(0.5, floor=0, window=10.0)
     for _ in range(1000):  # one request a second, never a retry: nothing else prunes
         budget.request()
@@ -716,9 +716,9 @@ class ProbedClient:
         return self.status
 
 
-def probed(backend: Backend, model: ModelInfo | Exception) -> ProbedClient:
+def probed(backend: Replica, model: ModelInfo | Exception) -> ProbedClient:
     """Give ``backend`` a fake client, and no health port (no HTTP check)."""
-    backend.address = BackendAddress(backend.address.target, health=None)
+    backend.address = ReplicaAddress(backend.address.target, health=None)
     client = ProbedClient(model)
     backend.client = client  # type: ignore[assignment]
     assert backend.health_url() is None
@@ -735,7 +735,7 @@ async def test_every_check_rereads_what_a_healthy_replica_serves(
         await pool._check(backend)
     assert client.model_info_calls == 1
     assert backend.model_id == "Other"
-    assert backend.state() is BackendState.HEALTHY
+    assert backend.state() is ReplicaState.HEALTHY
     assert "now serves 'Other' (was 'SmolLM2')" in caplog.text
     assert [r.levelno for r in caplog.records if "now serves" in r.getMessage()] == [
         logging.WARNING
@@ -766,9 +766,9 @@ async def test_an_unexpected_error_in_a_check_counts_as_a_failed_check(
     assert backend.fails == 1 and backend.passes == 0
     assert "a bug" in backend.last_error
     assert "health check of backend 127.0.0.1:1" in caplog.text
-    assert backend.state() is BackendState.HEALTHY  # one failure of two
+    assert backend.state() is ReplicaState.HEALTHY  # one failure of two
     await pool._check(backend)
-    assert backend.state() is BackendState.UNHEALTHY
+    assert backend.state() is ReplicaState.UNHEALTHY
 
 
 async def test_one_replicas_bug_does_not_stop_the_checks_of_the_others(
@@ -814,7 +814,7 @@ async def test_a_cancelled_stream_does_not_count_as_a_success(make_pool: MakePoo
     assert first.request_failures == 2
     assert first.outstanding == 0
     pool.record_result(first, refused())  # the third in a row still ejects
-    assert first.state() is BackendState.EJECTED
+    assert first.state() is ReplicaState.EJECTED
 
 
 async def test_a_stream_cancelled_before_its_first_token_does_not_count(
@@ -835,7 +835,7 @@ async def test_a_stream_cancelled_before_its_first_token_does_not_count(
 
 
 async def test_a_call_the_replica_cancelled_goes_to_another_replica(
-    first_second: tuple[BackendPool, Backend, Backend],
+    first_second: tuple[ReplicaPool, Replica, Replica],
 ) -> None:
     pool, first, second = first_second
     scripted(first, [RequestCancelledError("the server is draining")])
@@ -855,14 +855,14 @@ async def test_at_most_half_of_a_models_replicas_are_ejected(make_pool: MakePool
     a1.model = a2.model = model_info("/m/A.gguf")
     b1.model = b2.model = model_info("/m/B.gguf")
     pool.record_result(a1, refused())
-    assert a1.state() is BackendState.EJECTED
+    assert a1.state() is ReplicaState.EJECTED
     pool.record_result(a2, refused())
-    assert a2.state() is BackendState.HEALTHY  # only 1 of 4 is out, but 1 of A's 2 is
+    assert a2.state() is ReplicaState.HEALTHY  # only 1 of 4 is out, but 1 of A's 2 is
     assert pool.ejections == {"127.0.0.1:1": 1}
     assert pool.choose("A", set()) is a2
     pool.record_result(b1, refused())  # the other model's replicas count apart
-    assert b1.state() is BackendState.EJECTED
-    assert b2.state() is BackendState.HEALTHY
+    assert b1.state() is ReplicaState.EJECTED
+    assert b2.state() is ReplicaState.HEALTHY
 
 
 async def test_an_ejection_end_that_fires_early_waits_for_its_time(
@@ -874,10 +874,10 @@ async def test_an_ejection_end_that_fires_early_waits_for_its_time(
     with caplog.at_level(logging.INFO, logger="llm_service.gateway"):
         pool._ejection_over(backend)  # as if the loop's timer fired 0.05 s early
         assert "is healthy" not in caplog.text
-        assert backend.state() is BackendState.EJECTED
+        assert backend.state() is ReplicaState.EJECTED
         await asyncio.sleep(0.1)
     assert "backend 127.0.0.1:1 is healthy" in caplog.text
-    assert backend.state() is BackendState.HEALTHY
+    assert backend.state() is ReplicaState.HEALTHY
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -917,7 +917,7 @@ async def test_the_last_healthy_replica_of_a_model_is_not_ejected(make_pool: Mak
     down, last = pool.backends
     down.healthy = False
     pool.record_result(last, EngineError("decode failed"))
-    assert last.state() is BackendState.HEALTHY  # a failing replica serves better than none
+    assert last.state() is ReplicaState.HEALTHY  # a failing replica serves better than none
     assert pool.ejections == {}
 
 
@@ -928,11 +928,11 @@ async def test_failures_while_ejected_do_not_count_towards_the_next_ejection(
     backend = pool.backends[0]
     pool.record_result(backend, refused())
     pool.record_result(backend, refused())
-    assert backend.state() is BackendState.EJECTED
+    assert backend.state() is ReplicaState.EJECTED
     for _ in range(5):  # calls sent before the ejection, failing while it lasts
         pool.record_result(backend, refused())
     await asyncio.sleep(0.1)
-    assert backend.state() is BackendState.HEALTHY
+    assert backend.state() is ReplicaState.HEALTHY
     pool.record_result(backend, refused())  # one failure after it: not a second ejection yet
-    assert backend.state() is BackendState.HEALTHY
+    assert backend.state() is ReplicaState.HEALTHY
     assert pool.ejections == {"127.0.0.1:1": 1}

@@ -7,7 +7,7 @@ Public names are re-exported here; ``llm_service.engine.llama`` (the only module
 
 from __future__ import annotations
 
-from llm_service.engine.backend import Backend, ModelInfo, PoolMode
+from llm_service.engine.backend import Backend, LoadedModel, PoolMode
 from llm_service.engine.engine import Engine, EngineConfig
 from llm_service.engine.fake import FakeBackend
 from llm_service.engine.pool import LlamaContextPool
@@ -37,7 +37,7 @@ __all__ = [
     "GenerationEvent",
     "GenerationRequest",
     "LlamaContextPool",
-    "ModelInfo",
+    "LoadedModel",
     "PoolMode",
     "PoolState",
     "RequestLimits",

@@ -23,7 +23,7 @@ __all__ = [
     "Context",
     "ContextResetError",
     "GenerationAborted",
-    "ModelInfo",
+    "LoadedModel",
     "PoolMode",
     "Sampler",
 ]
@@ -42,7 +42,7 @@ class ContextResetError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class ModelInfo:
+class LoadedModel:
     """What the loaded model is.
 
     Attributes:
@@ -134,7 +134,7 @@ class Backend(Protocol):
             shared, batched context (chosen when the backend is loaded).
     """
 
-    info: ModelInfo
+    info: LoadedModel
     pool_mode: PoolMode
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:

@@ -14,7 +14,7 @@ from typing import ParamSpec, TypeVar
 from llm_service.engine.backend import (
     Backend,
     Context,
-    ModelInfo,
+    LoadedModel,
     PoolMode,
     Sampler,
 )
@@ -144,7 +144,7 @@ class Engine:
         )
 
     @property
-    def info(self) -> ModelInfo:
+    def info(self) -> LoadedModel:
         return self.backend.info
 
     @property

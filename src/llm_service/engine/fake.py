@@ -16,7 +16,7 @@ from llm_service.engine.backend import (
     ContextResetError,
     DecodeFailures,
     GenerationAborted,
-    ModelInfo,
+    LoadedModel,
     PoolMode,
     Sampler,
 )
@@ -217,7 +217,7 @@ class FakeBackend:
         self.decode_failures = DecodeFailures()  # contexts mode's (the scheduler counts its own)
         self._replies: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
-        self.info = ModelInfo(
+        self.info = LoadedModel(
             name="fake",
             path="(fake)",
             size_bytes=0,

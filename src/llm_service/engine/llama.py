@@ -34,7 +34,7 @@ from llm_service.engine.backend import (
     ContextResetError,
     DecodeFailures,
     GenerationAborted,
-    ModelInfo,
+    LoadedModel,
     NoTokenAllowed,
     PoolMode,
     Sampler,
@@ -472,7 +472,7 @@ class LlamaBackend:
             if template
             else None
         )
-        self.info = ModelInfo(
+        self.info = LoadedModel(
             name=self._meta("general.name") or path.stem,
             path=str(path),
             size_bytes=path.stat().st_size,

@@ -5,13 +5,13 @@ uvicorn. Only this package imports the web framework.
 """
 
 from llm_service.gateway.app import Gateway, build_gateway, create_app
-from llm_service.gateway.backends import Backend, BackendPool, BackendState, RoutedStream
+from llm_service.gateway.replicas import Replica, ReplicaPool, ReplicaState, RoutedStream
 
 __all__ = [
-    "Backend",
-    "BackendPool",
-    "BackendState",
     "Gateway",
+    "Replica",
+    "ReplicaPool",
+    "ReplicaState",
     "RoutedStream",
     "build_gateway",
     "create_app",

@@ -2,7 +2,7 @@
 
 Three layers, as in the rest of the service: thin routes (``create_app``) call ``Gateway``,
 which checks the caller, converts the OpenAI body (``openai``), runs it on the replicas
-(``backends.RoutedStream``) and writes the answer, whole or as Server-Sent Events.
+(``replicas.RoutedStream``) and writes the answer, whole or as Server-Sent Events.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from llm_service.errors import (
     ModelNotFoundError,
     RateLimitedError,
 )
-from llm_service.gateway.backends import BackendPool, RoutedStream
 from llm_service.gateway.keys import ANONYMOUS, ApiKeys, RateLimiter
 from llm_service.gateway.metrics import GatewayMetrics
 from llm_service.gateway.openai import (
@@ -47,6 +46,7 @@ from llm_service.gateway.openai import (
     invalid_request,
     to_generation,
 )
+from llm_service.gateway.replicas import ReplicaPool, RoutedStream
 from llm_service.gateway.status import INTERNAL_MESSAGE, error_body, http_error
 from llm_service.log import RequestLogger
 from llm_service.settings import GatewaySettings
@@ -107,7 +107,7 @@ class Gateway:
     def __init__(
         self,
         settings: GatewaySettings,
-        pool: BackendPool,
+        pool: ReplicaPool,
         keys: ApiKeys | None,
         limiter: RateLimiter,
         metrics: GatewayMetrics,
@@ -579,7 +579,7 @@ def build_gateway(settings: GatewaySettings) -> Gateway:
         insecure=settings.insecure_backends,
         timeout=None,
     )
-    pool = BackendPool(settings, options)
+    pool = ReplicaPool(settings, options)
     keys = ApiKeys.load(settings.api_keys_file) if settings.api_keys_file else None
     limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
     return Gateway(settings, pool, keys, limiter, GatewayMetrics(pool))

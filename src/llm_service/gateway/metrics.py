@@ -14,7 +14,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from llm_service.gateway.backends import BackendPool, BackendState
+from llm_service.gateway.replicas import ReplicaPool, ReplicaState
 
 __all__ = ["GatewayMetrics"]
 
@@ -23,9 +23,9 @@ _DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300
 
 
 class _PoolCollector(Collector):
-    """Backend states, load, retries and ejections, read from the pool at each scrape."""
+    """Replica states, load, retries and ejections, read from the pool at each scrape."""
 
-    def __init__(self, pool: BackendPool) -> None:
+    def __init__(self, pool: ReplicaPool) -> None:
         self.pool = pool
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
@@ -40,7 +40,7 @@ class _PoolCollector(Collector):
             labels=["backend"],
         )
         for backend, current in self.pool.states():
-            for s in BackendState:
+            for s in ReplicaState:
                 state.add_metric([str(backend), s.value], 1.0 if s is current else 0.0)
             outstanding.add_metric([str(backend)], backend.outstanding)
         retries = CounterMetricFamily(
@@ -63,7 +63,7 @@ class _PoolCollector(Collector):
 class GatewayMetrics:
     """Counters and histograms of one gateway, in a registry of their own."""
 
-    def __init__(self, pool: BackendPool) -> None:
+    def __init__(self, pool: ReplicaPool) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         r = self.registry

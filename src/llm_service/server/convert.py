@@ -13,7 +13,7 @@ from llm_service.engine import (
     FinishReason,
     GenerationEvent,
     GenerationRequest,
-    ModelInfo,
+    LoadedModel,
     PoolMode,
     PoolState,
     SamplingParams,
@@ -156,7 +156,7 @@ _POOL_MODES: dict[PoolMode, pb.PoolMode.ValueType] = {
 
 
 def model_info_message(
-    info: ModelInfo, *, pool_size: int, pool_mode: PoolMode, http_port: int = 0
+    info: LoadedModel, *, pool_size: int, pool_mode: PoolMode, http_port: int = 0
 ) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=info.name,

@@ -23,8 +23,8 @@ __all__ = ["AllowListInterceptor", "RequestParseInterceptor"]
 
 logger = logging.getLogger(__name__)
 
-Context = grpc.aio.ServicerContext[Any, Any]
-Guard = Callable[[Any, Context], Awaitable[None]]
+ServicerContext = grpc.aio.ServicerContext[Any, Any]
+Guard = Callable[[Any, ServicerContext], Awaitable[None]]
 Behavior = Callable[..., Any]
 _KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
@@ -33,14 +33,14 @@ def _guarded(behavior: Behavior, guard: Guard) -> Behavior:
     """``behavior`` preceded by ``await guard(request, context)`` (which aborts to refuse)."""
     if inspect.isasyncgenfunction(behavior):
 
-        async def stream(request: Any, context: Context) -> Any:
+        async def stream(request: Any, context: ServicerContext) -> Any:
             await guard(request, context)
             async for item in behavior(request, context):
                 yield item
 
         return stream
 
-    async def call(request: Any, context: Context) -> Any:
+    async def call(request: Any, context: ServicerContext) -> Any:
         await guard(request, context)
         return await behavior(request, context)
 
@@ -88,7 +88,7 @@ class RequestParseInterceptor(_HandlerInterceptor):
             except Exception as exc:  # protobuf's DecodeError, and whatever a parser raises
                 return _Unparsable(str(exc))
 
-        async def check(request: Any, context: Context) -> None:
+        async def check(request: Any, context: ServicerContext) -> None:
             if isinstance(request, _Unparsable):
                 error = InvalidRequestError(
                     "request", f"not a valid request for {method}: {request.reason}"
@@ -108,7 +108,7 @@ class AllowListInterceptor(_HandlerInterceptor):
     def __init__(self, allowed: Sequence[str]) -> None:
         self._allowed = frozenset(allowed)
 
-    async def _check(self, request: Any, context: Context) -> None:
+    async def _check(self, request: Any, context: ServicerContext) -> None:
         names = client_names(context)
         if self._allowed.isdisjoint(names):
             logger.warning("refused client %s: certificate %s not on the allow-list",

@@ -33,13 +33,13 @@ from llm_service.types import new_request_id
 __all__ = ["InferenceServicer"]
 
 logger = logging.getLogger(__name__)
-Context = grpc.aio.ServicerContext[Any, Any]
+ServicerContext = grpc.aio.ServicerContext[Any, Any]
 T = TypeVar("T")
 # A cancel this close to the call's deadline is the deadline, seen first by the client.
 DEADLINE_SLACK_S = 0.25
 
 
-def _request_id(given: str, context: Context) -> str:
+def _request_id(given: str, context: ServicerContext) -> str:
     if given:
         return convert.check_request_id(given)
     for key, value in context.invocation_metadata() or ():
@@ -86,7 +86,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
     # Written with context.write rather than as an async generator, so that cancellation (client
     # gone, deadline, shutdown) is always raised inside this coroutine, never between yields.
     async def Generate(  # type: ignore[override]
-        self, request: pb.GenerateRequest, context: Context
+        self, request: pb.GenerateRequest, context: ServicerContext
     ) -> None:
         arrived = time.monotonic()
         log = RequestLogger(logger, "-")
@@ -172,7 +172,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
             if not self._state.calls:
                 self._idle.set()
 
-    async def _send(self, context: Context, message: pb.GenerateResponse) -> None:
+    async def _send(self, context: ServicerContext, message: pb.GenerateResponse) -> None:
         """Write one message; _ClientStalled if the client leaves it unread too long (flow
         control holds the write while the client's window is full)."""
         # asyncio.timeout, not wait_for: the write must stay in this call's own task, so that a
@@ -195,7 +195,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
             raise error(message)
 
     @staticmethod
-    async def _end(context: Context, status: GrpcStatus, log: RequestLogger) -> NoReturn:
+    async def _end(context: ServicerContext, status: GrpcStatus, log: RequestLogger) -> NoReturn:
         if status.code is not grpc.StatusCode.INTERNAL:  # INTERNAL was logged with its traceback
             log.info("ended with %s: %s", status.code.name, status.message)
         await status.abort(context)
@@ -226,7 +226,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
 
     async def _unary(
         self,
-        context: Context,
+        context: ServicerContext,
         call: Callable[[Engine], Awaitable[T]],
         *,
         while_draining: bool = False,
@@ -239,7 +239,9 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
         except Exception as exc:
             await status_for(exc, request_id).abort(context)
 
-    async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: ServicerContext
+    ) -> pb.TokenizeResponse:
         async def call(engine: Engine) -> pb.TokenizeResponse:
             tokens = await engine.tokenize(
                 request.text,
@@ -251,7 +253,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
         return await self._unary(context, call)
 
     async def Detokenize(
-        self, request: pb.DetokenizeRequest, context: Context
+        self, request: pb.DetokenizeRequest, context: ServicerContext
     ) -> pb.DetokenizeResponse:
         async def call(engine: Engine) -> pb.DetokenizeResponse:
             return pb.DetokenizeResponse(text=await engine.detokenize(list(request.tokens)))
@@ -259,7 +261,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
         return await self._unary(context, call)
 
     async def ApplyChatTemplate(
-        self, request: pb.ApplyChatTemplateRequest, context: Context
+        self, request: pb.ApplyChatTemplateRequest, context: ServicerContext
     ) -> pb.ApplyChatTemplateResponse:
         async def call(engine: Engine) -> pb.ApplyChatTemplateResponse:
             text = await engine.apply_chat_template(convert.messages(request.messages))
@@ -268,7 +270,9 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
 
         return await self._unary(context, call)
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: ServicerContext
+    ) -> pb.ModelInfo:
         async def call(engine: Engine) -> pb.ModelInfo:
             return convert.model_info_message(
                 engine.info,
@@ -280,7 +284,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
         return await self._unary(context, call, while_draining=True)
 
     async def GetServerStatus(
-        self, request: pb.GetServerStatusRequest, context: Context
+        self, request: pb.GetServerStatusRequest, context: ServicerContext
     ) -> pb.ServerStatus:
         # Answers in every phase: it is how an operator sees a server loading or draining.
         state = self._state

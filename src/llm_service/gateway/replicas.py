@@ -1,6 +1,6 @@
 """The llm_service replicas behind the gateway: health, load, ejection, and routing.
 
-Each replica (``Backend``) is checked every ``health_interval`` seconds on both of its ports
+Each replica (``Replica``) is checked every ``health_interval`` seconds on both of its ports
 (gRPC health of ``llm.v1.Inference`` and HTTP ``/readyz``). A replica enters rotation after
 ``healthy_after`` passed checks in a row and leaves it after ``unhealthy_after`` failures in a
 row (its first check decides at once). Independently, ``eject_after`` failed requests in a row
@@ -42,9 +42,9 @@ from llm_service.errors import (
 )
 from llm_service.gateway.discovery import DiscoveryError, Resolver, target
 from llm_service.log import RequestLogger
-from llm_service.settings import BackendAddress, GatewaySettings, split_host_port
+from llm_service.settings import GatewaySettings, ReplicaAddress, split_host_port
 
-__all__ = ["Backend", "BackendPool", "BackendState", "RetryBudget", "RoutedStream"]
+__all__ = ["Replica", "ReplicaPool", "ReplicaState", "RetryBudget", "RoutedStream"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ SERVICE_NAME = "llm.v1.Inference"
 MAX_EJECTION_FACTOR = 60
 
 
-class BackendState(enum.Enum):
+class ReplicaState(enum.Enum):
     """Where a replica stands; only ``HEALTHY`` replicas get requests."""
 
     UNKNOWN = "unknown"  # not checked yet
@@ -62,7 +62,7 @@ class BackendState(enum.Enum):
     EJECTED = "ejected"  # failing requests: out for a while, whatever its checks say
 
 
-class Backend:
+class Replica:
     """One llm_service replica, its client, and what the gateway knows of it.
 
     Attributes:
@@ -73,7 +73,7 @@ class Backend:
     """
 
     def __init__(
-        self, address: BackendAddress, options: ClientOptions, discovered_by: str | None = None
+        self, address: ReplicaAddress, options: ClientOptions, discovered_by: str | None = None
     ) -> None:
         self.address = address
         self.discovered_by = discovered_by  # the --discover name it was found under
@@ -100,12 +100,12 @@ class Backend:
     def load(self) -> float:
         return self.outstanding / self.pool_size
 
-    def state(self, now: float | None = None) -> BackendState:
+    def state(self, now: float | None = None) -> ReplicaState:
         if self.ejected_until > (time.monotonic() if now is None else now):
-            return BackendState.EJECTED
+            return ReplicaState.EJECTED
         if self.healthy is None:
-            return BackendState.UNKNOWN
-        return BackendState.HEALTHY if self.healthy else BackendState.UNHEALTHY
+            return ReplicaState.UNKNOWN
+        return ReplicaState.HEALTHY if self.healthy else ReplicaState.UNHEALTHY
 
     @property
     def model_id(self) -> str | None:
@@ -157,13 +157,13 @@ class RetryBudget:
         return True
 
 
-class BackendPool:
+class ReplicaPool:
     """The replicas, their health checks, and the choice of one for each request."""
 
     def __init__(self, settings: GatewaySettings, options: ClientOptions) -> None:
         self.settings = settings
         self.options = options
-        self.backends = [Backend(a, options) for a in settings.backends]
+        self.backends = [Replica(a, options) for a in settings.backends]
         self.budget = RetryBudget(settings.retry_budget)
         self.retries: dict[str, int] = {}  # by reason, for the metrics
         self.ejections: dict[str, int] = {}  # by backend
@@ -216,7 +216,7 @@ class BackendPool:
         wanted = {target(ip, port) for ip in addresses}
         known = {str(b): b for b in self.backends if b.discovered_by == name_port}
         added = [
-            Backend(BackendAddress(t), self.options, discovered_by=name_port)
+            Replica(ReplicaAddress(t), self.options, discovered_by=name_port)
             for t in sorted(wanted - known.keys())
         ]
         for backend in added:
@@ -237,7 +237,7 @@ class BackendPool:
     def _count_discovered(self, name_port: str) -> int:
         return sum(b.discovered_by == name_port for b in self.backends)
 
-    async def _drop(self, backend: Backend) -> None:
+    async def _drop(self, backend: Replica) -> None:
         """Close a departed replica's client once the requests it still serves have ended."""
         deadline = time.monotonic() + self.settings.request_timeout
         # Polled: a departing replica is rare, and its count is decremented in several places.
@@ -257,7 +257,7 @@ class BackendPool:
     async def check_all(self) -> None:
         await asyncio.gather(*(self._check(b) for b in self.backends))
 
-    async def _check(self, backend: Backend) -> None:
+    async def _check(self, backend: Replica) -> None:
         try:
             async with asyncio.timeout(self.settings.health_timeout):
                 reason = await self._probe(backend)
@@ -268,7 +268,7 @@ class BackendPool:
             reason = f"health check failed: {exc!r}"
         self._record_check(backend, reason)
 
-    async def _probe(self, backend: Backend) -> str | None:
+    async def _probe(self, backend: Replica) -> str | None:
         """None if the replica serves; else why not."""
         client = backend.client
         try:
@@ -306,7 +306,7 @@ class BackendPool:
             backend.model = _with_pool_size(backend.model, pool["size"])
         return None
 
-    def _record_check(self, backend: Backend, failure: str | None) -> None:
+    def _record_check(self, backend: Replica, failure: str | None) -> None:
         before = backend.state()
         if failure is None:
             backend.passes, backend.fails = backend.passes + 1, 0
@@ -319,15 +319,15 @@ class BackendPool:
                 backend.healthy = False
         self._state_changed(backend, before)
 
-    def _state_changed(self, backend: Backend, before: BackendState) -> None:
+    def _state_changed(self, backend: Replica, before: ReplicaState) -> None:
         after = backend.state()
         if after is before:
             return
         name = backend.model_id
-        if after is BackendState.HEALTHY:
+        if after is ReplicaState.HEALTHY:
             logger.info("backend %s is healthy (model %r, pool of %d)", backend, name,
                         backend.pool_size)  # fmt: skip
-        elif after is BackendState.EJECTED:
+        elif after is ReplicaState.EJECTED:
             seconds = backend.ejected_until - time.monotonic()
             logger.warning(
                 "backend %s ejected for %.0f s: %s", backend, seconds, backend.last_error
@@ -337,25 +337,25 @@ class BackendPool:
 
     # -- passive outlier detection ----------------------------------------------------------
 
-    def record_result(self, backend: Backend, error: LLMServiceError | None) -> None:
+    def record_result(self, backend: Replica, error: LLMServiceError | None) -> None:
         """Account a request's outcome on ``backend``; eject it after failures in a row."""
         if error is None or not _is_backend_failure(error):
             backend.request_failures = 0
-            if error is None and backend.state() is BackendState.HEALTHY:
+            if error is None and backend.state() is ReplicaState.HEALTHY:
                 backend.ejections_in_row = 0
             return
         now = time.monotonic()
-        if backend.state(now) is BackendState.EJECTED:
+        if backend.state(now) is ReplicaState.EJECTED:
             return  # calls sent before the ejection, failing now: already accounted for
         backend.request_failures += 1
         backend.last_error = str(error)
         if backend.request_failures < self.settings.eject_after:
             return
         peers = [b for b in self.backends if b.model_id == backend.model_id and b is not backend]
-        ejected = sum(b.state(now) is BackendState.EJECTED for b in peers)
+        ejected = sum(b.state(now) is ReplicaState.EJECTED for b in peers)
         if ejected + 1 > (len(peers) + 1) // 2:
             return  # never more than half of a model's replicas out at once
-        if not any(b.state(now) is BackendState.HEALTHY for b in peers):
+        if not any(b.state(now) is ReplicaState.HEALTHY for b in peers):
             return  # nor its last healthy one: a failing replica serves better than none
         before = backend.state(now)
         factor = min(MAX_EJECTION_FACTOR, 2**backend.ejections_in_row)
@@ -366,7 +366,7 @@ class BackendPool:
         self._state_changed(backend, before)
         self._ejection_over(backend)
 
-    def _ejection_over(self, backend: Backend) -> None:
+    def _ejection_over(self, backend: Replica) -> None:
         """Log the end of an ejection when it comes (the event loop's clock may run early)."""
         if backend.ejection_timer is not None:
             backend.ejection_timer.cancel()
@@ -376,20 +376,20 @@ class BackendPool:
             loop = asyncio.get_running_loop()
             backend.ejection_timer = loop.call_later(left + 0.001, self._ejection_over, backend)
         else:
-            self._state_changed(backend, BackendState.EJECTED)
+            self._state_changed(backend, ReplicaState.EJECTED)
 
     # -- routing ----------------------------------------------------------------------------
 
     def models(self) -> list[str]:
         """The ids of the models healthy replicas serve, sorted."""
-        healthy = (b for b, s in self.states() if s is BackendState.HEALTHY)
+        healthy = (b for b, s in self.states() if s is ReplicaState.HEALTHY)
         return sorted({b.model_id for b in healthy if b.model_id is not None})
 
     @property
     def ready(self) -> bool:
-        return any(b.state() is BackendState.HEALTHY for b in self.backends)
+        return any(b.state() is ReplicaState.HEALTHY for b in self.backends)
 
-    def choose(self, model: str, exclude: set[Backend]) -> Backend:
+    def choose(self, model: str, exclude: set[Replica]) -> Replica:
         """The replica for a request: the less loaded of two random healthy ones serving
         ``model``, leaving out ``exclude`` (the ones that already refused it).
 
@@ -398,7 +398,7 @@ class BackendPool:
             UnavailableError: no replica is healthy, none that serves ``model`` is, or all
                 that serve it were tried.
         """
-        healthy = [b for b in self.backends if b.state() is BackendState.HEALTHY]
+        healthy = [b for b in self.backends if b.state() is ReplicaState.HEALTHY]
         if not healthy:
             raise UnavailableError(
                 f"no healthy backend: all {len(self.backends)} are unhealthy or ejected"
@@ -419,17 +419,17 @@ class BackendPool:
             return a
         return a if a.load < b.load else b
 
-    def has_other(self, model: str, exclude: set[Backend]) -> bool:
+    def has_other(self, model: str, exclude: set[Replica]) -> bool:
         """Whether a healthy replica serving ``model`` is left besides ``exclude``."""
         return bool(self._candidates(model, exclude))
 
-    def _candidates(self, model: str, exclude: set[Backend]) -> list[Backend]:
+    def _candidates(self, model: str, exclude: set[Replica]) -> list[Replica]:
         return [
             b for b, state in self.states()
-            if state is BackendState.HEALTHY and b.serves(model) and b not in exclude
+            if state is ReplicaState.HEALTHY and b.serves(model) and b not in exclude
         ]  # fmt: skip
 
-    def states(self) -> Iterator[tuple[Backend, BackendState]]:
+    def states(self) -> Iterator[tuple[Replica, ReplicaState]]:
         now = time.monotonic()
         for b in self.backends:
             yield b, b.state(now)
@@ -443,7 +443,7 @@ class BackendPool:
                 "model": b.model_id,
                 "pool_size": b.pool_size,
                 "outstanding": b.outstanding,
-                "last_error": b.last_error if state is not BackendState.HEALTHY else None,
+                "last_error": b.last_error if state is not ReplicaState.HEALTHY else None,
             }
             | ({"discovered_by": b.discovered_by} if b.discovered_by else {})
             for b, state in self.states()
@@ -490,7 +490,7 @@ class RoutedStream:
 
     def __init__(
         self,
-        pool: BackendPool,
+        pool: ReplicaPool,
         model: str,
         prompt: str | tuple[Message, ...],
         sampling: Sampling,
@@ -504,12 +504,12 @@ class RoutedStream:
         self.sampling = sampling
         self.request_id = request_id
         self.deadline = deadline
-        self.backend: Backend | None = None
+        self.backend: Replica | None = None
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.completion: Completion | None = None
         self._stream: AsyncStream | None = None  # the current attempt
-        self._tried: set[Backend] = set()
+        self._tried: set[Replica] = set()
         self._delivered = False
         self._finished = False
         self._log = RequestLogger(logger, request_id)
