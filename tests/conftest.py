@@ -9,6 +9,9 @@ from llm_service.log import configure_logging
 from llm_service.settings import ServiceSettings
 from llm_service.wiring import load_backend
 
+# The shared harness: certificates, the model, services and gateways as second processes.
+pytest_plugins = ["tests.harness.fixtures"]
+
 TEST_N_CTX = 1024
 # Batched mode: slots of the session's shared context (engines on it use the first ones), and
 # prompt tokens per step.

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from llm_service import errors
 from llm_service.engine import Engine, Finished, GenerationEvent, GenerationRequest, TokenDelta
 
 
@@ -35,3 +36,14 @@ def run_llm_service(
         [sys.executable, "-m", "llm_service", *args],
         input=stdin, env=env, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
+
+
+def all_error_classes() -> set[type[errors.LLMServiceError]]:
+    """Every error class of ``llm_service.errors``, however deep."""
+    found: set[type[errors.LLMServiceError]] = set()
+    todo = [errors.LLMServiceError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found.add(sub)
+            todo.append(sub)
+    return found

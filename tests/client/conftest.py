@@ -7,10 +7,7 @@ import pytest
 from llm_service.client import AsyncClient, Client
 from llm_service.client.types import ClientOptions
 from llm_service.settings import ServiceSettings
-
-# The server tests' fixtures: one shared service, dedicated services, certificates, the model.
-from tests.server.conftest import certs, model_path, service, start_service  # noqa: F401
-from tests.server.service import Certs, ClientCert, Service
+from tests.harness.service import Certs, ClientCert, Service
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +27,7 @@ def target(svc: Service) -> str:
 
 
 @pytest.fixture
-def client(service: Service, certs: Certs) -> Callable[..., Client]:  # noqa: F811
+def client(service: Service, certs: Certs) -> Callable[..., Client]:
     """``client(**options)``: a blocking client of the shared service, closed at the end."""
     made: list[Client] = []
 
@@ -44,7 +41,7 @@ def client(service: Service, certs: Certs) -> Callable[..., Client]:  # noqa: F8
 
 
 @pytest.fixture
-async def aclient(service: Service, certs: Certs) -> AsyncClient:  # noqa: F811
+async def aclient(service: Service, certs: Certs) -> AsyncClient:
     """An async client of the shared service."""
     async with AsyncClient(target(service), **options(certs)) as c:
         yield c  # type: ignore[misc]

@@ -17,7 +17,7 @@ import pytest
 
 from llm_service.client import Client
 from tests.client.conftest import options, target
-from tests.server.service import Certs, Service, free_port
+from tests.harness.service import Certs, Service, free_port
 
 pytestmark = pytest.mark.model
 

@@ -24,7 +24,7 @@ from llm_service.certs import new_ca
 from llm_service.client import AsyncClient, Client, FinishReason
 from llm_service.settings import ClientSettings, ServiceSettings
 from tests.client.conftest import options, target
-from tests.server.service import Certs, Service, free_port
+from tests.harness.service import Certs, Service, free_port
 
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"
 LONG = 900  # tokens: far more than a test waits for (the fake's reply never stops sooner)

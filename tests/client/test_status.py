@@ -8,7 +8,7 @@ import pytest
 from llm_service import errors
 from llm_service.client.status import ERRORS_BY_CODE, error_for
 from llm_service.server.status import status_for
-from tests.server.test_status import all_error_classes
+from tests.support import all_error_classes
 
 EXAMPLES: list[errors.LLMServiceError] = [
     errors.InvalidRequestError("sampling.top_p", "must be in (0, 1], got 1.5"),

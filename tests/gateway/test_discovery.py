@@ -18,8 +18,8 @@ import dns.rcode
 import dns.rrset
 import pytest
 
-from tests.gateway.conftest import MODEL, Gateway
-from tests.server.service import Certs, Service, free_port
+from tests.harness.gateway import MODEL, Gateway
+from tests.harness.service import Certs, Service, free_port
 
 pytestmark = pytest.mark.model
 

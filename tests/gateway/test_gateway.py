@@ -16,8 +16,8 @@ import jsonschema
 import openai
 import pytest
 
-from tests.gateway.conftest import HASHED_KEY, KEY, MODEL, Gateway
-from tests.server.service import Service
+from tests.harness.gateway import HASHED_KEY, KEY, MODEL, Gateway
+from tests.harness.service import Service
 
 pytestmark = pytest.mark.model
 

@@ -6,7 +6,7 @@ import pytest
 
 from llm_service import errors
 from llm_service.gateway.status import HTTP_ERRORS, INTERNAL_MESSAGE, error_body, http_error
-from tests.server.test_status import all_error_classes
+from tests.support import all_error_classes
 
 
 def instance(cls: type[errors.LLMServiceError]) -> errors.LLMServiceError:

@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from llm_service.client import Client
-from tests.gateway.conftest import HASHED_KEY, KEY, MODEL, Gateway
-from tests.server.service import Certs, Service
+from tests.harness.gateway import HASHED_KEY, KEY, MODEL, Gateway
+from tests.harness.service import Certs, Service
 
 pytestmark = pytest.mark.model
 

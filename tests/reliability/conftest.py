@@ -16,10 +16,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-# The server and gateway tests' fixtures (certificates, the model, the keys file) and helpers.
-from tests.gateway.conftest import Gateway, keys_file  # noqa: F401
-from tests.server.conftest import certs, model_path  # noqa: F401
-from tests.server.service import Certs, Service
+from tests.harness.gateway import Gateway
+from tests.harness.service import Certs, Service
 
 # Generated requests are slow to answer (a real model) and some are megabytes on purpose.
 _SLOW_AND_LARGE = [
@@ -91,8 +89,8 @@ def replica(workdir: Path, files: Certs, model: Path, env: dict[str, str] | None
 @pytest.fixture(scope="module")
 def hostile_service(
     tmp_path_factory: pytest.TempPathFactory,
-    certs: Certs,  # noqa: F811
-    model_path: Path,  # noqa: F811
+    certs: Certs,
+    model_path: Path,
 ) -> Iterator[Service]:
     """One service for the whole module: every generated request goes to the same process, so
     a request that breaks it fails the examples after it too."""
@@ -108,8 +106,8 @@ def hostile_gateway(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     hostile_service: Service,
-    certs: Certs,  # noqa: F811
-    keys_file: Path,  # noqa: F811
+    certs: Certs,
+    keys_file: Path,
 ) -> Iterator[Gateway]:
     """A gateway with API keys over ``hostile_service`` alone (settings: the module's
     ``GATEWAY_ENV``, if it has one)."""

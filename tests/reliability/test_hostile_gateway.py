@@ -25,9 +25,9 @@ from schemathesis import GenerationMode
 from schemathesis import checks as generic_checks
 from schemathesis.specs.openapi import checks as openapi_checks
 
-from tests.gateway.conftest import KEY, MODEL, Gateway
+from tests.harness.gateway import KEY, MODEL, Gateway
+from tests.harness.service import Certs, Service
 from tests.reliability.conftest import examples, replica, wait_pool_whole
-from tests.server.service import Certs, Service
 
 pytestmark = pytest.mark.model
 

@@ -11,14 +11,14 @@ import pytest
 
 from llm_service.client import AsyncClient
 from llm_service.errors import ConnectionFailedError, ConnectionLostError, UnavailableError
-from tests.server.service import Certs, Service, greedy
-from tests.server.test_servicer import Rig, rig  # noqa: F401  (the servicer on the fake)
+from tests.harness.fixtures import Rig
+from tests.harness.service import Certs, Service, greedy
 
 CANCELS = 100
 
 
 async def test_client_cancels_mid_stream_are_cancels_not_internal_errors(
-    rig: Rig,  # noqa: F811
+    rig: Rig,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Found by the harness: an abandoned stream logged as an internal error on its replica.

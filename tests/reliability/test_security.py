@@ -21,16 +21,15 @@ import httpx
 import pytest
 
 from llm_service.certs import new_ca
-from tests.gateway.conftest import KEY, MODEL, Gateway, backends, keys_file  # noqa: F401
-from tests.server.conftest import certs, model_path  # noqa: F401
-from tests.server.service import Certs, ClientCert, Service, greedy, pool_status
+from tests.harness.gateway import KEY, MODEL, Gateway
+from tests.harness.service import Certs, ClientCert, Service, greedy, pool_status
 
 pytestmark = pytest.mark.model
 
 
 def gateway_with(
     tmp_path: Path,
-    certs: Certs,  # noqa: F811
+    certs: Certs,
     replicas: list[Service],
     env: dict[str, str],
 ) -> Gateway:
@@ -86,8 +85,8 @@ def test_the_gateway_to_replica_link_needs_mutual_tls(
     case: str,
     reason: str | None,
     tmp_path: Path,
-    certs: Certs,  # noqa: F811
-    backends: list[Service],  # noqa: F811
+    certs: Certs,
+    backends: list[Service],
     other_ca: Path,
 ) -> None:
     env = {
@@ -151,9 +150,9 @@ def test_api_keys_are_never_logged_nor_echoed(gateway_with_keys: Gateway) -> Non
 @pytest.fixture(scope="module")
 def gateway_with_keys(
     tmp_path_factory: pytest.TempPathFactory,
-    certs: Certs,  # noqa: F811
-    backends: list[Service],  # noqa: F811
-    keys_file: Path,  # noqa: F811
+    certs: Certs,
+    backends: list[Service],
+    keys_file: Path,
 ) -> Iterator[Gateway]:
     gw = Gateway(tmp_path_factory.mktemp("gw"), certs, backends, keys_file=keys_file)
     try:
@@ -165,7 +164,7 @@ def gateway_with_keys(
 @pytest.mark.parametrize("mode", [0o644, 0o666])
 def test_the_gateway_refuses_a_client_key_others_may_read(
     tmp_path: Path,
-    certs: Certs,  # noqa: F811
+    certs: Certs,
     mode: int,
 ) -> None:
     key = tmp_path / "client.key"
@@ -192,7 +191,7 @@ def test_the_gateway_refuses_a_client_key_others_may_read(
 )
 async def test_no_request_makes_the_service_read_a_file(
     schema: str,
-    backends: list[Service],  # noqa: F811
+    backends: list[Service],
 ) -> None:
     svc = backends[0]
     request = greedy("Hi", 2)

@@ -15,9 +15,8 @@ import httpx
 import pytest
 
 from llm_service.api.v1 import llm_pb2 as pb
-from tests.gateway.conftest import KEY, MODEL, Gateway, _service
-from tests.server.conftest import certs, model_path  # noqa: F401
-from tests.server.service import Certs, Service, greedy
+from tests.harness.gateway import KEY, MODEL, Gateway, replica
+from tests.harness.service import Certs, Service, greedy
 
 pytestmark = pytest.mark.model
 
@@ -42,11 +41,11 @@ def wait_free(svc: Service, timeout: float) -> float:
 @pytest.fixture(scope="module")
 def service(
     tmp_path_factory: pytest.TempPathFactory,
-    certs: Certs,  # noqa: F811
-    model_path: Path,  # noqa: F811
+    certs: Certs,
+    model_path: Path,
 ) -> Iterator[Service]:
     """One context of 2048 tokens, a 2 s stall timeout."""
-    svc = _service(
+    svc = replica(
         tmp_path_factory.mktemp("slow"),
         certs,
         model_path,
@@ -166,7 +165,7 @@ def test_connections_that_send_nothing_do_not_block_the_service(service: Service
 @pytest.fixture(scope="module")
 def gateway(
     tmp_path_factory: pytest.TempPathFactory,
-    certs: Certs,  # noqa: F811
+    certs: Certs,
     service: Service,
 ) -> Iterator[Gateway]:
     env = {"LLM_GATEWAY_HEADER_TIMEOUT": "2"}

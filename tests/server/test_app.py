@@ -21,7 +21,7 @@ from llm_service.engine import FakeBackend
 from llm_service.errors import ConfigurationError
 from llm_service.server import SERVICE_NAME, app
 from llm_service.settings import ServiceSettings
-from tests.server.service import free_port, greedy, run_stream
+from tests.harness.service import free_port, greedy, run_stream
 
 
 def serve_in_process(

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from llm_service.api.v1 import llm_pb2 as pb
 from llm_service.server import SERVICE_NAME
-from tests.server.service import Certs, Service, greedy, pool_status, read_rest, run_stream
+from tests.harness.service import Certs, Service, greedy, pool_status, read_rest, run_stream
 from tests.support import run_llm_service
 
 pytestmark = pytest.mark.model

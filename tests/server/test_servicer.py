@@ -2,49 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import pytest
 
 from llm_service.api.v1 import llm_pb2 as pb
-from llm_service.api.v1 import llm_pb2_grpc
-from llm_service.engine import Engine, EngineConfig, FakeBackend
 from llm_service.engine.batching import BatchEntry
 from llm_service.engine.fake import FakeBatchDecoder, FakeContext
 from llm_service.errors import EngineError
-from llm_service.server import InferenceServicer, Phase, ServerState, convert
-from llm_service.server.metrics import ServiceMetrics
-from tests.server.service import greedy, read_rest, run_stream
-
-
-@dataclass
-class Rig:
-    backend: FakeBackend
-    state: ServerState
-    servicer: InferenceServicer
-    metrics: ServiceMetrics
-    stub: llm_pb2_grpc.InferenceStub
-
-
-@pytest.fixture(params=["contexts", "batched"])
-async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
-    backend = FakeBackend(pool_mode=request.param)
-    engine = await Engine.start(backend, EngineConfig(pool_size=2, max_queue=4))
-    state = ServerState(pool_size=2)
-    metrics = ServiceMetrics(state)
-    servicer = InferenceServicer(state, metrics)
-    server = grpc.aio.server()
-    llm_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    state.engine, state.phase = engine, Phase.SERVING
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield Rig(backend, state, servicer, metrics, llm_pb2_grpc.InferenceStub(channel))
-    await server.stop(0)
-    await engine.aclose()
+from llm_service.server import Phase, convert
+from tests.harness.fixtures import Rig
+from tests.harness.service import greedy, read_rest, run_stream
 
 
 async def test_engine_failure_after_start_ends_the_stream_with_unavailable(

@@ -9,16 +9,7 @@ import pytest
 
 from llm_service import errors
 from llm_service.server.status import RETRY_AFTER_MS, STATUS_CODES, status_for
-
-
-def all_error_classes() -> set[type[errors.LLMServiceError]]:
-    found: set[type[errors.LLMServiceError]] = set()
-    todo = [errors.LLMServiceError]
-    while todo:
-        for sub in todo.pop().__subclasses__():
-            found.add(sub)
-            todo.append(sub)
-    return found
+from tests.support import all_error_classes
 
 
 def test_every_error_class_has_its_own_row() -> None:
