@@ -18,10 +18,17 @@ import dns.rcode
 import dns.rrset
 import pytest
 
-from tests.harness.gateway import MODEL, Gateway
+from tests.harness.gateway import FAKE_MODEL as MODEL
+from tests.harness.gateway import Gateway
 from tests.harness.service import Certs, Service, free_port
 
-pytestmark = pytest.mark.model
+
+@pytest.fixture(scope="session")
+def model_path() -> None:
+    """No model: the replicas of this module serve the fake backend (what is tested is how the
+    gateway finds them)."""
+    return None
+
 
 NAME = "replicas.test"
 

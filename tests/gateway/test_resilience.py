@@ -1,5 +1,7 @@
 """llm-gateway under failure: load spreading, a replica killed and restarted, clients that go
-away, overloaded replicas, rate limits. Real replicas, real sockets, real signals."""
+away, overloaded replicas, rate limits. Real replicas, real sockets, real signals; the replicas
+serve the fake backend (``LLM_BACKEND=fake``: every reply counts "1, 2, 3, ..." at about 100
+tokens/s), since what is tested is the gateway, not what a model says."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,12 +19,41 @@ import openai
 import pytest
 
 from llm_service.client import Client
-from tests.harness.gateway import HASHED_KEY, KEY, MODEL, Gateway
+from tests.harness.gateway import FAKE_MODEL as MODEL
+from tests.harness.gateway import HASHED_KEY, KEY, Gateway, replica
 from tests.harness.service import Certs, Service
 
-pytestmark = pytest.mark.model
+COUNT = "1, 2, 3,"  # a stream that runs to max_tokens (the fake's reply is longer than any)
 
-COUNT = "1, 2, 3,"  # greedy, it counts on: a stream that runs to max_tokens
+
+@pytest.fixture(scope="session")
+def model_path() -> None:
+    """No model: dedicated replicas (``start_backend``) serve the fake backend too."""
+    return None
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[list[Service]]:
+    """Two fake replicas shared by the tests that do not stop them (pool of 2 each)."""
+    workdir = tmp_path_factory.mktemp("fake-backends")
+    started = [replica(workdir, certs, None) for _ in range(2)]
+    try:
+        yield [s.wait_ready() for s in started]
+    finally:
+        for s in started:
+            assert s.stop() == 0, s.log
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, certs: Certs, backends: list[Service], keys_file: Path
+) -> Iterator[Gateway]:
+    """A gateway over both fake replicas, with API keys."""
+    gw = Gateway(tmp_path_factory.mktemp("gateway"), certs, backends, keys_file=keys_file)
+    try:
+        yield gw.wait_ready(30)
+    finally:
+        assert gw.stop() == 0, gw.log
 
 
 class SseStream(threading.Thread):

@@ -12,6 +12,7 @@ import openai
 from tests.harness.service import Certs, ChildProcess, Service, free_port
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"  # the default model's id: its file name without .gguf
+FAKE_MODEL = "fake"  # the fake backend's (LLM_BACKEND=fake)
 KEY = "sk-test-key-one"
 HASHED_KEY = "sk-test-key-two"  # in the keys file as sha256:HEX only
 
@@ -66,7 +67,11 @@ class Gateway(ChildProcess):
 
 
 def replica(
-    workdir: Path, files: Certs, model: Path, env: dict[str, str] | None = None, **kwargs: Any
+    workdir: Path,
+    files: Certs,
+    model: Path | None,
+    env: dict[str, str] | None = None,
+    **kwargs: Any,
 ) -> Service:
     # One compute thread each: two replicas on 2 cores with 2 threads each make llama.cpp's
     # spinning threads wait on each other (measured: 0.3 tokens/s instead of 40 per stream).

@@ -219,7 +219,7 @@ class FakeBackend:
         self._lock = threading.Lock()
         self.info = LoadedModel(
             name="fake",
-            path="(fake)",
+            path="fake.gguf",
             size_bytes=0,
             n_params=0,
             n_ctx=n_ctx,
