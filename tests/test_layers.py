@@ -51,7 +51,12 @@ ONLY_IN = {
     "grpc": {"llm_service.server", "llm_service.client", "llm_service.api"},
     "grpc_health": {"llm_service.server", "llm_service.client"},
     "grpc_reflection": {"llm_service.server"},
-    # The gateway's web framework; the server's plain HTTP port (probes, metrics) uses it too.
+    # The web framework: the gateway's only.
+    "fastapi": {"llm_service.gateway"},
+    "starlette": {"llm_service.gateway"},
+    "uvicorn": {"llm_service.gateway"},
+    # An HTTP toolkit: the gateway's client for replica health checks, and the server's plain
+    # HTTP port (probes, metrics).
     "aiohttp": {"llm_service.gateway", "llm_service.server.http"},
 }
 
