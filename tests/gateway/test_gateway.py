@@ -147,6 +147,38 @@ def test_json_schema_response_validates(gateway: Gateway) -> None:
     assert isinstance(json.loads(any_object.choices[0].message.content or ""), dict)
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def test_tools_are_refused_by_name_not_dropped(gateway: Gateway) -> None:
+    """Until tool calling is served, the official client hears so, instead of a plain answer."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        gateway.client().chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            tools=[WEATHER],
+            tool_choice="required",  # type: ignore[list-item]
+        )
+    assert caught.value.param == "tools"
+    assert "tool calling is not supported" in caught.value.message
+
+
+def test_llama_cpp_sampling_parameters_are_served(gateway: Gateway) -> None:
+    done = gateway.client().chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        max_tokens=8,
+        extra_body={"grammar": 'root ::= "yes" | "no"', "top_k": 1, "min_p": 0.0},
+    )
+    assert done.choices[0].message.content in ("yes", "no")
+
+
 def _post(gateway: Gateway, body: Any, path: str = "/v1/chat/completions") -> httpx.Response:
     headers = {"authorization": f"Bearer {KEY}"}
     if isinstance(body, bytes):
@@ -169,6 +201,9 @@ def _post(gateway: Gateway, body: Any, path: str = "/v1/chat/completions") -> ht
          "messages[0].content", None),
         ({"model": MODEL, "messages": QUESTION, "stop": 5}, 400, "stop", None),
         ({"model": MODEL, "messages": QUESTION, "top_p": 0.5, "top_k": 1000000}, 200, None, None),
+        ({"model": MODEL, "messages": QUESTION, "tools": [WEATHER]}, 400, "tools", None),
+        ({"model": MODEL, "messages": QUESTION, "logit_bias": {"1": 5}}, 400, "logit_bias", None),
+        ({"model": MODEL, "messages": QUESTION, "temprature": 0.5}, 400, "temprature", None),
         ({"model": "gpt-4", "messages": QUESTION}, 404, "model", "model_not_found"),
         ([1, 2], 400, "body", None),
         (b"{not json", 400, "body", None),
@@ -178,7 +213,7 @@ def test_bad_requests_get_openai_errors(
     gateway: Gateway, body: Any, status: int, param: str | None, code: str | None
 ) -> None:
     if isinstance(body, dict) and status == 200:
-        body |= {"max_tokens": 4}  # top_k is not an OpenAI field: ignored
+        body |= {"max_tokens": 4}  # top_k is llama.cpp's, served (past the vocabulary: all)
     response = _post(gateway, body)
     assert response.status_code == status, response.text
     if status != 200:

@@ -300,12 +300,88 @@ def test_an_int_is_accepted_for_a_float() -> None:
     assert ChatCompletionRequest.model_validate(CHAT | {"temperature": 1}).temperature == 1.0
 
 
-def test_unknown_fields_are_ignored() -> None:
-    body = ChatCompletionRequest.model_validate(
-        CHAT | {"tools": [], "parallel_tool_calls": False, "metadata": {"a": "b"}}
-    )
-    assert to_generation(body).sampling == {}
-    assert not hasattr(body, "tools")
+def test_an_unknown_field_is_refused_by_name() -> None:
+    with pytest.raises(pydantic.ValidationError) as info:
+        chat(temprature=0.5)
+    error = invalid_request(info.value.errors())
+    assert error.field == "temprature"
+    assert "not a parameter of this endpoint" in str(error)
+    with pytest.raises(pydantic.ValidationError) as nested:
+        chat(messages=[{"role": "user", "content": "Hi", "colour": "red"}])
+    assert invalid_request(nested.value.errors()).field == "messages[0].colour"
+
+
+# Every field of OpenAI's request bodies that asks for something not served, with a value that
+# asks for it: each is refused with a 400 naming the field.
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+UNSERVED_CHAT = [
+    ("n", 2),
+    ("logprobs", True),
+    ("top_logprobs", 3),
+    ("logit_bias", {"42": -100}),
+    ("tools", [TOOL]),
+    ("tool_choice", "required"),
+    ("tool_choice", {"type": "function", "function": {"name": "f"}}),
+    ("functions", [TOOL["function"]]),
+    ("function_call", "auto"),
+    ("modalities", ["text", "audio"]),
+    ("audio", {"voice": "alloy", "format": "wav"}),
+    ("prediction", {"type": "content", "content": "x"}),
+    ("web_search_options", {}),
+    ("reasoning_effort", "low"),
+    ("verbosity", "low"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), UNSERVED_CHAT)
+def test_a_chat_field_that_is_not_served_is_refused_by_name(field: str, value: Any) -> None:
+    assert refusal(chat(**{field: value})).field == field
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("n", 3), ("logprobs", 2), ("logit_bias", {"7": 5}), ("best_of", 2)]
+)
+def test_a_completion_field_that_is_not_served_is_refused_by_name(field: str, value: Any) -> None:
+    assert refusal(completion(**{field: value})).field == field
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("tool_calls", [{"id": "call_1", "type": "function", "function": {"name": "f"}}]),
+     ("tool_call_id", "call_1"), ("function_call", {"name": "f"}), ("audio", {"id": "a"})],
+)  # fmt: skip
+def test_a_message_asking_for_tools_or_audio_is_refused_naming_it(field: str, value: Any) -> None:
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "", field: value},
+    ]
+    assert refusal(chat(messages=messages)).field == f"messages[1].{field}"
+
+
+def test_values_that_ask_for_nothing_unserved_are_served() -> None:
+    """What clients send by default: no tool, text only, labels for OpenAI's own services."""
+    body = chat(
+        tools=[], tool_choice="none", parallel_tool_calls=False, functions=[], function_call="none",
+        modalities=["text"], top_logprobs=0, logit_bias={}, metadata={"a": "b"}, store=False,
+        service_tier="auto", prompt_cache_key="k", safety_identifier="s", user="u",
+        stream=True, stream_options={"include_usage": True, "include_obfuscation": False},
+        messages=[{"role": "user", "content": "Hi", "name": "ann"},
+                  {"role": "assistant", "content": "Hello", "refusal": None, "tool_calls": []}],
+    )  # fmt: skip
+    generation = to_generation(body)
+    assert generation.sampling == {} and generation.include_usage
+    assert to_generation(completion(best_of=1)).sampling == {}
+
+
+def test_llama_cpps_sampling_parameters_are_served() -> None:
+    """As llama-server and vLLM accept them on the same endpoints."""
+    body = chat(top_k=20, min_p=0.1, repeat_penalty=1.1, grammar='root ::= "yes" | "no"')
+    assert to_generation(body).sampling == {
+        "top_k": 20, "min_p": 0.1, "repeat_penalty": 1.1, "grammar": 'root ::= "yes" | "no"',
+    }  # fmt: skip
+    assert to_generation(completion(top_k=0)).sampling == {"top_k": 0}
+    fmt = {"type": "json_object"}
+    assert refusal(chat(grammar="root ::= x", response_format=fmt)).field == "grammar"
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,12 @@
 """The OpenAI wire format: request bodies in, completion objects and stream chunks out.
 
-Requests are pydantic models (unknown fields ignored, wrong types refused); ``to_generation``
-turns one into what the backend is asked, and ``ResponseBuilder`` writes the OpenAI objects
-(``chat.completion``, ``chat.completion.chunk``, ``text_completion``) from the backend's chunks.
+Requests are pydantic models. No field is dropped silently: every field of OpenAI's request
+bodies is either served, refused with a 400 naming it (``to_generation``), or, for the few that
+only label a request for OpenAI's own services, accepted and documented as ignored in the
+OpenAPI document; a field that is none of these is refused as unknown. Wrong types are refused.
+``to_generation`` turns a body into what the backend is asked, and ``ResponseBuilder`` writes
+the OpenAI objects (``chat.completion``, ``chat.completion.chunk``, ``text_completion``) from
+the backend's chunks.
 """
 
 from __future__ import annotations
@@ -35,9 +39,13 @@ _ROLES |= {"tool": "tool", "function": "tool"}
 
 
 class _Body(BaseModel):
-    # Strict types (a string is not a number), unknown fields ignored as OpenAI's clients send
-    # fields this gateway does not know.
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # Strict types (a string is not a number); an unknown field is refused, never dropped.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+# Fields that only label a request for OpenAI's own services (caching, storage, abuse checks,
+# billing tiers): accepted so that clients which always send them work, and ignored.
+IGNORED = "Accepted and ignored: it labels a request for OpenAI's own services."
 
 
 # The values a field is served with, for the OpenAPI document only (``json_schema_extra``):
@@ -71,7 +79,16 @@ class Message(_Body):
 
     role: str = Field(json_schema_extra=_served(*sorted(_ROLES)))
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: str | None = Field(
+        None, description="Accepted and ignored: the model's template has no participant names."
+    )
+    refusal: str | None = Field(None, description="An assistant's refusal, as text.")
+    tool_calls: list[Any] | None = Field(
+        None, description="Not served (tool calling): only null or an empty list."
+    )
+    tool_call_id: str | None = Field(None, description="Not served (tool calling): only null.")
+    function_call: Any | None = Field(None, description="Not served (function calling).")
+    audio: Any | None = Field(None, description="Not served (audio): only null.")
 
 
 class JsonSchemaFormat(_Body):
@@ -94,6 +111,9 @@ class StreamOptions(_Body):
     """``stream_options``."""
 
     include_usage: bool = False
+    include_obfuscation: bool | None = Field(
+        None, description="Accepted and ignored: this gateway pads no stream events."
+    )
 
 
 class _Sampling(_Body):
@@ -119,6 +139,28 @@ class _Sampling(_Body):
         description="Not served: only false or absent.",
         json_schema_extra=_served(False, None),
     )
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Not served: only null or an empty object."
+    )
+    # llama.cpp's own sampling parameters, as llama-server and vLLM accept them.
+    top_k: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="llama.cpp: sample from the k most likely tokens; 0 = off."
+    )
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None, description="llama.cpp: drop tokens below min_p x the most likely one's probability."
+    )
+    repeat_penalty: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="llama.cpp: penalty on repeated tokens; 1 = off."
+    )
+    grammar: str | None = Field(
+        None, description="llama.cpp: a GBNF grammar the answer must follow."
+    )
+    # Labels for OpenAI's own services.
+    metadata: dict[str, str] | None = Field(None, description=IGNORED)
+    service_tier: str | None = Field(None, description=IGNORED)
+    store: bool | None = Field(None, description=IGNORED)
+    prompt_cache_key: str | None = Field(None, description=IGNORED)
+    safety_identifier: str | None = Field(None, description=IGNORED)
 
 
 class ChatCompletionRequest(_Sampling):
@@ -126,6 +168,25 @@ class ChatCompletionRequest(_Sampling):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    top_logprobs: int | None = Field(None, description="Not served: only null or 0.")
+    # Tool calling is not served yet: refused by name, except what asks for no tool at all.
+    tools: list[Any] | None = Field(None, description="Not served: only null or an empty list.")
+    tool_choice: Any | None = Field(None, description='Not served: only null or "none".')
+    parallel_tool_calls: bool | None = Field(
+        None, description="Accepted and ignored without tools (no tool is ever called)."
+    )
+    functions: list[Any] | None = Field(
+        None, description="Not served (deprecated function calling): only null or empty."
+    )
+    function_call: Any | None = Field(None, description='Not served: only null or "none".')
+    modalities: list[str] | None = Field(None, description='Only ["text"] is served.')
+    audio: Any | None = Field(None, description="Not served: only null.")
+    prediction: Any | None = Field(None, description="Not served: only null.")
+    web_search_options: Any | None = Field(None, description="Not served: only null.")
+    reasoning_effort: str | None = Field(
+        None, description="Not served (no reasoning models yet): only null."
+    )
+    verbosity: str | None = Field(None, description="Not served: only null.")
 
 
 class CompletionRequest(_Sampling):
@@ -141,6 +202,9 @@ class CompletionRequest(_Sampling):
     )
     suffix: str | None = Field(
         None, description="Not served: only null or absent.", json_schema_extra=_served(None)
+    )
+    best_of: int | None = Field(
+        None, description="Only 1 is served.", json_schema_extra=_served(1, None)
     )
 
 
@@ -163,6 +227,8 @@ def invalid_request(errors: Sequence[Mapping[str, Any]]) -> InvalidRequestError:
     detail = err["msg"]
     if err["type"] == "missing":
         detail = "is required"
+    elif err["type"] == "extra_forbidden":
+        detail = "is not a parameter of this endpoint (no field is ignored silently)"
     elif err["type"] == "json_invalid":
         return InvalidRequestError("body", f"is not valid JSON: {err['ctx'].get('error', detail)}")
     return InvalidRequestError(param or "body", detail[0].lower() + detail[1:])
@@ -189,17 +255,17 @@ def to_generation(body: ChatCompletionRequest | CompletionRequest) -> Generation
         InvalidRequestError: a value the gateway cannot serve (``n`` > 1, image content, an
             unknown role, logprobs, ...), naming the parameter.
     """
-    if body.n is not None and body.n != 1:
-        raise InvalidRequestError("n", f"only n=1 is supported, got {body.n}")
-    if body.logprobs:
-        raise InvalidRequestError("logprobs", "log probabilities are not supported")
+    _refuse_unserved(body)
     sampling: Sampling = {}
     max_tokens = body.max_tokens
     if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens is not None:
         max_tokens = body.max_completion_tokens
     if max_tokens is not None:
         sampling["max_tokens"] = max_tokens
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+    for name in (
+        "temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+        "repeat_penalty", "grammar",
+    ):  # fmt: skip
         value = getattr(body, name)
         if value is not None:
             sampling[name] = value
@@ -209,6 +275,10 @@ def to_generation(body: ChatCompletionRequest | CompletionRequest) -> Generation
         sampling["stop"] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
     schema = _schema(body.response_format)
     if schema is not None:
+        if body.grammar is not None:
+            raise InvalidRequestError(
+                "grammar", "give a grammar or a response_format with a schema, not both"
+            )
         sampling["json_schema"] = schema
     prompt: str | tuple[ChatMessage, ...]
     if isinstance(body, ChatCompletionRequest):
@@ -217,6 +287,49 @@ def to_generation(body: ChatCompletionRequest | CompletionRequest) -> Generation
         prompt = _prompt(body)
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
     return Generation(prompt, sampling, bool(body.stream), include_usage)
+
+
+def _refuse_unserved(body: ChatCompletionRequest | CompletionRequest) -> None:
+    """A 400 naming the first field whose value asks for what is not served."""
+    if body.n is not None and body.n != 1:
+        raise InvalidRequestError("n", f"only n=1 is supported, got {body.n}")
+    if body.logprobs:
+        raise InvalidRequestError("logprobs", "log probabilities are not supported")
+    if body.logit_bias:
+        raise InvalidRequestError("logit_bias", "token biases are not supported")
+    if isinstance(body, CompletionRequest):
+        if body.best_of is not None and body.best_of != 1:
+            raise InvalidRequestError("best_of", f"only best_of=1 is supported, got {body.best_of}")
+        return
+    tools = "tool calling is not supported yet"
+    if body.top_logprobs:
+        raise InvalidRequestError("top_logprobs", "log probabilities are not supported")
+    if body.tools:
+        raise InvalidRequestError("tools", tools)
+    if body.tool_choice not in (None, "none"):
+        raise InvalidRequestError("tool_choice", f'{tools}: only "none" is served')
+    if body.functions:
+        raise InvalidRequestError("functions", tools)
+    if body.function_call not in (None, "none"):
+        raise InvalidRequestError("function_call", f'{tools}: only "none" is served')
+    if body.modalities is not None and body.modalities != ["text"]:
+        raise InvalidRequestError("modalities", 'only ["text"] is served')
+    for name, what in (
+        ("audio", "audio output"),
+        ("prediction", "predicted outputs"),
+        ("web_search_options", "web search"),
+        ("reasoning_effort", "reasoning effort (no reasoning model is served)"),
+        ("verbosity", "verbosity"),
+    ):
+        if getattr(body, name) is not None:
+            raise InvalidRequestError(name, f"{what} is not supported")
+    for i, message in enumerate(body.messages):
+        if message.tool_calls:
+            raise InvalidRequestError(f"messages[{i}].tool_calls", tools)
+        for name in ("tool_call_id", "function_call", "audio"):
+            if getattr(message, name) is not None:
+                what = "audio" if name == "audio" else tools
+                raise InvalidRequestError(f"messages[{i}].{name}", f"{what} is not supported")
 
 
 def _schema(fmt: ResponseFormat | None) -> str | None:
