@@ -41,6 +41,8 @@ PoolMode = Literal["batched", "contexts"]
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "random seed" sentinel
+MAX_LOGIT_BIAS = 1024  # tokens one request may bias
+MAX_BIAS = 100.0  # as OpenAI's: -100 keeps a token out, +100 all but forces it
 
 
 # The one rule for request ids, wherever they come from (a gRPC field or metadata, an HTTP
@@ -197,6 +199,8 @@ class SamplingParams:
         stop: strings that end generation; they are not part of the output.
         grammar: a GBNF grammar (root rule ``root``) the output must follow.
         json_schema: a JSON schema (as JSON text) the output must follow.
+        logit_bias: (token id, bias) pairs, each bias in [-100, 100], added to the token's logit
+            before sampling (the engine checks the ids against the vocabulary).
     """
 
     max_tokens: int | None = None
@@ -212,6 +216,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     grammar: str | None = None
     json_schema: str | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         p = "sampling."
@@ -258,6 +263,18 @@ class SamplingParams:
             )
         for s in self.stop:
             _require(isinstance(s, str) and s != "", p + "stop", "stop strings must not be empty")
+        _require(
+            len(self.logit_bias) <= MAX_LOGIT_BIAS,
+            p + "logit_bias",
+            f"has {len(self.logit_bias)} tokens; at most {MAX_LOGIT_BIAS}",
+        )
+        for token, bias in self.logit_bias:
+            _require(token >= 0, p + "logit_bias", f"token id {token} is negative")
+            _require(
+                math.isfinite(bias) and -MAX_BIAS <= bias <= MAX_BIAS,
+                p + "logit_bias",
+                f"the bias of token {token} must be in [-{MAX_BIAS:g}, {MAX_BIAS:g}], got {bias}",
+            )
         _require(
             self.grammar is None or self.json_schema is None,
             p + "grammar",

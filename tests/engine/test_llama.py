@@ -383,6 +383,37 @@ def test_penalties_push_down_what_was_generated(
         penalised.close()
 
 
+def test_logit_bias_moves_the_choice(llama_backend: Backend) -> None:
+    """The request's real chain on made-up logits: -100 keeps the leader out, +100 lifts a
+    token from the bottom to the top."""
+    backend = llama_backend
+    assert isinstance(backend, LlamaBackend)
+    logits = np.full(backend.info.n_vocab, -50.0, dtype=np.float32)
+    logits[7], logits[8] = 1.0, 0.8
+    for bias, chosen in (((), 7), (((7, -100.0),), 8), (((9, 100.0),), 9)):
+        sampler = backend.create_sampler(SamplingParams(temperature=0, logit_bias=bias))
+        try:
+            assert sampler.sample_logits(logits) == chosen, bias
+        finally:
+            sampler.close()
+
+
+async def test_logit_bias_keeps_a_token_out_of_a_real_answer(engine: Engine) -> None:
+    """Two runs on this machine: the greedy first token, then the same request with that token
+    biased by -100 starts otherwise; an id outside the vocabulary is refused by name."""
+    request = GenerationRequest(prompt="The capital of France is", sampling=SamplingParams(
+        max_tokens=1, temperature=0))  # fmt: skip
+    first = deltas(await collect(engine, request))[0].token_ids[0]
+    biased = GenerationRequest(prompt=request.prompt, sampling=SamplingParams(
+        max_tokens=1, temperature=0, logit_bias=((first, -100.0),)))  # fmt: skip
+    assert deltas(await collect(engine, biased))[0].token_ids[0] != first
+    outside = SamplingParams(logit_bias=((engine.info.n_vocab, 1.0),))
+    with pytest.raises(InvalidRequestError) as info:
+        await collect(engine, GenerationRequest(prompt="Hi", sampling=outside))
+    assert info.value.field == "sampling.logit_bias"
+    assert engine.pool_state().free == engine.pool_state().size
+
+
 @pytest.mark.parametrize(
     ("constraint", "after"),
     [

@@ -16,8 +16,9 @@ import jsonschema
 import openai
 import pytest
 
+from llm_service.client import Client
 from tests.harness.gateway import HASHED_KEY, KEY, MODEL, Gateway
-from tests.harness.service import Service
+from tests.harness.service import Certs, Service
 
 pytestmark = pytest.mark.model
 
@@ -179,6 +180,27 @@ def test_llama_cpp_sampling_parameters_are_served(gateway: Gateway) -> None:
     assert done.choices[0].message.content in ("yes", "no")
 
 
+def test_logit_bias_forces_and_forbids_tokens(
+    gateway: Gateway, backends: list[Service], certs: Certs
+) -> None:
+    """+100 on a token makes it the answer's first; -100 keeps it out of the answer."""
+    tls = {"tls_ca": certs.ca, "tls_cert": certs.client.cert, "tls_key": certs.client.key}
+    with Client(f"127.0.0.1:{backends[0].grpc_port}", **tls) as c:
+        token = c.tokenize(" purple", add_special=False)[0]
+        piece = c.detokenize([token])
+    client = gateway.client()
+    forced = client.completions.create(
+        model=MODEL, prompt="My favourite colour is", max_tokens=1, temperature=0,
+        logit_bias={str(token): 100},
+    )  # fmt: skip
+    assert forced.choices[0].text == piece
+    kept_out = client.completions.create(
+        model=MODEL, prompt="My favourite colour is", max_tokens=1, temperature=0,
+        logit_bias={str(token): -100},
+    )  # fmt: skip
+    assert kept_out.choices[0].text != piece
+
+
 def _post(gateway: Gateway, body: Any, path: str = "/v1/chat/completions") -> httpx.Response:
     headers = {"authorization": f"Bearer {KEY}"}
     if isinstance(body, bytes):
@@ -202,7 +224,11 @@ def _post(gateway: Gateway, body: Any, path: str = "/v1/chat/completions") -> ht
         ({"model": MODEL, "messages": QUESTION, "stop": 5}, 400, "stop", None),
         ({"model": MODEL, "messages": QUESTION, "top_p": 0.5, "top_k": 1000000}, 200, None, None),
         ({"model": MODEL, "messages": QUESTION, "tools": [WEATHER]}, 400, "tools", None),
-        ({"model": MODEL, "messages": QUESTION, "logit_bias": {"1": 5}}, 400, "logit_bias", None),
+        ({"model": MODEL, "messages": QUESTION, "logit_bias": {"x": 5}}, 400, "logit_bias", None),
+        ({"model": MODEL, "messages": QUESTION, "logit_bias": {"1": 101}}, 400, "logit_bias",
+         None),
+        ({"model": MODEL, "messages": QUESTION, "logit_bias": {str(10**9): 1}}, 400,
+         "logit_bias", None),
         ({"model": MODEL, "messages": QUESTION, "temprature": 0.5}, 400, "temprature", None),
         ({"model": "gpt-4", "messages": QUESTION}, 404, "model", "model_not_found"),
         ([1, 2], 400, "body", None),

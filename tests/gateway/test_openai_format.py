@@ -318,7 +318,6 @@ UNSERVED_CHAT = [
     ("n", 2),
     ("logprobs", True),
     ("top_logprobs", 3),
-    ("logit_bias", {"42": -100}),
     ("tools", [TOOL]),
     ("tool_choice", "required"),
     ("tool_choice", {"type": "function", "function": {"name": "f"}}),
@@ -338,9 +337,7 @@ def test_a_chat_field_that_is_not_served_is_refused_by_name(field: str, value: A
     assert refusal(chat(**{field: value})).field == field
 
 
-@pytest.mark.parametrize(
-    ("field", "value"), [("n", 3), ("logprobs", 2), ("logit_bias", {"7": 5}), ("best_of", 2)]
-)
+@pytest.mark.parametrize(("field", "value"), [("n", 3), ("logprobs", 2), ("best_of", 2)])
 def test_a_completion_field_that_is_not_served_is_refused_by_name(field: str, value: Any) -> None:
     assert refusal(completion(**{field: value})).field == field
 
@@ -371,6 +368,13 @@ def test_values_that_ask_for_nothing_unserved_are_served() -> None:
     generation = to_generation(body)
     assert generation.sampling == {} and generation.include_usage
     assert to_generation(completion(best_of=1)).sampling == {}
+
+
+def test_logit_bias_is_passed_by_token_id() -> None:
+    assert to_generation(chat(logit_bias={"42": -100, "7": 2.5})).sampling == {
+        "logit_bias": {42: -100, 7: 2.5}
+    }
+    assert refusal(completion(logit_bias={"hello": 1})).field == "logit_bias"
 
 
 def test_llama_cpps_sampling_parameters_are_served() -> None:

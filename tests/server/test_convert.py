@@ -34,6 +34,13 @@ def test_set_sampling_fields_override_even_when_zero() -> None:
     assert convert.sampling_params(pb.SamplingParams(json_schema="{}")).json_schema == "{}"
 
 
+def test_logit_bias_becomes_sorted_pairs() -> None:
+    msg = pb.SamplingParams(logit_bias={42: -100.0, 7: 2.5})
+    assert convert.sampling_params(msg).logit_bias == ((7, 2.5), (42, -100.0))
+    with pytest.raises(InvalidRequestError, match=r"sampling\.logit_bias"):
+        convert.sampling_params(pb.SamplingParams(logit_bias={7: 200.0}))
+
+
 @pytest.mark.parametrize(
     ("msg", "field"),
     [

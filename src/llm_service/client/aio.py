@@ -541,6 +541,8 @@ def _sampling(sampling: Sampling) -> pb.SamplingParams:
         with _field(f"sampling.{name}"):
             if name == "stop":
                 params.stop.extend([value] if isinstance(value, str) else value)  # type: ignore[arg-type]
+            elif name == "logit_bias":
+                params.logit_bias.update(value)  # type: ignore[call-overload]
             else:
                 setattr(params, name, value)
     return params

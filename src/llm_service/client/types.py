@@ -66,6 +66,7 @@ class Sampling(TypedDict, total=False):
     stop: Sequence[str]
     grammar: str
     json_schema: str
+    logit_bias: Mapping[int, float]
 
 
 @dataclass(frozen=True, slots=True)

@@ -660,9 +660,24 @@ class LlamaBackend:
                     field,
                     f"nests groups {depth} deep (its grammar); at most {MAX_GRAMMAR_NESTING}",
                 )
+        for token, _ in params.logit_bias:
+            if token >= self._n_vocab:
+                raise InvalidRequestError(
+                    "sampling.logit_bias", f"token id {token} is outside [0, {self._n_vocab})"
+                )
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         sampler = LlamaSampler(chain, self._n_vocab if grammar is not None else None)
         try:
+            if params.logit_bias:  # first: every later sampler sees the biased logits
+                biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(
+                    *(llama_cpp.llama_logit_bias(t, b) for t, b in params.logit_bias)
+                )
+                llama_cpp.llama_sampler_chain_add(
+                    chain,
+                    llama_cpp.llama_sampler_init_logit_bias(
+                        self._n_vocab, len(params.logit_bias), biases
+                    ),
+                )
             if grammar is not None:
                 with _NATIVE_LOG.held() as held:
                     g = llama_cpp.llama_sampler_init_grammar(

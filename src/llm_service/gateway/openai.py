@@ -140,7 +140,9 @@ class _Sampling(_Body):
         json_schema_extra=_served(False, None),
     )
     logit_bias: dict[str, float] | None = Field(
-        None, description="Not served: only null or an empty object."
+        None,
+        description="Token id (as a string) -> bias in [-100, 100], added to the token's logit"
+        " before sampling: -100 keeps a token out.",
     )
     # llama.cpp's own sampling parameters, as llama-server and vLLM accept them.
     top_k: Annotated[int, Field(ge=0)] | None = Field(
@@ -273,6 +275,8 @@ def to_generation(body: ChatCompletionRequest | CompletionRequest) -> Generation
         sampling["seed"] = body.seed % MAX_SEED  # any integer, folded into llama.cpp's range
     if body.stop:
         sampling["stop"] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
+    if body.logit_bias:
+        sampling["logit_bias"] = _logit_bias(body.logit_bias)
     schema = _schema(body.response_format)
     if schema is not None:
         if body.grammar is not None:
@@ -295,8 +299,6 @@ def _refuse_unserved(body: ChatCompletionRequest | CompletionRequest) -> None:
         raise InvalidRequestError("n", f"only n=1 is supported, got {body.n}")
     if body.logprobs:
         raise InvalidRequestError("logprobs", "log probabilities are not supported")
-    if body.logit_bias:
-        raise InvalidRequestError("logit_bias", "token biases are not supported")
     if isinstance(body, CompletionRequest):
         if body.best_of is not None and body.best_of != 1:
             raise InvalidRequestError("best_of", f"only best_of=1 is supported, got {body.best_of}")
@@ -330,6 +332,16 @@ def _refuse_unserved(body: ChatCompletionRequest | CompletionRequest) -> None:
             if getattr(message, name) is not None:
                 what = "audio" if name == "audio" else tools
                 raise InvalidRequestError(f"messages[{i}].{name}", f"{what} is not supported")
+
+
+def _logit_bias(given: dict[str, float]) -> dict[int, float]:
+    """OpenAI's token-id strings as ids (the service checks ids and biases, naming the field)."""
+    biases = {}
+    for key, bias in given.items():
+        if not key.isdigit():
+            raise InvalidRequestError("logit_bias", f"{key!r} is not a token id")
+        biases[int(key)] = bias
+    return biases
 
 
 def _schema(fmt: ResponseFormat | None) -> str | None:

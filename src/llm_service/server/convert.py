@@ -89,6 +89,8 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     constraint = msg.WhichOneof("constraint")
     if constraint is not None:
         given[constraint] = getattr(msg, constraint)
+    if msg.logit_bias:
+        given["logit_bias"] = tuple(sorted(msg.logit_bias.items()))
     return SamplingParams(**given)  # type: ignore[arg-type]
 
 
