@@ -329,6 +329,7 @@ UNSERVED_CHAT = [
     ("web_search_options", {}),
     ("reasoning_effort", "low"),
     ("verbosity", "low"),
+    ("moderation", {"model": "omni-moderation-latest"}),
 ]
 
 
@@ -361,9 +362,11 @@ def test_values_that_ask_for_nothing_unserved_are_served() -> None:
         tools=[], tool_choice="none", parallel_tool_calls=False, functions=[], function_call="none",
         modalities=["text"], top_logprobs=0, logit_bias={}, metadata={"a": "b"}, store=False,
         service_tier="auto", prompt_cache_key="k", safety_identifier="s", user="u",
+        prompt_cache_retention="24h", prompt_cache_options={},
         stream=True, stream_options={"include_usage": True, "include_obfuscation": False},
         messages=[{"role": "user", "content": "Hi", "name": "ann"},
-                  {"role": "assistant", "content": "Hello", "refusal": None, "tool_calls": []}],
+                  {"role": "assistant", "content": "Hello", "refusal": None, "tool_calls": [],
+                   "annotations": []}],
     )  # fmt: skip
     generation = to_generation(body)
     assert generation.sampling == {} and generation.include_usage
@@ -374,7 +377,28 @@ def test_logit_bias_is_passed_by_token_id() -> None:
     assert to_generation(chat(logit_bias={"42": -100, "7": 2.5})).sampling == {
         "logit_bias": {42: -100, 7: 2.5}
     }
-    assert refusal(completion(logit_bias={"hello": 1})).field == "logit_bias"
+
+
+@pytest.mark.parametrize(
+    ("bias", "param"),
+    [({"hello": 1}, "logit_bias.hello"), ({"²": 1}, "logit_bias.²"), ({"07": 1}, "logit_bias.07"),
+     ({"1" * 11: 1}, "logit_bias." + "1" * 11), ({"5": 101}, "logit_bias.5"),
+     ({"5": -100.5}, "logit_bias.5"), ({str(i): 1 for i in range(1025)}, "logit_bias")],
+)  # fmt: skip
+def test_a_bad_logit_bias_is_refused_naming_it(bias: dict[str, Any], param: str) -> None:
+    with pytest.raises(pydantic.ValidationError) as info:
+        completion(logit_bias=bias)
+    assert invalid_request(info.value.errors()).field == param
+
+
+def test_a_refusal_in_the_history_is_its_text() -> None:
+    messages = [
+        {"role": "user", "content": "Do it."},
+        {"role": "assistant", "content": None, "refusal": "I cannot."},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+    ]
+    prompt = to_generation(chat(messages=messages)).prompt
+    assert [m.content for m in prompt] == ["Do it.", "I cannot.", "No."]  # type: ignore[union-attr]
 
 
 def test_llama_cpps_sampling_parameters_are_served() -> None:

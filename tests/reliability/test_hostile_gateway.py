@@ -251,8 +251,13 @@ def test_the_document_says_what_is_served(hostile_gateway: Gateway, http: httpx.
         served(chat_path, messages=[{"role": role, "content": "Hi"}])
     refused(http.post(chat_path, content=chat(messages=[{"role": "robot"}])), "messages[0].role")
     part = schemas["ContentPart"]
-    assert part["properties"]["type"]["enum"] == ["text"] and "text" in part["required"]
+    assert part["properties"]["type"]["enum"] == ["text", "refusal"]
+    assert [(k["properties"]["type"]["const"], k["required"]) for k in part["oneOf"]] == [
+        ("text", ["text"]), ("refusal", ["refusal"]),
+    ]  # fmt: skip
     served(chat_path, messages=[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}])
+    refusal = [{"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}]
+    served(chat_path, messages=[{"role": "user", "content": "Hi"}, *refusal])
     image = [{"role": "user", "content": [{"type": "image_url"}]}]
     refused(http.post(chat_path, content=chat(messages=image)), "messages[0].content[0]")
     sampling = schemas["ChatCompletionRequest"]["properties"]

@@ -252,6 +252,11 @@ class FakeBackend:
     def create_sampler(self, params: SamplingParams) -> FakeSampler:
         if params.grammar is not None and "root" not in params.grammar:
             raise InvalidRequestError("sampling.grammar", "invalid grammar: no root rule")
+        for token, _ in params.logit_bias:  # (checked as llama.cpp's is; not applied)
+            if token >= self.info.n_vocab:
+                raise InvalidRequestError(
+                    "sampling.logit_bias", f"token id {token} is outside [0, {self.info.n_vocab})"
+                )
         with self._lock:
             reply = self._replies.popleft() if self._replies else self.default_reply
         sampler = FakeSampler(params, collections.deque(reply.encode("utf-8")))

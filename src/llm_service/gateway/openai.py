@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from llm_service.client.types import ChatMessage, Chunk, Completion, FinishReason, Sampling, Usage
 from llm_service.errors import InvalidRequestError
@@ -64,14 +64,24 @@ def _one_prompt(schema: dict[str, Any]) -> None:
 
 
 class ContentPart(_Body):
-    """Any content part; only ``text`` parts are served (others are refused with 400)."""
+    """Any content part; ``text`` and ``refusal`` parts are served as their text, others are
+    refused with 400. Keys of a part other than these (cache hints) are accepted and ignored."""
 
     model_config = ConfigDict(
-        strict=True, extra="allow", json_schema_extra={"required": ["type", "text"]}
+        strict=True,
+        extra="allow",
+        json_schema_extra={
+            "required": ["type"],
+            "oneOf": [
+                {"properties": {"type": {"const": kind}}, "required": [kind]}
+                for kind in ("text", "refusal")
+            ],
+        },
     )
 
-    type: str = Field(json_schema_extra=_served("text"))
+    type: str = Field(json_schema_extra=_served("text", "refusal"))
     text: str | None = Field(None, json_schema_extra={"type": "string"})
+    refusal: str | None = Field(None, json_schema_extra={"type": "string"})
 
 
 class Message(_Body):
@@ -82,7 +92,12 @@ class Message(_Body):
     name: str | None = Field(
         None, description="Accepted and ignored: the model's template has no participant names."
     )
-    refusal: str | None = Field(None, description="An assistant's refusal, as text.")
+    refusal: str | None = Field(
+        None, description="An assistant's refusal: its text, when the message has no content."
+    )
+    annotations: list[Any] | None = Field(
+        None, description="Accepted and ignored: citations of OpenAI's own web search."
+    )
     tool_calls: list[Any] | None = Field(
         None, description="Not served (tool calling): only null or an empty list."
     )
@@ -136,13 +151,20 @@ class _Sampling(_Body):
     user: str | None = Field(None, description="Recorded in the gateway's log only.")
     logprobs: bool | int | None = Field(
         None,
-        description="Not served: only false or absent.",
-        json_schema_extra=_served(False, None),
+        description="Not served: only false, 0 or absent.",
+        json_schema_extra=_served(False, 0, None),
     )
-    logit_bias: dict[str, float] | None = Field(
+    logit_bias: (
+        dict[
+            Annotated[str, StringConstraints(pattern=r"^(0|[1-9][0-9]{0,9})$")],
+            Annotated[float, Field(ge=-100, le=100)],
+        ]
+        | None
+    ) = Field(
         None,
+        max_length=1024,
         description="Token id (as a string) -> bias in [-100, 100], added to the token's logit"
-        " before sampling: -100 keeps a token out.",
+        " before sampling: -100 keeps a token out. At most 1024 tokens.",
     )
     # llama.cpp's own sampling parameters, as llama-server and vLLM accept them.
     top_k: Annotated[int, Field(ge=0)] | None = Field(
@@ -170,7 +192,9 @@ class ChatCompletionRequest(_Sampling):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    top_logprobs: int | None = Field(None, description="Not served: only null or 0.")
+    top_logprobs: int | None = Field(
+        None, description="Not served: only null or 0.", json_schema_extra=_served(0, None)
+    )
     # Tool calling is not served yet: refused by name, except what asks for no tool at all.
     tools: list[Any] | None = Field(None, description="Not served: only null or an empty list.")
     tool_choice: Any | None = Field(None, description='Not served: only null or "none".')
@@ -189,6 +213,9 @@ class ChatCompletionRequest(_Sampling):
         None, description="Not served (no reasoning models yet): only null."
     )
     verbosity: str | None = Field(None, description="Not served: only null.")
+    moderation: Any | None = Field(None, description="Not served: only null.")
+    prompt_cache_retention: str | None = Field(None, description=IGNORED)
+    prompt_cache_options: Any | None = Field(None, description=IGNORED)
 
 
 class CompletionRequest(_Sampling):
@@ -322,6 +349,7 @@ def _refuse_unserved(body: ChatCompletionRequest | CompletionRequest) -> None:
         ("web_search_options", "web search"),
         ("reasoning_effort", "reasoning effort (no reasoning model is served)"),
         ("verbosity", "verbosity"),
+        ("moderation", "moderation"),
     ):
         if getattr(body, name) is not None:
             raise InvalidRequestError(name, f"{what} is not supported")
@@ -335,13 +363,9 @@ def _refuse_unserved(body: ChatCompletionRequest | CompletionRequest) -> None:
 
 
 def _logit_bias(given: dict[str, float]) -> dict[int, float]:
-    """OpenAI's token-id strings as ids (the service checks ids and biases, naming the field)."""
-    biases = {}
-    for key, bias in given.items():
-        if not key.isdigit():
-            raise InvalidRequestError("logit_bias", f"{key!r} is not a token id")
-        biases[int(key)] = bias
-    return biases
+    """OpenAI's token-id strings (checked by the model: digits, no leading zero) as ids; the
+    service checks them against its vocabulary, naming the field."""
+    return {int(key): bias for key, bias in given.items()}
 
 
 def _schema(fmt: ResponseFormat | None) -> str | None:
@@ -364,15 +388,16 @@ def _message(i: int, m: Message) -> ChatMessage:
             f"unknown role {m.role!r}; expected one of {', '.join(sorted(_ROLES))}",
         )
     if m.content is None or isinstance(m.content, str):
-        return ChatMessage(role, m.content or "")
+        return ChatMessage(role, m.content or m.refusal or "")
     texts = []
     for j, part in enumerate(m.content):
-        if part.type != "text" or part.text is None:
+        text = part.text if part.type == "text" else part.refusal
+        if part.type not in ("text", "refusal") or text is None:
             raise InvalidRequestError(
                 f"messages[{i}].content[{j}]",
                 f"content of type {part.type!r} is not supported (text only)",
             )
-        texts.append(part.text)
+        texts.append(text)
     return ChatMessage(role, "".join(texts))
 
 
