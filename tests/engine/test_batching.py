@@ -439,3 +439,61 @@ async def test_a_prompt_with_no_stream_beside_it_takes_the_lone_prompt_chunk() -
         assert [len(e.tokens) for e in prefill if e.pos < 16] == [4, 4, 4, 4]
     finally:
         await engine.aclose()
+
+
+async def test_a_bug_in_one_request_fails_that_request_not_the_scheduler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As in contexts mode: the request ends with an internal error, the other runs on."""
+    backend = FakeBackend(pool_mode="batched", slots=2, token_delay_s=0.002)
+    engine = await Engine.start(backend, EngineConfig(pool_size=2))
+    try:
+        real = backend.token_bytes
+
+        def token_bytes(token: int) -> bytes:
+            if token == ord("!"):
+                raise RuntimeError("a bug")
+            return real(token)
+
+        monkeypatch.setattr(backend, "token_bytes", token_bytes)
+        backend.enqueue("ab!cd", "x" * 40)
+        bad, good = await asyncio.gather(
+            collect(engine, req("bad", 10)), collect(engine, req("good", 40))
+        )
+        assert final(bad).finish_reason is FinishReason.ERROR
+        assert final(bad).error == "internal engine error" and final(bad).text == "ab"
+        assert final(good).text == "x" * 40
+        assert engine.failure() is None
+    finally:
+        await engine.aclose()
+
+
+async def test_a_paused_stream_does_not_shrink_the_next_prompts_chunks() -> None:
+    """A stream whose client stops reading waits on its client, not on the step: a prompt
+    beside it alone takes the lone-prompt chunk."""
+    backend = FakeBackend(
+        n_ctx=512, pool_mode="batched", slots=2, prefill_chunk=4, lone_prompt_chunk=32,
+        token_delay_s=0.001,
+    )  # fmt: skip
+    decoder = backend.decoder
+    assert decoder is not None
+    engine = await Engine.start(backend, EngineConfig(pool_size=2))
+    try:
+        backend.enqueue("s" * 400, "a")
+        stalled = engine.generate(req("stalled", 400))
+        try:
+            await anext(stalled)
+            # It fills its backlog and pauses: its prompt (8 tokens with BOS) and every token
+            # it sampled but the last are in its sequence.
+            async with asyncio.timeout(5):
+                while len(decoder.kv[0]) < 8 + MAX_BACKLOG - 1:
+                    await asyncio.sleep(0.01)
+            first = len(decoder.steps)
+            alone = await collect(engine, req("x" * 79, 1))  # 80 prompt tokens with BOS
+            slot = alone[0].slot if isinstance(alone[0], Started) else -1
+            prefill = [e for step in decoder.steps[first:] for e in step if e.seq == slot]
+            assert [(e.pos, len(e.tokens)) for e in prefill] == [(0, 32), (32, 32), (64, 16)]
+        finally:
+            await stalled.aclose()
+    finally:
+        await engine.aclose()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -280,14 +281,18 @@ class BatchScheduler:
             running = [*self._running.values(), *self._arrivals]
             resets = self._resets
             self._running, self._arrivals, self._resets = {}, [], []
-        for request in running:
+        for _, future in resets:
+            if not future.done():
+                future.set_exception(EngineError(reason))
+        for request in running:  # each on its own: one that fails must not strand the others
             try:
                 request.generation.fail(EngineError(reason))
-            finally:
                 deliver((request.generation,))
-                request.done.set_result(None)
-        for _, future in resets:
-            future.set_exception(EngineError(reason))
+            except Exception:
+                logger.exception("could not end a request as the scheduler stopped")
+            finally:
+                if not request.done.done():
+                    request.done.set_result(None)
 
     def _next_step(self) -> bool:
         """Wait for work, then do it: resets, arrivals, one step. False once closing."""
@@ -297,7 +302,7 @@ class BatchScheduler:
                 if arrivals or resets or self._can_step():
                     self._arrivals, self._resets = [], []
                     break
-                self._lock.wait(PAUSED_POLL_S if self._running else None)
+                self._lock.wait(self._idle_wait())
             else:
                 return False
         for slot, future in resets:
@@ -312,6 +317,20 @@ class BatchScheduler:
         if self._running:
             self._step()
         return True
+
+    def _idle_wait(self) -> float | None:
+        """How long to wait for news with every running request paused: until the nearest
+        deadline (a paused request still ends at it), PAUSED_POLL_S at most."""
+        if not self._running:
+            return None
+        now = time.monotonic()
+        waits = [PAUSED_POLL_S]
+        waits += [
+            max(0.0, deadline - now)
+            for request in self._running.values()
+            if (deadline := request.generation.deadline) is not None
+        ]
+        return min(waits)
 
     def _can_step(self) -> bool:
         return any(
@@ -342,15 +361,16 @@ class BatchScheduler:
         for request in self._running.values():
             generation = request.generation
             if generation.should_abort():
-                generation.abort()
+                _guarded(generation, generation.abort)
                 touched.append(request)
             elif request.token is None:
                 prompts.append(request)
             elif not generation.paused():
                 decoding.append(request)
-        # Any request past its prompt is a stream (decoding, or paused): a big prompt chunk
-        # would hold up its next token. With none, prompts take llama.cpp's batch size.
-        streams = sum(request.token is not None for request in self._running.values())
+        # A decoding stream waits on this step: a big prompt chunk would hold up its next
+        # token. With none (a paused one waits on its client, not on us), prompts take
+        # llama.cpp's batch size.
+        streams = len(decoding)
         budget = self._prompt_budget(streams)
         chunks: list[tuple[_Running, Sequence[int], bool]] = []  # request, tokens, output
         for request in decoding:
@@ -418,6 +438,7 @@ class BatchScheduler:
                 "a decode step failed; failing its %s: %s",
                 plural(len(included), "request"),
                 message,
+                exc_info=not isinstance(exc, EngineError),  # a bug: its traceback
             )
             self._decode_failures.failed(message)
             for generation in included:
@@ -435,7 +456,17 @@ class BatchScheduler:
             except NoTokenAllowed as exc:  # the request's own fault: it goes to the request
                 generation.fail(exc)
             except Exception as exc:
+                logger.error("sampling failed", exc_info=True)
                 generation.fail(EngineError(f"sampling failed: {exc!r}"))
             else:
-                if generation.accept(token):
+                if _guarded(generation, generation.accept, token):
                     request.token = token
+
+
+def _guarded(generation: Generation, step: Callable[..., bool | None], *args: int) -> bool:
+    """``step(*args)`` of one request; a bug in it fails that request, not the scheduler."""
+    try:
+        return bool(step(*args))
+    except Exception as exc:
+        generation.fail(exc)
+        return False

@@ -232,16 +232,6 @@ class Engine:
         try:
             async with self.pool.lease(self._lease_timeout(request)) as lease:
                 context = lease.context
-                log.info(
-                    "started on context %d: %s, max %d new, queued %.1f ms",
-                    context.index,
-                    plural(len(prompt_tokens), "prompt token"),
-                    max_tokens,
-                    lease.queue_wait_s * 1000,
-                )
-                yield Started(
-                    request.request_id, len(prompt_tokens), lease.queue_wait_s * 1000, context.index
-                )
                 run = Generation(
                     self.backend,
                     request,
@@ -252,6 +242,8 @@ class Engine:
                     queue_wait_s=lease.queue_wait_s,
                     loop=asyncio.get_running_loop(),
                 )
+                # The context starts before Started is yielded: the prompt is evaluated while
+                # Started goes out.
                 try:
                     lease.hold(context.start(run))
                 except EngineError as exc:  # the context cannot run anything any more
@@ -259,6 +251,19 @@ class Engine:
                     deliver((run,))
                 handed_over = True
                 try:
+                    log.info(
+                        "started on context %d: %s, max %d new, queued %.1f ms",
+                        context.index,
+                        plural(len(prompt_tokens), "prompt token"),
+                        max_tokens,
+                        lease.queue_wait_s * 1000,
+                    )
+                    yield Started(
+                        request.request_id,
+                        len(prompt_tokens),
+                        lease.queue_wait_s * 1000,
+                        context.index,
+                    )
                     while True:
                         event = await run.next_event()
                         yield event

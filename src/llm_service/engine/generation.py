@@ -117,6 +117,11 @@ class Generation:
         cancelled, or its consumer made room after a pause."""
         self._wake = wake
 
+    @property
+    def deadline(self) -> float | None:
+        """When the request must end (``time.monotonic()``), if it has a deadline."""
+        return self._request.deadline
+
     def should_abort(self) -> bool:
         """Cancelled, or past its deadline."""
         deadline = self._request.deadline
@@ -180,13 +185,19 @@ class Generation:
         if self.finished:
             return
         self.finished = True
-        # Text held back (a partial character, a possible start of a stop string that never
-        # completed) belongs to the output.
-        if tail := self._decoder.finish():
-            self._text.append(tail)
-            self._outbox.append(TokenDelta((), tail))
+        try:
+            # Text held back (a partial character, a possible start of a stop string that
+            # never completed) belongs to the output.
+            if tail := self._decoder.finish():
+                self._text.append(tail)
+                self._outbox.append(TokenDelta((), tail))
+        except Exception:  # a bug: the request still ends, with what it has
+            logger.exception("could not flush a request's held-back text")
         self._outbox.append(self._finished(reason, error, error_field))
-        self.sampler.close()
+        try:
+            self.sampler.close()
+        except Exception:
+            logger.exception("could not close a request's sampler")
 
     def take_events(self) -> list[Event]:
         """The events queued since the last call, counted as sent (see ``deliver``)."""
@@ -289,7 +300,9 @@ class ThreadContext(abc.ABC):
             while generation.accept(token):
                 deliver((generation,))
                 while generation.paused() and not generation.should_abort():
-                    room.wait(0.25)  # (a deadline passes with no wake)
+                    deadline = generation.deadline
+                    left = 0.25 if deadline is None else deadline - time.monotonic()
+                    room.wait(min(0.25, max(0.0, left)))  # (a deadline passes with no wake)
                     room.clear()
                 if generation.should_abort():
                     generation.abort()
