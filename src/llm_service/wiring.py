@@ -46,7 +46,8 @@ def load_backend(settings: ServiceSettings, *, progress: bool = True) -> Backend
     if settings.backend == "fake":
         logger.warning(
             "LLM_BACKEND=fake: serving the fake backend, a testing aid: no model, every reply"
-            " counts"
+            " counts%s",
+            f" (LLM_MODEL_PATH={settings.model_path} is not used)" if settings.model_path else "",
         )
         return FakeBackend(
             n_ctx=settings.n_ctx,

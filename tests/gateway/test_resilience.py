@@ -20,7 +20,7 @@ import pytest
 
 from llm_service.client import Client
 from tests.harness.gateway import FAKE_MODEL as MODEL
-from tests.harness.gateway import HASHED_KEY, KEY, Gateway, replica
+from tests.harness.gateway import HASHED_KEY, KEY, Gateway, running_gateway, running_replicas
 from tests.harness.service import Certs, Service
 
 COUNT = "1, 2, 3,"  # a stream that runs to max_tokens (the fake's reply is longer than any)
@@ -35,13 +35,8 @@ def model_path() -> None:
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[list[Service]]:
     """Two fake replicas shared by the tests that do not stop them (pool of 2 each)."""
-    workdir = tmp_path_factory.mktemp("fake-backends")
-    started = [replica(workdir, certs, None) for _ in range(2)]
-    try:
-        yield [s.wait_ready() for s in started]
-    finally:
-        for s in started:
-            assert s.stop() == 0, s.log
+    with running_replicas(tmp_path_factory.mktemp("fake-backends"), certs, None) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +44,9 @@ def gateway(
     tmp_path_factory: pytest.TempPathFactory, certs: Certs, backends: list[Service], keys_file: Path
 ) -> Iterator[Gateway]:
     """A gateway over both fake replicas, with API keys."""
-    gw = Gateway(tmp_path_factory.mktemp("gateway"), certs, backends, keys_file=keys_file)
-    try:
-        yield gw.wait_ready(30)
-    finally:
-        assert gw.stop() == 0, gw.log
+    workdir = tmp_path_factory.mktemp("gateway")
+    with running_gateway(workdir, certs, backends, keys_file=keys_file) as gw:
+        yield gw
 
 
 class SseStream(threading.Thread):

@@ -20,7 +20,14 @@ from llm_service.engine import Engine, EngineConfig, FakeBackend
 from llm_service.server import InferenceServicer, Phase, ServerState
 from llm_service.server.metrics import ServiceMetrics
 from llm_service.settings import ServiceSettings
-from tests.harness.gateway import HASHED_KEY, KEY, Gateway, replica
+from tests.harness.gateway import (
+    HASHED_KEY,
+    KEY,
+    Gateway,
+    replica,
+    running_gateway,
+    running_replicas,
+)
 from tests.harness.service import Certs, Service
 
 # -- certificates, the model, services -------------------------------------------------------
@@ -101,13 +108,8 @@ def backends(
     model_path: Path,
 ) -> Iterator[list[Service]]:
     """Two replicas shared by the tests that do not stop them (pool of 2 each)."""
-    workdir = tmp_path_factory.mktemp("backends")
-    started = [replica(workdir, certs, model_path) for _ in range(2)]
-    try:
-        yield [s.wait_ready() for s in started]
-    finally:
-        for s in started:
-            assert s.stop() == 0, s.log
+    with running_replicas(tmp_path_factory.mktemp("backends"), certs, model_path) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")
@@ -118,11 +120,9 @@ def gateway(
     keys_file: Path,
 ) -> Iterator[Gateway]:
     """A gateway over both shared replicas, with API keys."""
-    gw = Gateway(tmp_path_factory.mktemp("gateway"), certs, backends, keys_file=keys_file)
-    try:
-        yield gw.wait_ready(30)
-    finally:
-        assert gw.stop() == 0, gw.log
+    workdir = tmp_path_factory.mktemp("gateway")
+    with running_gateway(workdir, certs, backends, keys_file=keys_file) as gw:
+        yield gw
 
 
 @pytest.fixture

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +79,27 @@ def replica(
     # spinning threads wait on each other (measured: 0.3 tokens/s instead of 40 per stream).
     env = {"LLM_TLS_ALLOWED_CLIENTS": "llm-client", "LLM_N_THREADS": "1"} | (env or {})
     return Service(workdir, files, model, env=env, **kwargs)
+
+
+@contextlib.contextmanager
+def running_replicas(workdir: Path, files: Certs, model: Path | None) -> Iterator[list[Service]]:
+    """Two ready replicas (pool of 2 each; ``model`` None: the fake backend), stopped cleanly
+    (exit 0) at the end."""
+    started = [replica(workdir, files, model) for _ in range(2)]
+    try:
+        yield [s.wait_ready() for s in started]
+    finally:
+        for s in started:
+            assert s.stop() == 0, s.log
+
+
+@contextlib.contextmanager
+def running_gateway(
+    workdir: Path, files: Certs, backends: list[Service], **kwargs: Any
+) -> Iterator[Gateway]:
+    """A ready gateway over ``backends``, stopped cleanly (exit 0) at the end."""
+    gw = Gateway(workdir, files, backends, **kwargs)
+    try:
+        yield gw.wait_ready(30)
+    finally:
+        assert gw.stop() == 0, gw.log

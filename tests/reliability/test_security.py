@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from llm_service.certs import new_ca
-from tests.harness.gateway import KEY, MODEL, Gateway
+from tests.harness.gateway import KEY, MODEL, Gateway, running_gateway
 from tests.harness.service import Certs, ClientCert, Service, greedy, pool_status
 
 pytestmark = pytest.mark.model
@@ -154,11 +154,8 @@ def gateway_with_keys(
     backends: list[Service],
     keys_file: Path,
 ) -> Iterator[Gateway]:
-    gw = Gateway(tmp_path_factory.mktemp("gw"), certs, backends, keys_file=keys_file)
-    try:
-        yield gw.wait_ready(30)
-    finally:
-        assert gw.stop() == 0, gw.log
+    with running_gateway(tmp_path_factory.mktemp("gw"), certs, backends, keys_file=keys_file) as gw:
+        yield gw
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o666])

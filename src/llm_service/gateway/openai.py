@@ -109,10 +109,14 @@ class Message(_Body):
 class JsonSchemaFormat(_Body):
     """``response_format.json_schema``."""
 
-    name: str = "response"
+    name: str = Field("response", description="Accepted and ignored: a label for the schema.")
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
-    description: str | None = None
+    strict: bool | None = Field(
+        None, description="Always served as true: the answer is constrained to the schema."
+    )
+    description: str | None = Field(
+        None, description="Accepted and ignored: the model is not shown the schema's description."
+    )
 
 
 class ResponseFormat(_Body):
