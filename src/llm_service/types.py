@@ -31,6 +31,10 @@ __all__ = [
     "Started",
     "Timings",
     "TokenDelta",
+    "TokenLogprob",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
     "Usage",
     "is_request_id",
     "new_request_id",
@@ -43,6 +47,10 @@ CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "random seed" sentinel
 MAX_LOGIT_BIAS = 1024  # tokens one request may bias
 MAX_BIAS = 100.0  # as OpenAI's: -100 keeps a token out, +100 all but forces it
+MAX_LOGPROBS = 20  # alternatives listed per token, as OpenAI's top_logprobs
+MAX_TOOLS = 128  # functions one request may offer
+TOOL_CHOICES = ("none", "auto", "required")
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 
 
 # The one rule for request ids, wherever they come from (a gRPC field or metadata, an HTTP
@@ -67,6 +75,7 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"  # the model produced an end-of-generation token
     LENGTH = "length"  # max_tokens reached
     STOP_SEQUENCE = "stop_sequence"  # one of the request's stop strings appeared
+    TOOL_CALLS = "tool_calls"  # the model called tools (Finished.tool_calls)
     CANCELLED = "cancelled"  # the consumer went away
     DEADLINE = "deadline"  # the request's deadline passed
     ERROR = "error"  # the engine failed; Finished.error says why
@@ -91,11 +100,10 @@ def _short(number: float) -> str:
     return text if len(text) <= 20 else f"{text[:8]}...({len(text)} digits)"
 
 
-def _check_schema(schema: object) -> None:
+def _check_schema(schema: object, field_name: str = "sampling.json_schema") -> None:
     """Refuse, before any grammar is built from it: references outside the schema itself (a
     schema must never make the service fetch a URL or read a file), and repetition counts
     whose grammar would be huge."""
-    field_name = "sampling.json_schema"
     stack = [schema]
     while stack:
         node = stack.pop()
@@ -201,6 +209,8 @@ class SamplingParams:
         json_schema: a JSON schema (as JSON text) the output must follow.
         logit_bias: (token id, bias) pairs, each bias in [-100, 100], added to the token's logit
             before sampling (the engine checks the ids against the vocabulary).
+        logprobs: None = off; 0 to 20 = each generated token's log probability, with that many
+            of the most likely alternatives (``TokenDelta.logprobs``).
     """
 
     max_tokens: int | None = None
@@ -217,9 +227,16 @@ class SamplingParams:
     grammar: str | None = None
     json_schema: str | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         p = "sampling."
+        if self.logprobs is not None:
+            _require(
+                0 <= self.logprobs <= MAX_LOGPROBS,
+                p + "logprobs",
+                f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}",
+            )
         if self.max_tokens is not None:
             _require(self.max_tokens > 0, p + "max_tokens", f"must be > 0, got {self.max_tokens}")
         _require(
@@ -301,11 +318,66 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class Tool:
+    """A function the model may call.
+
+    Attributes:
+        name: 1 to 64 characters of A-Z a-z 0-9 _ -.
+        description: what it does, shown to the model.
+        parameters: a JSON schema (JSON text, an object) its arguments must follow.
+    """
+
+    name: str
+    description: str = ""
+    parameters: str = '{"type": "object", "properties": {}}'
+
+    def __post_init__(self) -> None:
+        _require(
+            TOOL_NAME.fullmatch(self.name) is not None,
+            "tools.name",
+            f"must be 1 to 64 characters of A-Z a-z 0-9 _ -, got {self.name[:80]!r}",
+        )
+        try:
+            schema = json.loads(self.parameters)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidRequestError("tools.parameters", f"is not valid JSON: {exc}") from None
+        _require(isinstance(schema, dict), "tools.parameters", "must be a JSON schema object")
+        _check_schema(schema, "tools.parameters")
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call the model made: ``arguments`` is JSON text (an object)."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a streamed tool call (OpenAI's ``delta.tool_calls[]``): the first piece of
+    call ``index`` has its ``id`` and ``name``; later ones add to ``arguments``."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """One chat turn."""
+    """One chat turn.
+
+    Attributes:
+        tool_calls: an assistant's calls (its ``content`` may then be empty).
+        tool_call_id: a ``tool`` message's answer to that call.
+    """
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -314,6 +386,16 @@ class ChatMessage:
             f"must be one of {sorted(CHAT_ROLES)}, got {self.role!r}",
         )
         _require(isinstance(self.content, str), "messages.content", "must be a string")
+        _require(
+            not self.tool_calls or self.role == "assistant",
+            "messages.tool_calls",
+            f"only an assistant's message has tool calls, not a {self.role}'s",
+        )
+        _require(
+            self.tool_call_id is None or self.role == "tool",
+            "messages.tool_call_id",
+            f"only a tool's message answers a tool call, not a {self.role}'s",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +408,10 @@ class GenerationRequest:
         sampling: sampling parameters.
         request_id: carried into every log line and event.
         deadline: ``time.monotonic()`` value after which generation ends with ``deadline``.
+        tools: functions the model may call (chat only).
+        tool_choice: "auto" (the model decides), "none" (no call) or "required" (at least one).
+        tool_name: the one tool the model must call (with tool_choice "required").
+        parallel_tool_calls: the model may make more than one call in an answer.
     """
 
     prompt: str | None = None
@@ -333,6 +419,10 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=new_request_id)
     deadline: float | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: str = "auto"
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
 
     def __post_init__(self) -> None:
         _require(
@@ -344,6 +434,47 @@ class GenerationRequest:
             _require(bool(self.prompt), "prompt", "must not be empty")
         if self.messages is not None:
             _require(len(self.messages) > 0, "messages", "must not be empty")
+        self._check_tools()
+
+    def _check_tools(self) -> None:
+        _require(
+            self.tool_choice in TOOL_CHOICES,
+            "tool_choice",
+            f"must be one of {', '.join(TOOL_CHOICES)}, got {self.tool_choice!r}",
+        )
+        if not self.tools:
+            _require(
+                self.tool_choice != "required" and self.tool_name is None,
+                "tool_choice",
+                "asks for a tool call, but the request has no tools",
+            )
+            return
+        _require(self.messages is not None, "tools", "are served with chat messages only")
+        _require(
+            len(self.tools) <= MAX_TOOLS, "tools", f"has {len(self.tools)}; at most {MAX_TOOLS}"
+        )
+        names = [t.name for t in self.tools]
+        for name in names:
+            _require(names.count(name) == 1, "tools", f"two tools are named {name!r}")
+        if self.tool_name is not None:
+            _require(
+                self.tool_name in names,
+                "tool_choice",
+                f"names {self.tool_name[:80]!r}, which is not one of the tools",
+            )
+            _require(
+                self.tool_choice == "required",
+                "tool_choice",
+                "a named tool must be called: tool_choice is required",
+            )
+        sampling = self.sampling
+        if self.tool_choice != "none":
+            _require(
+                sampling.grammar is None and sampling.json_schema is None,
+                "tools",
+                "cannot be combined with a grammar or a JSON schema (the answer's shape is the"
+                " tool calls')",
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,15 +524,38 @@ class Started:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A token's log probability (natural log, of the model's distribution before sampling).
+
+    Attributes:
+        piece: the token's bytes (a piece of a UTF-8 character is not valid UTF-8 on its own).
+        top: the most likely tokens at that position, most likely first (empty unless asked).
+    """
+
+    token_id: int
+    piece: bytes
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TokenDelta:
     """New output: the token ids sampled and the text they complete.
 
     ``text`` is always whole UTF-8 characters; it can be empty while a multi-byte character or
     a possible stop string is held back, and can carry held-back text with no new token.
+
+    Attributes:
+        tool_calls: pieces of tool calls (their markup never appears in ``text``).
+        logprobs: one per token whose text this delta completes (with ``sampling.logprobs``).
+        reasoning: the model's reasoning (``<think>`` text), apart from ``text``.
     """
 
     token_ids: tuple[int, ...]
     text: str
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    reasoning: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,6 +564,8 @@ class Finished:
 
     Attributes:
         text: the whole output, equal to the concatenated delta texts.
+        tool_calls: the calls the model made (finish_reason TOOL_CALLS).
+        reasoning: the whole reasoning, equal to the concatenated delta reasoning.
         error: what went wrong, when finish_reason is ERROR.
         error_field: the request's field at fault, when the request (not the engine) made it
             fail midway (a grammar that allows no further token).
@@ -422,6 +578,8 @@ class Finished:
     timings: Timings
     error: str | None = None
     error_field: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    reasoning: str = ""
 
 
 GenerationEvent = Started | TokenDelta | Finished
