@@ -306,3 +306,41 @@ async def test_aclose_refuses_new_requests_and_lets_running_ones_finish() -> Non
     assert isinstance(events[-1], Finished) and events[-1].text == "r" * 20
     await asyncio.wait_for(closing, 2)
     assert all(c.closed for c in backend.contexts)
+
+
+async def test_logprobs_follow_the_released_text(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = fake
+    backend.enqueue("aé b")  # é is two tokens: its first byte's log probability waits for it
+    events = await collect(engine, req(max_tokens=20, logprobs=2))
+    deltas = [e for e in events if isinstance(e, TokenDelta)]
+    listed = [lp for d in deltas for lp in d.logprobs]
+    assert b"".join(lp.piece for lp in listed).decode() == "aé b"
+    for d in deltas:  # each delta lists exactly the tokens its text completes
+        assert b"".join(lp.piece for lp in d.logprobs).decode() == d.text
+    first = listed[0]
+    assert first.token_id == ord("a") and first.top[0].token_id == first.token_id
+    assert len(first.top) == 2 and first.top[0].logprob == first.logprob
+    assert not any(isinstance(e, TokenDelta) and e.logprobs for e in events[:1])
+
+
+async def test_logprobs_leave_out_a_stop_strings_tokens(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = fake
+    backend.enqueue("ab##cd")
+    events = await collect(engine, req(max_tokens=20, logprobs=0, stop=["##"]))
+    listed = [lp for e in events if isinstance(e, TokenDelta) for lp in e.logprobs]
+    assert [lp.piece for lp in listed] == [b"a", b"b"] and all(not lp.top for lp in listed)
+    assert isinstance(events[-1], Finished) and events[-1].text == "ab"
+
+
+async def test_no_logprobs_unless_asked(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = fake
+    backend.enqueue("abc")
+    events = await collect(engine, req(max_tokens=20))
+    assert not any(isinstance(e, TokenDelta) and e.logprobs for e in events)
+
+
+@pytest.mark.parametrize("value", [-1, 21])
+def test_logprobs_bounds(value: int) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(logprobs=value)
+    assert err.value.field == "sampling.logprobs"

@@ -415,6 +415,36 @@ async def test_logit_bias_keeps_a_token_out_of_a_real_answer(engine: Engine) -> 
 
 
 @pytest.mark.parametrize(
+    "sampling", [{"temperature": 0}, {"temperature": 0, "grammar": "root ::= [a-z ]+"}]
+)
+async def test_logprobs_of_real_tokens(engine: Engine, sampling: dict[str, Any]) -> None:
+    """Greedy: each token is its own top choice, with its own log probability; 20 alternatives
+    hold at most all the probability; the tokens spell the text. With a grammar (its path
+    samples from the logits itself) the log probabilities are still the model's, before the
+    grammar: the chosen token may rank below tokens the grammar ruled out."""
+    request = GenerationRequest(
+        prompt="The capital of France is",
+        sampling=SamplingParams(max_tokens=12, logprobs=20, **sampling),
+    )
+    events = await collect(engine, request)
+    listed = [lp for d in deltas(events) for lp in d.logprobs]
+    assert len(listed) == final(events).usage.completion_tokens
+    assert b"".join(lp.piece for lp in listed).decode() == final(events).text
+    for lp in listed:
+        assert len(lp.top) == 20 and lp.logprob <= 0
+        ranked = {t.token_id: t.logprob for t in lp.top}
+        if "grammar" in sampling:
+            assert (
+                lp.logprob <= lp.top[0].logprob
+                and ranked.get(lp.token_id, lp.logprob) == lp.logprob
+            )
+        else:
+            assert lp.top[0].token_id == lp.token_id and lp.top[0].logprob == lp.logprob
+        assert [t.logprob for t in lp.top] == sorted((t.logprob for t in lp.top), reverse=True)
+        assert sum(np.exp(t.logprob) for t in lp.top) <= 1 + 1e-5
+
+
+@pytest.mark.parametrize(
     ("constraint", "after"),
     [
         ({"grammar": "root ::= [z-a]"}, 0),  # an empty class

@@ -9,7 +9,17 @@ from typing import Any
 import pydantic
 import pytest
 
-from llm_service.client import ChatMessage, Chunk, Completion, FinishReason, Timings, Usage
+from llm_service.client import (
+    ChatMessage,
+    Chunk,
+    Completion,
+    FinishReason,
+    Timings,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
 from llm_service.errors import InvalidRequestError
 from llm_service.gateway import openai
 from llm_service.gateway.openai import (
@@ -159,17 +169,26 @@ def test_json_schema_without_a_schema_is_refused(fmt: dict[str, Any]) -> None:
 # -- what is not served ----------------------------------------------------------------------
 
 
-def test_more_than_one_choice_is_refused() -> None:
-    error = refusal(chat(n=2))
-    assert error.field == "n"
-    assert "2" in str(error)
-    assert to_generation(chat(n=1)).sampling == {}
+def test_n_choices_get_seeds_of_their_own() -> None:
+    gen = to_generation(chat(n=3, seed=7))
+    assert gen.n == 3
+    assert [gen.choice_sampling(i)["seed"] for i in range(3)] == [7, 8, 9]
+    assert to_generation(chat(n=2)).choice_sampling(1) == {}  # no seed: each at random
+    with pytest.raises(pydantic.ValidationError) as info:
+        chat(n=9)
+    assert invalid_request(info.value.errors()).field == "n"
 
 
-def test_logprobs_are_refused() -> None:
-    assert refusal(chat(logprobs=True)).field == "logprobs"
-    assert refusal(completion(logprobs=3)).field == "logprobs"
+def test_logprobs_ask_for_alternatives() -> None:
+    assert to_generation(chat(logprobs=True)).sampling == {"logprobs": 0}
+    assert to_generation(chat(logprobs=True, top_logprobs=5)).sampling == {"logprobs": 5}
+    assert to_generation(completion(logprobs=3)).sampling == {"logprobs": 3}
     assert to_generation(chat(logprobs=False)).sampling == {}
+    assert refusal(chat(top_logprobs=2)).field == "top_logprobs"  # without logprobs: true
+    for body in ({"logprobs": True, "top_logprobs": 21}, {"logprobs": True, "top_logprobs": -1}):
+        with pytest.raises(pydantic.ValidationError) as info:
+            chat(**body)
+        assert invalid_request(info.value.errors()).field == "top_logprobs"
 
 
 def test_echo_and_suffix_are_refused() -> None:
@@ -187,7 +206,7 @@ def test_roles_map_to_the_backends_roles() -> None:
         {"role": "system", "content": "Be kind."},
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": None},
-        {"role": "tool", "content": "42"},
+        {"role": "tool", "content": "42", "tool_call_id": "call_1"},
     ]
     gen = to_generation(chat(messages=messages))
     assert gen.prompt == (
@@ -195,7 +214,7 @@ def test_roles_map_to_the_backends_roles() -> None:
         ChatMessage("system", "Be kind."),
         ChatMessage("user", "Hi"),
         ChatMessage("assistant", ""),
-        ChatMessage("tool", "42"),
+        ChatMessage("tool", "42", tool_call_id="call_1"),
     )
 
 
@@ -315,11 +334,8 @@ def test_an_unknown_field_is_refused_by_name() -> None:
 # asks for it: each is refused with a 400 naming the field.
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 UNSERVED_CHAT = [
-    ("n", 2),
-    ("logprobs", True),
-    ("top_logprobs", 3),
-    ("tools", [TOOL]),
-    ("tool_choice", "required"),
+    ("tools", [{"type": "custom", "custom": {"name": "f"}}]),
+    ("tool_choice", "required"),  # with no tools
     ("tool_choice", {"type": "function", "function": {"name": "f"}}),
     ("functions", [TOOL["function"]]),
     ("function_call", "auto"),
@@ -335,32 +351,82 @@ UNSERVED_CHAT = [
 
 @pytest.mark.parametrize(("field", "value"), UNSERVED_CHAT)
 def test_a_chat_field_that_is_not_served_is_refused_by_name(field: str, value: Any) -> None:
-    assert refusal(chat(**{field: value})).field == field
+    assert refusal(chat(**{field: value})).field.startswith(field)
 
 
-@pytest.mark.parametrize(("field", "value"), [("n", 3), ("logprobs", 2), ("best_of", 2)])
+@pytest.mark.parametrize(("field", "value"), [("best_of", 2)])
 def test_a_completion_field_that_is_not_served_is_refused_by_name(field: str, value: Any) -> None:
     assert refusal(completion(**{field: value})).field == field
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
-    [("tool_calls", [{"id": "call_1", "type": "function", "function": {"name": "f"}}]),
-     ("tool_call_id", "call_1"), ("function_call", {"name": "f"}), ("audio", {"id": "a"})],
+    ("role", "field", "value"),
+    [("user", "tool_calls", [{"id": "call_1", "type": "function",
+                              "function": {"name": "f", "arguments": "{}"}}]),
+     ("assistant", "tool_call_id", "call_1"), ("assistant", "function_call", {"name": "f"}),
+     ("assistant", "audio", {"id": "a"})],
 )  # fmt: skip
-def test_a_message_asking_for_tools_or_audio_is_refused_naming_it(field: str, value: Any) -> None:
-    messages = [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "", field: value},
-    ]
+def test_a_message_field_out_of_place_or_not_served_is_refused(
+    role: str, field: str, value: Any
+) -> None:
+    messages = [{"role": "user", "content": "Hi"}, {"role": role, "content": "", field: value}]
     assert refusal(chat(messages=messages)).field == f"messages[1].{field}"
+
+
+def test_a_tool_message_needs_the_call_it_answers() -> None:
+    messages = [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "42"}]
+    assert refusal(chat(messages=messages)).field == "messages[1].tool_call_id"
+
+
+# -- tools -----------------------------------------------------------------------------------
+
+
+def test_tools_and_their_choice_are_passed_on() -> None:
+    gen = to_generation(chat(tools=[TOOL]))
+    assert gen.tools is not None and gen.tools.choice == "auto" and gen.tools.parallel
+    assert [(t.name, t.parameters) for t in gen.tools.functions] == [("f", '{"type": "object"}')]
+    named = to_generation(
+        chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "f"}})
+    )
+    assert named.tools is not None and (named.tools.choice, named.tools.name) == ("required", "f")
+    single = to_generation(chat(tools=[TOOL], tool_choice="required", parallel_tool_calls=False))
+    assert single.tools is not None and single.tools.choice == "required"
+    assert not single.tools.parallel
+    assert to_generation(chat(tools=[TOOL], tool_choice="none")).tools.choice == "none"  # type: ignore[union-attr]
+
+
+def test_a_history_with_tool_calls_is_passed_on() -> None:
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "f", "arguments": '{"city": "Paris"}'}}  # fmt: skip
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    prompt = to_generation(chat(messages=messages, tools=[TOOL])).prompt
+    assert prompt[1] == ChatMessage(  # type: ignore[index]
+        "assistant", "", (ToolCall("call_1", "f", '{"city": "Paris"}'),)
+    )
+    assert prompt[2] == ChatMessage("tool", "sunny", tool_call_id="call_1")  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+      "tool_choice.function.name"),
+     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]},
+      "tools[0].function.name"),
+     ({"tools": [TOOL], "logprobs": True}, "logprobs")],
+)  # fmt: skip
+def test_bad_tool_requests_are_refused_naming_the_field(body: dict[str, Any], param: str) -> None:
+    assert refusal(chat(**body)).field == param
 
 
 def test_values_that_ask_for_nothing_unserved_are_served() -> None:
     """What clients send by default: no tool, text only, labels for OpenAI's own services."""
     body = chat(
         tools=[], tool_choice="none", parallel_tool_calls=False, functions=[], function_call="none",
-        modalities=["text"], top_logprobs=0, logit_bias={}, metadata={"a": "b"}, store=False,
+        modalities=["text"], logit_bias={}, metadata={"a": "b"}, store=False,
         service_tier="auto", prompt_cache_key="k", safety_identifier="s", user="u",
         prompt_cache_retention="24h", prompt_cache_options={},
         stream=True, stream_options={"include_usage": True, "include_obfuscation": False},
@@ -557,7 +623,7 @@ def test_finish_reasons_are_openais(reason: FinishReason, expected: str) -> None
     last = builder.chunk(final_chunk(reason), include_usage=False)
     assert last["choices"][0]["finish_reason"] == expected
     done = Completion("Hi", reason, Usage(5, 2), TIMINGS, "r")
-    assert builder.completion(done)["choices"][0]["finish_reason"] == expected
+    assert builder.completion([done])["choices"][0]["finish_reason"] == expected
 
 
 @pytest.mark.usefixtures("ticking_clock")
@@ -582,7 +648,7 @@ def test_text_chunks_carry_text() -> None:
 def test_a_chat_completion_object() -> None:
     builder = ResponseBuilder(chat=True, request_id="abc", model="SmolLM2")
     done = Completion("Hello!", FinishReason.STOP_SEQUENCE, Usage(5, 2), TIMINGS, "abc")
-    obj = builder.completion(done)
+    obj = builder.completion([done])
     assert obj["id"] == "chatcmpl-abc"
     assert obj["object"] == "chat.completion"
     assert obj["model"] == "SmolLM2"
@@ -601,7 +667,7 @@ def test_a_chat_completion_object() -> None:
 def test_a_text_completion_object() -> None:
     builder = ResponseBuilder(chat=False, request_id="abc", model="m")
     done = Completion(" upon a time", FinishReason.LENGTH, Usage(2, 4), TIMINGS, "abc")
-    obj = builder.completion(done)
+    obj = builder.completion([done])
     assert obj["id"] == "cmpl-abc"
     assert obj["object"] == "text_completion"
     assert obj["choices"] == [
@@ -609,3 +675,73 @@ def test_a_text_completion_object() -> None:
     ]
     assert obj["usage"]["total_tokens"] == 6
     json.dumps(obj)  # JSON-serialisable as it is
+
+
+# -- tool calls and log probabilities in the answer ------------------------------------------
+
+LP = TokenLogprob(5, b"Hi", -0.5, (TokenLogprob(5, b"Hi", -0.5), TokenLogprob(6, b"\xe2", -1.5)))
+
+
+def test_tool_calls_make_a_message_with_no_content() -> None:
+    builder = ResponseBuilder(chat=True, request_id="abc", model="m")
+    call = ToolCall("call_1", "f", '{"a": 1}')
+    done = Completion("", FinishReason.TOOL_CALLS, Usage(2, 4), TIMINGS, "abc", (call,))
+    choice = builder.completion([done])["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    ]
+
+
+def test_streamed_tool_calls_are_openais_pieces() -> None:
+    builder = ResponseBuilder(chat=True, request_id="abc", model="m")
+    first = builder.chunk(Chunk("", tool_calls=(ToolCallDelta(0, "call_1", "f", ""),)),
+                          include_usage=False)  # fmt: skip
+    later = builder.chunk(Chunk("", tool_calls=(ToolCallDelta(0, arguments='{"a"'),)),
+                          include_usage=False)  # fmt: skip
+    assert first["choices"][0]["delta"] == {
+        "role": "assistant", "content": None,
+        "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                        "function": {"name": "f", "arguments": ""}}],
+    }  # fmt: skip
+    assert later["choices"][0]["delta"] == {
+        "tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]
+    }
+
+
+def test_chat_logprobs_list_tokens_bytes_and_alternatives() -> None:
+    builder = ResponseBuilder(chat=True, request_id="abc", model="m", logprobs=True)
+    done = Completion("Hi", FinishReason.STOP, Usage(2, 1), TIMINGS, "abc", logprobs=(LP,))
+    logprobs = builder.completion([done])["choices"][0]["logprobs"]
+    assert logprobs == {"content": [{
+        "token": "Hi", "logprob": -0.5, "bytes": [72, 105],
+        "top_logprobs": [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]},
+                         {"token": "\ufffd", "logprob": -1.5, "bytes": [226]}],
+    }], "refusal": None}  # fmt: skip
+    streamed = builder.chunk(Chunk("Hi", (5,), logprobs=(LP,)), include_usage=False)
+    assert streamed["choices"][0]["logprobs"] == logprobs
+
+
+def test_completion_logprobs_are_the_legacy_columns() -> None:
+    builder = ResponseBuilder(chat=False, request_id="abc", model="m", logprobs=True)
+    one = builder.chunk(Chunk("Hi", (5,), logprobs=(LP,)), include_usage=False)
+    two = builder.chunk(Chunk("Hi", (5,), logprobs=(LP,)), include_usage=False)
+    assert one["choices"][0]["logprobs"] == {
+        "tokens": ["Hi"], "token_logprobs": [-0.5],
+        "top_logprobs": [{"Hi": -0.5, "\ufffd": -1.5}], "text_offset": [0],
+    }  # fmt: skip
+    assert two["choices"][0]["logprobs"]["text_offset"] == [2]  # counts on
+
+
+def test_n_choices_are_indexed_and_their_usage_summed() -> None:
+    builder = ResponseBuilder(chat=True, request_id="abc", model="m")
+    a = Completion("A", FinishReason.STOP, Usage(3, 1), TIMINGS, "abc")
+    b = Completion("B", FinishReason.LENGTH, Usage(3, 2), TIMINGS, "abc")
+    obj = builder.completion([a, b])
+    assert [(c["index"], c["message"]["content"]) for c in obj["choices"]] == [(0, "A"), (1, "B")]
+    assert obj["usage"] == {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}
+    assert builder.chunk(Chunk("x"), include_usage=False, index=1)["choices"][0]["delta"] == {
+        "role": "assistant",
+        "content": "x",
+    }

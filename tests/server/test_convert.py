@@ -111,5 +111,6 @@ def test_only_successful_finish_reasons_have_a_done_event() -> None:
         FinishReason.STOP,
         FinishReason.LENGTH,
         FinishReason.STOP_SEQUENCE,
+        FinishReason.TOOL_CALLS,
     }
-    assert len(set(convert.FINISH_REASONS.values())) == 3
+    assert len(set(convert.FINISH_REASONS.values())) == 4

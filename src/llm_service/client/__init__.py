@@ -25,6 +25,11 @@ from llm_service.client.types import (
     ServerStatus,
     Started,
     Timings,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    Tools,
     Usage,
 )
 
@@ -45,5 +50,10 @@ __all__ = [
     "Started",
     "Stream",
     "Timings",
+    "TokenLogprob",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
+    "Tools",
     "Usage",
 ]

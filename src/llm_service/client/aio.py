@@ -31,6 +31,10 @@ from llm_service.client.types import (
     ServerStatus,
     Started,
     Timings,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    Tools,
     Usage,
 )
 from llm_service.errors import (
@@ -50,6 +54,7 @@ _FINISH_REASONS = {
     pb.FINISH_REASON_STOP: FinishReason.STOP,
     pb.FINISH_REASON_LENGTH: FinishReason.LENGTH,
     pb.FINISH_REASON_STOP_SEQUENCE: FinishReason.STOP_SEQUENCE,
+    pb.FINISH_REASON_TOOL_CALLS: FinishReason.TOOL_CALLS,
 }
 _STATES = {
     pb.SERVING_STATE_LOADING: "loading",
@@ -166,9 +171,11 @@ class AsyncClient:
         *,
         timeout: float | None = None,
         request_id: str | None = None,
+        tools: Tools | None = None,
         **sampling: Unpack[Sampling],
     ) -> AsyncStream:
-        """Stream a completion of ``prompt`` (text), or of chat ``messages`` (a sequence).
+        """Stream a completion of ``prompt`` (text), or of chat ``messages`` (a sequence),
+        which may offer the model ``tools`` to call.
 
         Returns:
             an async iterator of ``Chunk``s; the last one carries the finish reason, usage and
@@ -179,7 +186,7 @@ class AsyncClient:
             InvalidRequestError, PromptTooLongError, OverloadedError, DeadlineExceededError,
             UnavailableError, ConnectionFailedError, PermissionDeniedError, ...
         """
-        request = _generate_request(prompt, sampling)
+        request = _generate_request(prompt, sampling, tools)
         return AsyncStream(self, request, self._deadline(timeout), request_id or new_request_id())
 
     async def generate(
@@ -188,11 +195,12 @@ class AsyncClient:
         *,
         timeout: float | None = None,
         request_id: str | None = None,
+        tools: Tools | None = None,
         **sampling: Unpack[Sampling],
     ) -> Completion:
         """Generate a completion and return it whole (see ``stream`` for the arguments)."""
         async with self.stream(
-            prompt, timeout=timeout, request_id=request_id, **sampling
+            prompt, timeout=timeout, request_id=request_id, tools=tools, **sampling
         ) as stream:
             async for _ in stream:
                 pass
@@ -349,6 +357,7 @@ class AsyncStream:
         self._attempt = 0
         self._token_received = False
         self._finished = False
+        self._logprobs: list[TokenLogprob] = []
 
     def __aiter__(self) -> AsyncStream:
         return self
@@ -406,7 +415,13 @@ class AsyncStream:
             return None
         if which == "delta":
             self._token_received = True
-            return Chunk(response.delta.text, tuple(response.delta.token_ids))
+            delta = response.delta
+            calls = tuple(
+                ToolCallDelta(c.index, c.id, c.name, c.arguments) for c in delta.tool_calls
+            )
+            logprobs = tuple(_logprob(lp) for lp in delta.logprobs)
+            self._logprobs.extend(logprobs)
+            return Chunk(delta.text, tuple(delta.token_ids), tool_calls=calls, logprobs=logprobs)
         done = response.done
         t = done.timings
         reason = _FINISH_REASONS.get(done.finish_reason, FinishReason.STOP)
@@ -420,7 +435,10 @@ class AsyncStream:
             decode_tokens_per_s=t.decode_tokens_per_s,
             total_ms=t.total_ms,
         )
-        self.completion = Completion(done.text, reason, usage, timings, self.request_id)
+        made = tuple(ToolCall(c.id, c.name, c.arguments) for c in done.tool_calls)
+        self.completion = Completion(
+            done.text, reason, usage, timings, self.request_id, made, tuple(self._logprobs)
+        )
         self._finished = True
         return Chunk("", (), reason, usage, timings)
 
@@ -518,18 +536,45 @@ def _field(name: str) -> Iterator[None]:
         raise InvalidRequestError(name, f"cannot be sent: {exc}") from None
 
 
+def _logprob(lp: pb.TokenLogprob) -> TokenLogprob:
+    top = tuple(TokenLogprob(t.token_id, t.piece, t.logprob) for t in lp.top)
+    return TokenLogprob(lp.token_id, lp.piece, lp.logprob, top)
+
+
 def _messages(messages: Sequence[Message]) -> list[pb.ChatMessage]:
     converted = []
     for i, m in enumerate(messages):
+        calls: Sequence[ToolCall] = ()
+        call_id = None
         if isinstance(m, ChatMessage):
-            role, content = m.role, m.content
+            role, content, calls, call_id = m.role, m.content, m.tool_calls, m.tool_call_id
         elif isinstance(m, tuple):
             role, content = m
         else:
             role, content = m.get("role", ""), m.get("content", "")
         with _field(f"messages[{i}]"):
-            converted.append(pb.ChatMessage(role=role, content=content))
+            converted.append(pb.ChatMessage(
+                role=role,
+                content=content,
+                tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
+                            for c in calls],
+                tool_call_id=call_id or "",
+            ))  # fmt: skip
     return converted
+
+
+def _chat(messages: Sequence[Message], tools: Tools | None) -> pb.Chat:
+    chat = pb.Chat(messages=_messages(messages))
+    if tools is None:
+        return chat
+    for i, tool in enumerate(tools.functions):
+        with _field(f"tools[{i}]"):
+            chat.tools.add(name=tool.name, description=tool.description,
+                           parameters=tool.parameters)  # fmt: skip
+    chat.tool_choice = tools.choice
+    chat.tool_name = tools.name or ""
+    chat.parallel_tool_calls = tools.parallel
+    return chat
 
 
 def _sampling(sampling: Sampling) -> pb.SamplingParams:
@@ -548,9 +593,13 @@ def _sampling(sampling: Sampling) -> pb.SamplingParams:
     return params
 
 
-def _generate_request(prompt: str | Sequence[Message], sampling: Sampling) -> pb.GenerateRequest:
+def _generate_request(
+    prompt: str | Sequence[Message], sampling: Sampling, tools: Tools | None
+) -> pb.GenerateRequest:
     params = _sampling(sampling)
     if isinstance(prompt, str):
+        if tools is not None:
+            raise InvalidRequestError("tools", "are served with chat messages only")
         with _field("prompt"):
             return pb.GenerateRequest(prompt=prompt, sampling=params)
-    return pb.GenerateRequest(chat=pb.Chat(messages=_messages(prompt)), sampling=params)
+    return pb.GenerateRequest(chat=_chat(prompt, tools), sampling=params)

@@ -21,6 +21,7 @@ from llm_service.client.types import (
     Sampling,
     ServerStatus,
     Started,
+    Tools,
 )
 from llm_service.settings import DEFAULT_TARGET, ClientSettings
 
@@ -105,6 +106,7 @@ class Client:
         *,
         timeout: float | None = None,
         request_id: str | None = None,
+        tools: Tools | None = None,
         **sampling: Unpack[Sampling],
     ) -> Stream:
         """Stream a completion: an iterator of ``Chunk``s (see ``AsyncClient.stream``).
@@ -112,7 +114,9 @@ class Client:
         Leaving the loop early (``break``, ``close()``, Ctrl-C, garbage collection) cancels
         generation on the server.
         """
-        inner = self._async.stream(prompt, timeout=timeout, request_id=request_id, **sampling)
+        inner = self._async.stream(
+            prompt, timeout=timeout, request_id=request_id, tools=tools, **sampling
+        )
         return Stream(self._thread, inner)
 
     def generate(
@@ -121,11 +125,14 @@ class Client:
         *,
         timeout: float | None = None,
         request_id: str | None = None,
+        tools: Tools | None = None,
         **sampling: Unpack[Sampling],
     ) -> Completion:
         """Generate a completion and return it whole (see ``AsyncClient.stream``)."""
         return self._thread.run(
-            self._async.generate(prompt, timeout=timeout, request_id=request_id, **sampling)
+            self._async.generate(
+                prompt, timeout=timeout, request_id=request_id, tools=tools, **sampling
+            )
         )
 
     def tokenize(

@@ -12,7 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypedDict
 
-from llm_service.types import ChatMessage, FinishReason, PoolState, Started, Timings, Usage
+from llm_service.types import (
+    ChatMessage,
+    FinishReason,
+    PoolState,
+    Started,
+    Timings,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
 
 __all__ = [
     "ChatMessage",
@@ -27,12 +38,35 @@ __all__ = [
     "ServerStatus",
     "Started",
     "Timings",
+    "TokenLogprob",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
+    "Tools",
     "Usage",
 ]
 
 # A chat message: ``ChatMessage("user", "Hi")``, ``{"role": "user", "content": "Hi"}`` or
 # ``("user", "Hi")``. The server checks roles and names the bad one (``messages[1].role``).
+# An assistant's tool calls and a tool's answer need a ``ChatMessage``.
 Message = ChatMessage | Mapping[str, str] | tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Tools:
+    """The functions a chat request offers the model, and how it may call them.
+
+    Attributes:
+        functions: the tools (``Tool(name, description, parameters_json_schema_text)``).
+        choice: "auto" (the model decides), "none" (no call) or "required" (at least one).
+        name: the one tool the model must call (``choice`` is then "required").
+        parallel: the model may make more than one call in an answer.
+    """
+
+    functions: Sequence[Tool]
+    choice: str = "auto"
+    name: str | None = None
+    parallel: bool = True
 
 
 class ClientOptions(TypedDict, total=False):
@@ -67,6 +101,7 @@ class Sampling(TypedDict, total=False):
     grammar: str
     json_schema: str
     logit_bias: Mapping[int, float]
+    logprobs: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +112,9 @@ class Chunk:
         text: text produced since the previous chunk (may be empty: a partial character or a
             possible start of a stop string is held back until it is decided).
         token_ids: the tokens this chunk's text came from.
+        tool_calls: pieces of tool calls (``Tools``): the first piece of a call has its id and
+            name, later ones add to its arguments.
+        logprobs: with ``logprobs``: the log probabilities of the tokens ``text`` completes.
         finish_reason: set on the last chunk only.
         usage: set on the last chunk only.
         timings: set on the last chunk only (server-side figures).
@@ -87,6 +125,8 @@ class Chunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     timings: Timings | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def final(self) -> bool:
@@ -99,12 +139,14 @@ class Completion:
     """A finished generation.
 
     Attributes:
-        text: the whole output (stop strings excluded).
-        finish_reason: ``stop`` (end of generation), ``length`` (max_tokens) or
-            ``stop_sequence``.
+        text: the whole output (stop strings excluded; with tools, the answer's content).
+        finish_reason: ``stop`` (end of generation), ``length`` (max_tokens),
+            ``stop_sequence`` or ``tool_calls``.
         usage: prompt and completion token counts.
         timings: queue wait, prefill, time to first token, decode speed, total (server-side).
         request_id: the id in the server's logs.
+        tool_calls: the calls the model made.
+        logprobs: with ``logprobs``: one per token of ``text``.
     """
 
     text: str
@@ -112,6 +154,8 @@ class Completion:
     usage: Usage
     timings: Timings
     request_id: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

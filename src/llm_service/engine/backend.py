@@ -24,9 +24,13 @@ __all__ = [
     "ContextResetError",
     "GenerationAborted",
     "LoadedModel",
+    "Logprobs",
     "PoolMode",
     "Sampler",
 ]
+
+# A sampled token's log probability, and the most likely tokens' (id, log probability).
+Logprobs = tuple[float, tuple[tuple[int, float], ...]]
 
 
 class GenerationAborted(Exception):
@@ -101,6 +105,10 @@ class DecodeFailures:
 
 class Sampler(Protocol):
     """A per-request token sampler (owns its state: RNG, grammar, penalty history)."""
+
+    def take_logprobs(self) -> Logprobs | None:
+        """The last sample's log probabilities, once (None unless ``SamplingParams.logprobs``)."""
+        ...
 
     def close(self) -> None: ...
 

@@ -7,6 +7,7 @@ tokens just as they do with a real BPE vocabulary, and the engine's UTF-8 handli
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from llm_service.engine.backend import (
     DecodeFailures,
     GenerationAborted,
     LoadedModel,
+    Logprobs,
     PoolMode,
     Sampler,
 )
@@ -41,9 +43,21 @@ class FakeCall:
 
 @dataclass
 class FakeSampler:
+    """Samples its script's tokens. With ``params.logprobs``, the sampled token had
+    probability 1/2 and the next ids (mod 256) 1/4, 1/8, ... (a distribution, most likely first)."""
+
     params: SamplingParams
     script: collections.deque[int] = field(default_factory=collections.deque)
     closed: bool = False
+    last: int | None = None
+
+    def take_logprobs(self) -> Logprobs | None:
+        token, self.last = self.last, None
+        n = self.params.logprobs
+        if n is None or token is None:
+            return None
+        top = tuple(((token + i) % 256, -(i + 1) * math.log(2)) for i in range(n))
+        return -math.log(2), top
 
     def close(self) -> None:
         self.closed = True
@@ -53,7 +67,8 @@ def _next_token(backend: FakeBackend, sampler: Sampler, where: str) -> int:
     assert isinstance(sampler, FakeSampler)
     if sampler.closed:
         backend.misuse.append(f"{where} sampled with a closed sampler")
-    return sampler.script.popleft() if sampler.script else EOS
+    sampler.last = sampler.script.popleft() if sampler.script else EOS
+    return sampler.last
 
 
 class FakeContext(ThreadContext):

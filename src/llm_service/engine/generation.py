@@ -17,13 +17,20 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from llm_service.engine.backend import Backend, GenerationAborted, NoTokenAllowed, Sampler
+from llm_service.engine.backend import (
+    Backend,
+    GenerationAborted,
+    Logprobs,
+    NoTokenAllowed,
+    Sampler,
+)
 from llm_service.engine.text import StreamDecoder
 from llm_service.errors import EngineError
 from llm_service.log import RequestLogger, plural
@@ -33,6 +40,7 @@ from llm_service.types import (
     GenerationRequest,
     Timings,
     TokenDelta,
+    TokenLogprob,
     Usage,
 )
 
@@ -82,6 +90,10 @@ class Generation:
         self._queue_wait_s = queue_wait_s
         self._decoder = StreamDecoder(request.sampling.stop)
         self._text: list[str] = []
+        # Log probabilities of tokens whose text is still held back, and bytes released
+        # beyond the first of them (see _released_logprobs).
+        self._held_logprobs: collections.deque[TokenLogprob] = collections.deque()
+        self._released_bytes = 0
         self._n_generated = 0
         self._started_at = time.monotonic()
         self._first_token_at: float | None = None
@@ -146,9 +158,16 @@ class Generation:
         self._n_generated += 1
         if self._first_token_at is None:
             self._first_token_at = time.monotonic()
-        text = self._decoder.push(self._backend.token_bytes(token))
+        piece = self._backend.token_bytes(token)
+        text = self._decoder.push(piece)
         self._text.append(text)
-        self._outbox.append(TokenDelta((token,), text))
+        logprobs = self.sampler.take_logprobs()
+        if logprobs is not None:
+            self._held_logprobs.append(self._logprob(token, piece, logprobs))
+            released = self._released_logprobs(text)
+            self._outbox.append(TokenDelta((token,), text, logprobs=released))
+        else:
+            self._outbox.append(TokenDelta((token,), text))
         if self._decoder.stopped:
             self.finish(FinishReason.STOP_SEQUENCE)
         elif self._n_generated >= self._max_tokens:
@@ -187,10 +206,13 @@ class Generation:
         self.finished = True
         try:
             # Text held back (a partial character, a possible start of a stop string that
-            # never completed) belongs to the output.
-            if tail := self._decoder.finish():
+            # never completed) belongs to the output, with its tokens' log probabilities; a
+            # stop string's tokens are not part of it.
+            tail = self._decoder.finish()
+            held = () if self._decoder.stopped else tuple(self._held_logprobs)
+            if tail or held:
                 self._text.append(tail)
-                self._outbox.append(TokenDelta((), tail))
+                self._outbox.append(TokenDelta((), tail, logprobs=held))
         except Exception:  # a bug: the request still ends, with what it has
             logger.exception("could not flush a request's held-back text")
         self._outbox.append(self._finished(reason, error, error_field))
@@ -198,6 +220,22 @@ class Generation:
             self.sampler.close()
         except Exception:
             logger.exception("could not close a request's sampler")
+
+    def _logprob(self, token: int, piece: bytes, logprobs: Logprobs) -> TokenLogprob:
+        logprob, top = logprobs
+        piece_of = self._backend.token_bytes
+        alternatives = tuple(TokenLogprob(t, piece_of(t), lp) for t, lp in top)
+        return TokenLogprob(token, piece, logprob, alternatives)
+
+    def _released_logprobs(self, text: str) -> tuple[TokenLogprob, ...]:
+        """The held log probabilities whose tokens' bytes ``text`` (just released) completes."""
+        self._released_bytes += len(text.encode("utf-8", "surrogatepass"))
+        out = []
+        held = self._held_logprobs
+        while held and len(held[0].piece) <= self._released_bytes:
+            self._released_bytes -= len(held[0].piece)
+            out.append(held.popleft())
+        return tuple(out)
 
     def take_events(self) -> list[Event]:
         """The events queued since the last call, counted as sent (see ``deliver``)."""

@@ -35,6 +35,7 @@ from llm_service.engine.backend import (
     DecodeFailures,
     GenerationAborted,
     LoadedModel,
+    Logprobs,
     NoTokenAllowed,
     PoolMode,
     Sampler,
@@ -180,6 +181,27 @@ class _AbortHook:
             self._should_abort = _never
 
 
+def logprobs_of(logits: np.ndarray[Any, Any], token: int, n: int) -> Logprobs:
+    """``token``'s log probability under ``logits`` (a log-softmax over the vocabulary, before
+    any sampler changed them, as llama-server's ``n_probs``), and the ``n`` most likely tokens'.
+
+    About 0.1 ms for 49,152 tokens: the alternatives are looked for among the tokens near the
+    most likely one first (a whole-vocabulary partition takes 0.4 ms).
+    """
+    peak = float(logits.max())
+    log_total = peak + math.log(float(np.exp(logits - peak).sum()))
+    top: tuple[tuple[int, float], ...] = ()
+    if n > 0:
+        for margin in (8.0, 16.0, math.inf):  # e**-8: 0.03 % of the best token's probability
+            near = np.flatnonzero(logits >= peak - margin)
+            if len(near) >= n:
+                break
+        best = near[np.argpartition(logits[near], -n)[-n:]] if len(near) > n else near
+        best = best[np.argsort(-logits[best], kind="stable")]
+        top = tuple((int(t), float(logits[t]) - log_total) for t in best)
+    return float(logits[token]) - log_total, top
+
+
 class LlamaSampler:
     """A llama.cpp sampler chain built for one request (freed by ``close``, or when collected).
 
@@ -189,14 +211,31 @@ class LlamaSampler:
     against misuse.
     """
 
-    def __init__(self, chain: Any, n_vocab: int | None = None) -> None:
-        """``n_vocab``: the chain has a grammar, and every sample is checked against it."""
+    def __init__(
+        self,
+        chain: Any,
+        n_vocab: int | None = None,
+        *,
+        logprobs: int | None = None,
+        vocab_size: int = 0,
+    ) -> None:
+        """``n_vocab``: the chain has a grammar, and every sample is checked against it.
+        ``logprobs``: each sample's log probabilities are kept, with that many alternatives
+        (``take_logprobs``), from the ``vocab_size`` logits."""
         self.chain = chain
         self._lock = threading.Lock()
         self._free = weakref.finalize(self, llama_cpp.llama_sampler_free, chain)
         self._n_vocab = n_vocab
         self._candidates: np.ndarray[Any, Any] = np.empty(0, dtype=_TOKEN_DATA)
         self._ids: np.ndarray[Any, Any] = np.empty(0, dtype=np.int32)
+        self._n_logprobs = logprobs
+        self._vocab_size = vocab_size
+        self._logprobs: Logprobs | None = None
+
+    def take_logprobs(self) -> Logprobs | None:
+        """The last sample's log probabilities (once), if the request asked for them."""
+        out, self._logprobs = self._logprobs, None
+        return out
 
     def sample(self, ctx: Any, index: int) -> int:
         """The next token from the logits of ``ctx``'s output ``index`` (-1: the last).
@@ -209,7 +248,12 @@ class LlamaSampler:
             if self.chain is None:
                 raise EngineError("the request's sampler is closed")
             if self._n_vocab is None:
-                return int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
+                token = int(llama_cpp.llama_sampler_sample(self.chain, ctx, index))
+                if self._n_logprobs is not None:
+                    logits = llama_cpp.llama_get_logits_ith(ctx, index)
+                    array = np.ctypeslib.as_array(logits, shape=(self._vocab_size,))
+                    self._logprobs = logprobs_of(array, token, self._n_logprobs)
+                return token
             logits = llama_cpp.llama_get_logits_ith(ctx, index)
             return self._choose(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)))
 
@@ -244,6 +288,8 @@ class LlamaSampler:
         if not math.isfinite(chosen.logit):  # every candidate was ruled out
             raise NoTokenAllowed("no token of the vocabulary can continue it here")
         llama_cpp.llama_sampler_accept(self.chain, chosen.id)
+        if self._n_logprobs is not None:
+            self._logprobs = logprobs_of(logits, int(chosen.id), self._n_logprobs)
         return int(chosen.id)
 
     def close(self) -> None:
@@ -666,7 +712,12 @@ class LlamaBackend:
                     "sampling.logit_bias", f"token id {token} is outside [0, {self._n_vocab})"
                 )
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        sampler = LlamaSampler(chain, self._n_vocab if grammar is not None else None)
+        sampler = LlamaSampler(
+            chain,
+            self._n_vocab if grammar is not None else None,
+            logprobs=params.logprobs,
+            vocab_size=self._n_vocab,
+        )
         try:
             if params.logit_bias:  # first: every later sampler sees the biased logits
                 biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(

@@ -8,6 +8,7 @@ which checks the caller, converts the OpenAI body (``openai``), runs it on the r
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -28,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_service import __version__
 from llm_service.client.aio import TlsOptionNames, channel_credentials
-from llm_service.client.types import Chunk, ClientOptions, Completion
+from llm_service.client.types import Chunk, ClientOptions, Completion, Usage
 from llm_service.errors import (
     ConfigurationError,
     InvalidRequestError,
@@ -160,7 +161,7 @@ class Gateway:
                 return JSONResponse(exchange.builder.completion(done))
             # A refusal or a bad request before the first token is an HTTP status; a wait longer
             # than the keep-alive interval starts the stream, with pings until the token comes.
-            first = exchange.first = asyncio.ensure_future(anext(exchange.stream))
+            first = exchange.first = asyncio.ensure_future(exchange.choices.next())
             wait = asyncio.wait({first}, timeout=self.settings.keepalive_interval)
             await _unless_disconnected(request, wait)
             if first.done() and (error := first.exception()) is not None:
@@ -184,9 +185,50 @@ class Gateway:
             self.metrics.tokens.labels(model, "completion").inc(stream.completion_tokens)
 
 
+class _Choices:
+    """The chunks of a request's ``n`` routed streams (one per choice), as they come, each with
+    its choice's index. ``cancel()`` (synchronous) stops them all."""
+
+    def __init__(self, streams: list[RoutedStream]) -> None:
+        self.streams = streams
+        self._reading: dict[asyncio.Future[Chunk], int] = {}
+        self._ready: collections.deque[tuple[int, Chunk]] = collections.deque()
+        self._started = False
+
+    async def next(self) -> tuple[int, Chunk]:
+        """The next chunk of any choice (call no more once every choice had its final one)."""
+        if len(self.streams) == 1:
+            return 0, await anext(self.streams[0])
+        if not self._started:
+            self._started = True
+            for i in range(len(self.streams)):
+                self._read(i)
+        while not self._ready:
+            done, _ = await asyncio.wait(self._reading, return_when=asyncio.FIRST_COMPLETED)
+            for future in sorted(done, key=self._reading.__getitem__):
+                index = self._reading.pop(future)
+                if (error := future.exception()) is not None:
+                    raise error
+                self._ready.append((index, future.result()))
+        index, chunk = self._ready.popleft()
+        if not chunk.final:
+            self._read(index)
+        return index, chunk
+
+    def _read(self, index: int) -> None:
+        self._reading[asyncio.ensure_future(anext(self.streams[index]))] = index
+
+    def cancel(self) -> None:
+        for future in self._reading:
+            future.cancel()
+        for stream in self.streams:
+            stream.cancel()
+
+
 class _Exchange:
-    """One generation request, from arrival to its last byte: the routed stream, the OpenAI
-    objects it becomes, and its clean-up, done once however the request ends."""
+    """One generation request, from arrival to its last byte: the routed streams (one per
+    choice), the OpenAI objects they become, and its clean-up, done once however the request
+    ends."""
 
     def __init__(
         self,
@@ -202,49 +244,65 @@ class _Exchange:
         self.model = body.model
         self.log = RequestLogger(logger, request_id)
         self.arrived = time.monotonic()
-        self.stream = RoutedStream(
-            gateway.pool,
-            body.model,
-            gen.prompt,
-            gen.sampling,
+        self.streams = [
+            RoutedStream(
+                gateway.pool,
+                body.model,
+                gen.prompt,
+                gen.choice_sampling(i),
+                tools=gen.tools,
+                request_id=request_id,
+                deadline=self.arrived + gateway.settings.request_timeout,
+            )
+            for i in range(gen.n)
+        ]
+        self.choices = _Choices(self.streams)
+        self.builder = ResponseBuilder(
+            chat=isinstance(body, ChatCompletionRequest),
             request_id=request_id,
-            deadline=self.arrived + gateway.settings.request_timeout,
+            model=body.model,
+            logprobs="logprobs" in gen.sampling,
         )
-        chat = isinstance(body, ChatCompletionRequest)
-        self.builder = ResponseBuilder(chat=chat, request_id=request_id, model=body.model)
-        self.first: asyncio.Future[Chunk] | None = None  # a stream's first chunk, being read
+        self.first: asyncio.Future[tuple[int, Chunk]] | None = None  # a stream's first chunk
         self.ended = False  # the whole response was written
         self._closed = False
 
     def close(self) -> None:
-        """Cancel the backend call if it runs, and account the tokens (synchronous, so that it
-        runs in a ``finally`` under cancellation; idempotent)."""
+        """Cancel the backend calls still running, and account the tokens (synchronous, so
+        that it runs in a ``finally`` under cancellation; idempotent)."""
         if self._closed:
             return
         self._closed = True
         if self.first is not None:
             self.first.cancel()
-        self.stream.cancel()
-        self.gateway.account(self.stream, self.caller, self.model)
+        self.choices.cancel()
+        for stream in self.streams:
+            self.gateway.account(stream, self.caller, self.model)
 
-    def _first_token(self, chunk: Chunk) -> Chunk:
-        """``chunk``, the first one, its arrival timed."""
+    def _first_token(self, first: tuple[int, Chunk]) -> tuple[int, Chunk]:
+        """``first``, the first chunk, its arrival timed."""
         elapsed = time.monotonic() - self.arrived
         self.gateway.metrics.ttft.labels(self.model).observe(elapsed)
-        return chunk
+        return first
 
-    async def collect(self) -> Completion:
-        """The whole answer (a request without ``stream``)."""
+    def _tokens(self) -> int:
+        return sum(s.completion_tokens for s in self.streams)
+
+    async def collect(self) -> list[Completion]:
+        """The whole answer, a completion per choice (a request without ``stream``)."""
         try:
-            self._first_token(await anext(self.stream))
-            async for _ in self.stream:
-                pass
+            _, chunk = self._first_token(await self.choices.next())
+            left = len(self.streams) - chunk.final
+            while left:
+                _, chunk = await self.choices.next()
+                left -= chunk.final
         finally:
             self.close()
-        done = self.stream.completion
-        assert done is not None  # the stream ended with its final chunk
-        self.log.info("done: %s, %d tokens", done.finish_reason.value, done.usage.completion_tokens)
-        return done
+        done = [s.completion for s in self.streams]
+        assert all(d is not None for d in done)  # every stream ended with its final chunk
+        reasons = ",".join(d.finish_reason.value for d in done if d is not None)
+        self.log.info("done: %s, %d tokens", reasons, self._tokens())
+        return [d for d in done if d is not None]
 
     async def events(self) -> AsyncIterator[bytes]:
         """The SSE body: pings until the first token, one event per chunk, then ``[DONE]``.
@@ -262,17 +320,25 @@ class _Exchange:
                 done, _ = await asyncio.wait({self.first}, timeout=interval)
                 if not done:
                     yield b": ping\n\n"
-            chunk = self._first_token(self.first.result())
+            index, chunk = self._first_token(self.first.result())
             include_usage = self.gen.include_usage
-            yield _sse(self.builder.chunk(chunk, include_usage=include_usage))
-            while not chunk.final:
-                chunk = await anext(self.stream)
-                if chunk.text or chunk.final:
-                    yield _sse(self.builder.chunk(chunk, include_usage=include_usage))
+            yield _sse(self.builder.chunk(chunk, include_usage=include_usage, index=index))
+            left = len(self.streams) - chunk.final
+            usage = [chunk.usage] if chunk.usage is not None else []
+            while left:
+                index, chunk = await self.choices.next()
+                if chunk.text or chunk.final or chunk.tool_calls or chunk.logprobs:
+                    yield _sse(self.builder.chunk(chunk, include_usage=include_usage, index=index))
+                if chunk.final:
+                    left -= 1
+                    if chunk.usage is not None:
+                        usage.append(chunk.usage)
             if include_usage:
-                assert chunk.usage is not None
-                yield _sse(self.builder.usage_chunk(chunk.usage))
-            self.log.info("done: %s, %d tokens", chunk.finish_reason, self.stream.completion_tokens)
+                total = Usage(
+                    sum(u.prompt_tokens for u in usage), sum(u.completion_tokens for u in usage)
+                )
+                yield _sse(self.builder.usage_chunk(total))
+            self.log.info("done: %s, %d tokens", chunk.finish_reason, self._tokens())
         except LLMServiceError as exc:
             self.log.warning("stream failed after it started: %s (%s)", exc, exc.kind)
             yield _sse(http_error(exc)[1])

@@ -19,7 +19,19 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from llm_service.client.types import ChatMessage, Chunk, Completion, FinishReason, Sampling, Usage
+from llm_service.client.types import (
+    ChatMessage,
+    Chunk,
+    Completion,
+    FinishReason,
+    Sampling,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    Tools,
+    Usage,
+)
 from llm_service.errors import InvalidRequestError
 
 __all__ = [
@@ -33,6 +45,8 @@ __all__ = [
 
 # llama.cpp seeds are in [0, 2**32 - 2] (2**32 - 1 means "random").
 MAX_SEED = 2**32 - 1
+MAX_N = 8  # choices of one request (each is a generation of its own on a replica)
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
 # OpenAI's role names; "developer" is the newer name of "system".
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _ROLES |= {"tool": "tool", "function": "tool"}
@@ -84,6 +98,55 @@ class ContentPart(_Body):
     refusal: str | None = Field(None, json_schema_extra={"type": "string"})
 
 
+class CalledFunction(_Body):
+    """``tool_calls[].function`` of an assistant message."""
+
+    name: str
+    arguments: str = Field(description="The arguments, JSON text (an object).")
+
+
+class MessageToolCall(_Body):
+    """One of an assistant message's ``tool_calls``."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class FunctionDefinition(_Body):
+    """``tools[].function``."""
+
+    name: str = Field(description="1 to 64 characters of A-Z a-z 0-9 _ -.")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="A JSON schema; the call's arguments are constrained to it."
+    )
+    strict: bool | None = Field(
+        None,
+        description="Always served as true where calls are constrained (tool_choice required or"
+        " a named tool, or any tool_choice on a template without native tool support).",
+    )
+
+
+class ToolDefinition(_Body):
+    """One of ``tools``: function tools only."""
+
+    type: str = Field(json_schema_extra=_served("function"))
+    function: FunctionDefinition | None = None
+    custom: Any | None = Field(None, description="Not served (custom tools): only null.")
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    """``tool_choice`` naming the one function to call."""
+
+    type: str = Field(json_schema_extra=_served("function"))
+    function: NamedFunction
+
+
 class Message(_Body):
     """One chat message."""
 
@@ -98,11 +161,13 @@ class Message(_Body):
     annotations: list[Any] | None = Field(
         None, description="Accepted and ignored: citations of OpenAI's own web search."
     )
-    tool_calls: list[Any] | None = Field(
-        None, description="Not served (tool calling): only null or an empty list."
+    tool_calls: list[MessageToolCall] | None = Field(
+        None, description="An assistant's tool calls, for a conversation that goes on after them."
     )
-    tool_call_id: str | None = Field(None, description="Not served (tool calling): only null.")
-    function_call: Any | None = Field(None, description="Not served (function calling).")
+    tool_call_id: str | None = Field(None, description="A tool message: the call it answers.")
+    function_call: Any | None = Field(
+        None, description="Not served (the deprecated function calling; use tool_calls)."
+    )
     audio: Any | None = Field(None, description="Not served (audio): only null.")
 
 
@@ -148,16 +213,15 @@ class _Sampling(_Body):
     )
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    n: int | None = Field(None, description="Only 1 is served.", json_schema_extra=_served(1, None))
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = Field(
+        None,
+        description=f"Choices to generate, each its own generation (seed + i when a seed is"
+        f" given), at most {MAX_N}.",
+    )
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = Field(None, description="Recorded in the gateway's log only.")
-    logprobs: bool | int | None = Field(
-        None,
-        description="Not served: only false, 0 or absent.",
-        json_schema_extra=_served(False, 0, None),
-    )
     logit_bias: (
         dict[
             Annotated[str, StringConstraints(pattern=r"^(0|[1-9][0-9]{0,9})$")],
@@ -196,17 +260,23 @@ class ChatCompletionRequest(_Sampling):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    top_logprobs: int | None = Field(
-        None, description="Not served: only null or 0.", json_schema_extra=_served(0, None)
+    logprobs: bool | None = Field(
+        None, description="Each output token's log probability (choices[].logprobs.content)."
     )
-    # Tool calling is not served yet: refused by name, except what asks for no tool at all.
-    tools: list[Any] | None = Field(None, description="Not served: only null or an empty list.")
-    tool_choice: Any | None = Field(None, description='Not served: only null or "none".')
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = Field(
+        None, description="With logprobs: the most likely tokens at each position, 0 to 20."
+    )
+    tools: list[ToolDefinition] | None = Field(
+        None, description="Functions the model may call (at most 128; see docs/api.md)."
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='"auto" (the default with tools), "none", "required", or a function.'
+    )
     parallel_tool_calls: bool | None = Field(
-        None, description="Accepted and ignored without tools (no tool is ever called)."
+        None, description="Whether an answer may hold more than one call (default true)."
     )
     functions: list[Any] | None = Field(
-        None, description="Not served (deprecated function calling): only null or empty."
+        None, description="Not served (deprecated function calling; use tools): only null or empty."
     )
     function_call: Any | None = Field(None, description='Not served: only null or "none".')
     modalities: list[str] | None = Field(None, description='Only ["text"] is served.')
@@ -228,6 +298,11 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] = Field(
         description="The prompt, or a list of exactly one.", json_schema_extra=_one_prompt
     )
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = Field(
+        None,
+        description="Each output token's log probability and this many alternatives (0 to 20),"
+        " in the legacy form (tokens, token_logprobs, top_logprobs, text_offset).",
+    )
     echo: bool | None = Field(
         None,
         description="Not served: only false or absent.",
@@ -243,12 +318,22 @@ class CompletionRequest(_Sampling):
 
 @dataclass(frozen=True, slots=True)
 class Generation:
-    """What the backend is asked: a prompt or chat messages, and the sampling options."""
+    """What the backend is asked: a prompt or chat messages, the sampling options, the tools
+    (chat), and how many choices (``n`` generations, choice i seeded with seed + i)."""
 
     prompt: str | tuple[ChatMessage, ...]
     sampling: Sampling
     stream: bool
     include_usage: bool
+    tools: Tools | None = None
+    n: int = 1
+
+    def choice_sampling(self, index: int) -> Sampling:
+        """Choice ``index``'s sampling: its own seed, when the request has one."""
+        seed = self.sampling.get("seed")
+        if index == 0 or seed is None:
+            return self.sampling
+        return self.sampling | {"seed": (seed + index) % MAX_SEED}
 
 
 def invalid_request(errors: Sequence[Mapping[str, Any]]) -> InvalidRequestError:
@@ -308,6 +393,9 @@ def to_generation(body: ChatCompletionRequest | CompletionRequest) -> Generation
         sampling["stop"] = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop)
     if body.logit_bias:
         sampling["logit_bias"] = _logit_bias(body.logit_bias)
+    logprobs = _logprobs(body)
+    if logprobs is not None:
+        sampling["logprobs"] = logprobs
     schema = _schema(body.response_format)
     if schema is not None:
         if body.grammar is not None:
@@ -316,35 +404,31 @@ def to_generation(body: ChatCompletionRequest | CompletionRequest) -> Generation
             )
         sampling["json_schema"] = schema
     prompt: str | tuple[ChatMessage, ...]
+    tools = None
     if isinstance(body, ChatCompletionRequest):
         prompt = tuple(_message(i, m) for i, m in enumerate(body.messages))
+        tools = _tools(body)
+        if tools is not None and tools.choice != "none" and "logprobs" in sampling:
+            raise InvalidRequestError(
+                "logprobs", "log probabilities are not served together with tool calls"
+            )
     else:
         prompt = _prompt(body)
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-    return Generation(prompt, sampling, bool(body.stream), include_usage)
+    return Generation(prompt, sampling, bool(body.stream), include_usage, tools, body.n or 1)
 
 
 def _refuse_unserved(body: ChatCompletionRequest | CompletionRequest) -> None:
     """A 400 naming the first field whose value asks for what is not served."""
-    if body.n is not None and body.n != 1:
-        raise InvalidRequestError("n", f"only n=1 is supported, got {body.n}")
-    if body.logprobs:
-        raise InvalidRequestError("logprobs", "log probabilities are not supported")
     if isinstance(body, CompletionRequest):
         if body.best_of is not None and body.best_of != 1:
             raise InvalidRequestError("best_of", f"only best_of=1 is supported, got {body.best_of}")
         return
-    tools = "tool calling is not supported yet"
-    if body.top_logprobs:
-        raise InvalidRequestError("top_logprobs", "log probabilities are not supported")
-    if body.tools:
-        raise InvalidRequestError("tools", tools)
-    if body.tool_choice not in (None, "none"):
-        raise InvalidRequestError("tool_choice", f'{tools}: only "none" is served')
+    functions = "the deprecated function calling is not served: use tools and tool_choice"
     if body.functions:
-        raise InvalidRequestError("functions", tools)
+        raise InvalidRequestError("functions", functions)
     if body.function_call not in (None, "none"):
-        raise InvalidRequestError("function_call", f'{tools}: only "none" is served')
+        raise InvalidRequestError("function_call", functions)
     if body.modalities is not None and body.modalities != ["text"]:
         raise InvalidRequestError("modalities", 'only ["text"] is served')
     for name, what in (
@@ -358,12 +442,58 @@ def _refuse_unserved(body: ChatCompletionRequest | CompletionRequest) -> None:
         if getattr(body, name) is not None:
             raise InvalidRequestError(name, f"{what} is not supported")
     for i, message in enumerate(body.messages):
-        if message.tool_calls:
-            raise InvalidRequestError(f"messages[{i}].tool_calls", tools)
-        for name in ("tool_call_id", "function_call", "audio"):
-            if getattr(message, name) is not None:
-                what = "audio" if name == "audio" else tools
-                raise InvalidRequestError(f"messages[{i}].{name}", f"{what} is not supported")
+        if message.function_call is not None:
+            raise InvalidRequestError(f"messages[{i}].function_call", functions)
+        if message.audio is not None:
+            raise InvalidRequestError(f"messages[{i}].audio", "audio is not supported")
+
+
+def _logprobs(body: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """How many alternatives per token, if log probabilities are asked for."""
+    if isinstance(body, CompletionRequest):
+        return body.logprobs
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("top_logprobs", "needs logprobs: true")
+    return (body.top_logprobs or 0) if body.logprobs else None
+
+
+def _tools(body: ChatCompletionRequest) -> Tools | None:
+    """The request's tools and how they may be called (None: no tools offered)."""
+    choice = body.tool_choice
+    if not body.tools:
+        if choice not in (None, "none", "auto"):
+            raise InvalidRequestError("tool_choice", "asks for a tool call, but tools is empty")
+        return None
+    functions = []
+    for i, tool in enumerate(body.tools):
+        if tool.type != "function" or tool.custom is not None:
+            raise InvalidRequestError(
+                f"tools[{i}].type", f"only function tools are served, got {tool.type!r}"
+            )
+        f = tool.function
+        if f is None:
+            raise InvalidRequestError(f"tools[{i}].function", "is required")
+        try:
+            functions.append(
+                Tool(f.name, f.description or "", json.dumps(f.parameters))
+                if f.parameters is not None
+                else Tool(f.name, f.description or "")
+            )
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(
+                exc.field.replace("tools", f"tools[{i}].function", 1), exc.detail
+            ) from None
+    parallel = body.parallel_tool_calls is not False
+    if isinstance(choice, NamedToolChoice):
+        if choice.type != "function":
+            raise InvalidRequestError("tool_choice.type", f"must be function, got {choice.type!r}")
+        if choice.function.name not in {t.name for t in functions}:
+            raise InvalidRequestError(
+                "tool_choice.function.name",
+                f"{choice.function.name[:80]!r} is not the name of one of the tools",
+            )
+        return Tools(functions, "required", choice.function.name, parallel)
+    return Tools(functions, choice or "auto", None, parallel)
 
 
 def _logit_bias(given: dict[str, float]) -> dict[int, float]:
@@ -391,8 +521,18 @@ def _message(i: int, m: Message) -> ChatMessage:
             f"messages[{i}].role",
             f"unknown role {m.role!r}; expected one of {', '.join(sorted(_ROLES))}",
         )
+    calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ())
+    if calls and role != "assistant":
+        raise InvalidRequestError(f"messages[{i}].tool_calls", "only an assistant makes tool calls")
+    call_id = m.tool_call_id
+    if role == "tool" and call_id is None and m.role == "tool":
+        raise InvalidRequestError(f"messages[{i}].tool_call_id", "is required in a tool message")
+    if call_id is not None and role != "tool":
+        raise InvalidRequestError(
+            f"messages[{i}].tool_call_id", "only a tool message answers a tool call"
+        )
     if m.content is None or isinstance(m.content, str):
-        return ChatMessage(role, m.content or m.refusal or "")
+        return ChatMessage(role, m.content or m.refusal or "", calls, call_id)
     texts = []
     for j, part in enumerate(m.content):
         text = part.text if part.type == "text" else part.refusal
@@ -402,7 +542,7 @@ def _message(i: int, m: Message) -> ChatMessage:
                 f"content of type {part.type!r} is not supported (text only)",
             )
         texts.append(text)
-    return ChatMessage(role, "".join(texts))
+    return ChatMessage(role, "".join(texts), calls, call_id)
 
 
 def _prompt(body: CompletionRequest) -> str:
@@ -423,6 +563,8 @@ def finish_reason(reason: FinishReason | None) -> str | None:
     """OpenAI's finish reason: a stop string counts as ``stop``."""
     if reason is None:
         return None
+    if reason is FinishReason.TOOL_CALLS:
+        return "tool_calls"
     return "length" if reason is FinishReason.LENGTH else "stop"
 
 
@@ -434,6 +576,18 @@ def usage_object(usage: Usage) -> dict[str, int]:
     }
 
 
+def _token_text(piece: bytes) -> str:
+    # A piece of a multi-byte character is not text on its own: "bytes" carries it exactly.
+    return piece.decode("utf-8", "replace")
+
+
+def _chat_logprob(lp: TokenLogprob, *, top: bool = True) -> dict[str, Any]:
+    out = {"token": _token_text(lp.piece), "logprob": lp.logprob, "bytes": list(lp.piece)}
+    if top:
+        out["top_logprobs"] = [_chat_logprob(t, top=False) for t in lp.top]
+    return out
+
+
 class ResponseBuilder:
     """The OpenAI objects of one request: same ``id``, ``created`` and ``model`` in every one.
 
@@ -441,45 +595,74 @@ class ResponseBuilder:
         chat: chat completions (else text completions).
         request_id: the request's id; the object id is ``chatcmpl-<id>`` / ``cmpl-<id>``.
         model: the model id the client asked for.
+        logprobs: the request asked for log probabilities.
     """
 
-    def __init__(self, *, chat: bool, request_id: str, model: str) -> None:
+    def __init__(self, *, chat: bool, request_id: str, model: str, logprobs: bool = False) -> None:
         self.chat = chat
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
         self.created = int(time.time())
         self.model = model
-        self._role_sent = False
+        self.logprobs = logprobs
+        self._role_sent: set[int] = set()
+        self._text_offset: dict[int, int] = {}  # completions' logprobs: characters so far
         # The fields every stream chunk repeats, made once rather than per token.
         self._chunk_head = self._head("chat.completion.chunk" if chat else "text_completion")
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def completion(self, done: Completion) -> dict[str, Any]:
-        """The whole answer (``stream`` false)."""
-        reason = finish_reason(done.finish_reason)
-        choice: dict[str, Any]
-        if self.chat:
-            message = {"role": "assistant", "content": done.text, "refusal": None}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
-            head = self._head("chat.completion")
-        else:
-            choice = {"index": 0, "text": done.text, "logprobs": None, "finish_reason": reason}
-            head = self._head("text_completion")
-        return head | {"choices": [choice], "usage": usage_object(done.usage)}
+    def completion(self, choices: Sequence[Completion]) -> dict[str, Any]:
+        """The whole answer (``stream`` false): one choice per completion, usage summed."""
+        out = []
+        for index, done in enumerate(choices):
+            reason = finish_reason(done.finish_reason)
+            choice: dict[str, Any]
+            if self.chat:
+                message: dict[str, Any] = {
+                    "role": "assistant",
+                    "content": done.text if done.text or not done.tool_calls else None,
+                    "refusal": None,
+                }
+                if done.tool_calls:
+                    message["tool_calls"] = [_tool_call(c) for c in done.tool_calls]
+                logprobs = self._logprobs(index, done.logprobs)
+                choice = {"index": index, "message": message, "logprobs": logprobs,
+                          "finish_reason": reason}  # fmt: skip
+            else:
+                logprobs = self._logprobs(index, done.logprobs)
+                choice = {"index": index, "text": done.text, "logprobs": logprobs,
+                          "finish_reason": reason}  # fmt: skip
+            out.append(choice)
+        usage = Usage(
+            sum(c.usage.prompt_tokens for c in choices),
+            sum(c.usage.completion_tokens for c in choices),
+        )
+        head = self._head("chat.completion" if self.chat else "text_completion")
+        return head | {"choices": out, "usage": usage_object(usage)}
 
-    def chunk(self, chunk: Chunk, *, include_usage: bool) -> dict[str, Any]:
-        """One stream event for ``chunk``; the first one carries the assistant role."""
+    def chunk(self, chunk: Chunk, *, include_usage: bool, index: int = 0) -> dict[str, Any]:
+        """One stream event for ``chunk`` of choice ``index``; a choice's first one carries the
+        assistant role."""
         reason = finish_reason(chunk.finish_reason)
+        logprobs = self._logprobs(index, chunk.logprobs) if chunk.logprobs else None
         choice: dict[str, Any]
         if self.chat:
             delta: dict[str, Any] = {"content": chunk.text} if chunk.text or not chunk.final else {}
-            if not self._role_sent:
+            if index not in self._role_sent:
                 delta = {"role": "assistant", "content": chunk.text}
-                self._role_sent = True
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+                self._role_sent.add(index)
+            if chunk.tool_calls:
+                if not chunk.text:  # as OpenAI's: null beside the role, absent after it
+                    if "role" in delta:
+                        delta["content"] = None
+                    else:
+                        delta.pop("content", None)
+                delta["tool_calls"] = [_tool_call_delta(c) for c in chunk.tool_calls]
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "text": chunk.text, "logprobs": logprobs,
+                      "finish_reason": reason}  # fmt: skip
         out = self._chunk_head | {"choices": [choice]}
         if include_usage:
             out["usage"] = None
@@ -488,3 +671,37 @@ class ResponseBuilder:
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:
         """The last event with ``stream_options.include_usage``: no choices, the usage."""
         return self._chunk_head | {"choices": [], "usage": usage_object(usage)}
+
+    def _logprobs(self, index: int, listed: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+        """A choice's ``logprobs``: chat's ``content`` list, or completions' legacy columns
+        (``text_offset`` counts on from the choice's earlier chunks)."""
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return {"content": [_chat_logprob(lp) for lp in listed], "refusal": None}
+        tokens = [_token_text(lp.piece) for lp in listed]
+        offsets = []
+        offset = self._text_offset.get(index, 0)
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        self._text_offset[index] = offset
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in listed],
+            "top_logprobs": [{_token_text(t.piece): t.logprob for t in lp.top} for lp in listed],
+            "text_offset": offsets,
+        }
+
+
+def _tool_call(call: ToolCall) -> dict[str, Any]:
+    function = {"name": call.name, "arguments": call.arguments}
+    return {"id": call.id, "type": "function", "function": function}
+
+
+def _tool_call_delta(piece: ToolCallDelta) -> dict[str, Any]:
+    """A call's first piece has its id, type and name; later ones only add arguments."""
+    if piece.id:
+        function = {"name": piece.name, "arguments": piece.arguments}
+        return {"index": piece.index, "id": piece.id, "type": "function", "function": function}
+    return {"index": piece.index, "function": {"arguments": piece.arguments}}

@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 
 from llm_service.client import AsyncClient, AsyncStream, Chunk, Completion, ModelInfo
-from llm_service.client.types import ClientOptions, Message, Sampling
+from llm_service.client.types import ClientOptions, Message, Sampling, Tools
 from llm_service.errors import (
     EngineError,
     InternalServerError,
@@ -497,11 +497,13 @@ class RoutedStream:
         *,
         request_id: str,
         deadline: float,
+        tools: Tools | None = None,
     ) -> None:
         self.pool = pool
         self.model = model
         self.prompt = prompt
         self.sampling = sampling
+        self.tools = tools
         self.request_id = request_id
         self.deadline = deadline
         self.backend: Replica | None = None
@@ -562,6 +564,7 @@ class RoutedStream:
             list(self.prompt) if isinstance(self.prompt, tuple) else self.prompt,
             timeout=remaining,
             request_id=self.request_id,
+            tools=self.tools,
             **self.sampling,
         )
         backend.outstanding += 1

@@ -21,7 +21,7 @@ from llm_service.engine import (
     TokenDelta,
 )
 from llm_service.errors import InvalidRequestError
-from llm_service.types import REQUEST_ID_RULE, is_request_id
+from llm_service.types import REQUEST_ID_RULE, TokenLogprob, Tool, ToolCall, is_request_id
 
 __all__ = [
     "FINISH_REASONS",
@@ -38,6 +38,7 @@ FINISH_REASONS = {
     FinishReason.STOP: pb.FINISH_REASON_STOP,
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
     FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.TOOL_CALLS: pb.FINISH_REASON_TOOL_CALLS,
 }
 
 # SamplingParams fields carried by `optional` proto fields of the same name.
@@ -52,6 +53,7 @@ _OPTIONAL_SAMPLING_FIELDS = (
     "frequency_penalty",
     "penalty_last_n",
     "seed",
+    "logprobs",
 )
 
 
@@ -68,11 +70,27 @@ def messages(items: Sequence[pb.ChatMessage]) -> tuple[ChatMessage, ...]:
         raise InvalidRequestError("messages", "must not be empty")
     converted = []
     for i, m in enumerate(items):
+        calls = tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls)
         try:
-            converted.append(ChatMessage(m.role, m.content))
+            converted.append(ChatMessage(m.role, m.content, calls, m.tool_call_id or None))
         except InvalidRequestError as exc:
             # Say which message: "messages[2].role", not "messages.role".
             field = exc.field.replace("messages", f"messages[{i}]", 1)
+            raise InvalidRequestError(field, exc.detail) from None
+    return tuple(converted)
+
+
+def tools(items: Sequence[pb.Tool]) -> tuple[Tool, ...]:
+    """Tools from their protobuf form (validated)."""
+    converted = []
+    for i, t in enumerate(items):
+        try:
+            if t.parameters:
+                converted.append(Tool(t.name, t.description, t.parameters))
+            else:
+                converted.append(Tool(t.name, t.description))
+        except InvalidRequestError as exc:
+            field = exc.field.replace("tools", f"chat.tools[{i}]", 1)
             raise InvalidRequestError(field, exc.detail) from None
     return tuple(converted)
 
@@ -101,13 +119,31 @@ def generation_request(
     which = msg.WhichOneof("input")
     if which is None:
         raise InvalidRequestError("input", "give a prompt or chat messages")
-    return GenerationRequest(
-        prompt=msg.prompt if which == "prompt" else None,
-        messages=messages(msg.chat.messages) if which == "chat" else None,
-        sampling=sampling_params(msg.sampling),
-        request_id=request_id,
-        deadline=deadline,
-    )
+    if which == "prompt":
+        return GenerationRequest(
+            prompt=msg.prompt,
+            sampling=sampling_params(msg.sampling),
+            request_id=request_id,
+            deadline=deadline,
+        )
+    chat = msg.chat
+    try:
+        return GenerationRequest(
+            messages=messages(chat.messages),
+            sampling=sampling_params(msg.sampling),
+            request_id=request_id,
+            deadline=deadline,
+            tools=tools(chat.tools),
+            tool_choice=chat.tool_choice or ("required" if chat.tool_name else "auto"),
+            tool_name=chat.tool_name or None,
+            parallel_tool_calls=(
+                chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else True
+            ),
+        )
+    except InvalidRequestError as exc:
+        if exc.field.startswith("tool"):  # the request's own tool fields are the chat's
+            raise InvalidRequestError(f"chat.{exc.field}", exc.detail) from None
+        raise
 
 
 def event_message(event: GenerationEvent) -> pb.GenerateResponse:
@@ -122,7 +158,11 @@ def event_message(event: GenerationEvent) -> pb.GenerateResponse:
             )
         )
     if isinstance(event, TokenDelta):
-        return pb.GenerateResponse(delta=pb.Delta(token_ids=event.token_ids, text=event.text))
+        delta = pb.Delta(token_ids=event.token_ids, text=event.text)
+        for c in event.tool_calls:
+            delta.tool_calls.add(index=c.index, id=c.id, name=c.name, arguments=c.arguments)
+        delta.logprobs.extend(_logprob(lp) for lp in event.logprobs)
+        return pb.GenerateResponse(delta=delta)
     assert isinstance(event, Finished)
     usage, t = event.usage, event.timings
     timings = pb.Timings(
@@ -143,8 +183,20 @@ def event_message(event: GenerationEvent) -> pb.GenerateResponse:
             ),
             timings=timings,
             text=event.text,
+            tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
+                        for c in event.tool_calls],
         )
-    )
+    )  # fmt: skip
+
+
+def _logprob(lp: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        token_id=lp.token_id,
+        piece=lp.piece,
+        logprob=lp.logprob,
+        top=[pb.TokenLogprob(token_id=t.token_id, piece=t.piece, logprob=t.logprob)
+             for t in lp.top],
+    )  # fmt: skip
 
 
 def pool_message(state: PoolState) -> pb.PoolStatus:
