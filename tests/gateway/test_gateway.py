@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 import subprocess
 import time
@@ -15,6 +16,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from openai.types import CompletionUsage
 
 from llm_service.client import Client
 from tests.harness.gateway import HASHED_KEY, KEY, MODEL, Gateway
@@ -170,6 +172,68 @@ def test_tools_are_refused_by_name_not_dropped(gateway: Gateway) -> None:
     assert "tool calling is not supported" in caught.value.message
 
 
+def test_chat_logprobs_through_the_official_client(gateway: Gateway) -> None:
+    """Greedy: each token is its own top alternative, with the same log probability; 20
+    alternatives hold at most all the probability; the tokens spell the answer. Streamed, the
+    same tokens come piece by piece."""
+    client = gateway.client()
+    ask = {"model": MODEL, "messages": QUESTION, "max_tokens": 16, "temperature": 0,
+           "logprobs": True, "top_logprobs": 20}  # fmt: skip
+    whole = client.chat.completions.create(**ask)
+    content = whole.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == whole.usage.completion_tokens  # type: ignore[union-attr]
+    assert "".join(t.token for t in content) == whole.choices[0].message.content
+    for t in content:
+        assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == t.logprob
+        assert t.logprob == max(a.logprob for a in t.top_logprobs)
+        assert sum(math.exp(a.logprob) for a in t.top_logprobs) <= 1 + 1e-5
+        assert bytes(t.bytes or []) == t.token.encode()
+    streamed = [
+        t
+        for chunk in client.chat.completions.create(**ask, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs
+        for t in chunk.choices[0].logprobs.content or []
+    ]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+
+
+def test_completion_logprobs_are_the_legacy_form(gateway: Gateway) -> None:
+    done = gateway.client().completions.create(
+        model=MODEL, prompt="1, 2, 3,", max_tokens=8, temperature=0, logprobs=3
+    )
+    lp = done.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and lp.top_logprobs is not None
+    assert "".join(lp.tokens) == done.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    columns = zip(lp.tokens, lp.token_logprobs or [], lp.top_logprobs, strict=True)
+    for token, logprob, top in columns:
+        assert len(top) <= 3 and top[token] == logprob == max(top.values())
+
+
+def test_n_choices_with_a_seed_are_reproducible(gateway: Gateway) -> None:
+    client = gateway.client()
+    ask = {"model": MODEL, "messages": QUESTION, "max_tokens": 12, "temperature": 1.0,
+           "seed": 42, "n": 3}  # fmt: skip
+    first = client.chat.completions.create(**ask)
+    again = client.chat.completions.create(**ask)
+    texts = [c.message.content for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.message.content for c in again.choices]
+    streamed: dict[int, str] = {}
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts
+    # Choice i is seeded seed + i: alone, each gives the same text, and the usages add up.
+    singles = [client.chat.completions.create(**(ask | {"n": 1, "seed": 42 + i})) for i in range(3)]
+    assert [s.choices[0].message.content for s in singles] == texts
+    assert first.usage == CompletionUsage(
+        prompt_tokens=sum(s.usage.prompt_tokens for s in singles),  # type: ignore[union-attr]
+        completion_tokens=sum(s.usage.completion_tokens for s in singles),  # type: ignore[union-attr]
+        total_tokens=sum(s.usage.total_tokens for s in singles),  # type: ignore[union-attr]
+    )
+
+
 def test_llama_cpp_sampling_parameters_are_served(gateway: Gateway) -> None:
     done = gateway.client().chat.completions.create(
         model=MODEL,
@@ -211,7 +275,7 @@ def _post(gateway: Gateway, body: Any, path: str = "/v1/chat/completions") -> ht
 @pytest.mark.parametrize(
     ("body", "status", "param", "code"),
     [
-        ({"model": MODEL, "messages": QUESTION, "n": 2}, 400, "n", None),
+        ({"model": MODEL, "messages": QUESTION, "n": 9}, 400, "n", None),
         ({"model": MODEL, "messages": QUESTION, "temperature": "hot"}, 400, "temperature", None),
         ({"model": MODEL, "messages": QUESTION, "temperature": 3}, 400, "temperature", None),
         ({"model": MODEL, "messages": QUESTION, "max_tokens": 0}, 400, "max_tokens", None),
@@ -223,7 +287,11 @@ def _post(gateway: Gateway, body: Any, path: str = "/v1/chat/completions") -> ht
          "messages[0].content", None),
         ({"model": MODEL, "messages": QUESTION, "stop": 5}, 400, "stop", None),
         ({"model": MODEL, "messages": QUESTION, "top_p": 0.5, "top_k": 1000000}, 200, None, None),
-        ({"model": MODEL, "messages": QUESTION, "tools": [WEATHER]}, 400, "tools", None),
+        ({"model": MODEL, "messages": QUESTION, "tools": [WEATHER],
+          "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400,
+         "tool_choice.function.name", None),
+        ({"model": MODEL, "messages": QUESTION, "top_logprobs": 21, "logprobs": True}, 400,
+         "top_logprobs", None),
         ({"model": MODEL, "messages": QUESTION, "logit_bias": {"x": 5}}, 400, "logit_bias.x",
          None),
         ({"model": MODEL, "messages": QUESTION, "logit_bias": {"1": 101}}, 400, "logit_bias.1",
