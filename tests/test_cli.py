@@ -89,8 +89,33 @@ def test_serve_help_shows_defaults_and_choices(capsys: pytest.CaptureFixture[str
         "[LLM_TLS_ALLOWED_CLIENTS]",
         "[LLM_INSECURE]",
         "{DEBUG,INFO,WARNING,ERROR}",
+        "--chat-template {chatml,chatml-tools}",
+        "--chat-template-file FILE",
+        "[LLM_CHAT_TEMPLATE_FILE]",
     ):
         assert expected in text, expected
+
+
+def test_generate_takes_a_chat_template(tmp_path: Path) -> None:
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    result = run_llm_service(
+        "generate", "--chat", "hi", "--backend", "fake", "--chat-template-file", str(template),
+        "--max-tokens", "3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "prompt 2," in result.stderr  # "hi", as the template renders it (the fake's own: 20)
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    result = run_llm_service(
+        "generate", "--chat", "hi", "--backend", "fake", "--chat-template-file", str(broken)
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"llm_service: error: the chat template (file {broken}) is not valid Jinja: line 2:"
+        " unexpected '}'"
+    )
+    assert "Traceback" not in result.stderr
 
 
 def test_certs_does_not_replace_a_ca_unless_forced(

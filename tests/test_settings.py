@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -46,3 +47,32 @@ def test_allowed_clients_are_comma_separated(monkeypatch: pytest.MonkeyPatch) ->
     assert ServiceSettings().tls_allowed_clients == ("gateway", "ops.example.com")
     monkeypatch.delenv("LLM_TLS_ALLOWED_CLIENTS")
     assert ServiceSettings().tls_allowed_clients == ()
+
+
+def test_a_chat_template_is_a_built_in_name_or_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_CHAT_TEMPLATE", "chatml-tools")
+    assert ServiceSettings().chat_template == "chatml-tools"
+    monkeypatch.delenv("LLM_CHAT_TEMPLATE")
+    monkeypatch.setenv("LLM_CHAT_TEMPLATE_FILE", "~/t.jinja")
+    assert ServiceSettings().chat_template_file == Path("~/t.jinja")
+    monkeypatch.delenv("LLM_CHAT_TEMPLATE_FILE")
+    settings = ServiceSettings()
+    assert settings.chat_template is None and settings.chat_template_file is None
+
+
+def test_an_unknown_chat_template_lists_the_built_in_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_CHAT_TEMPLATE", "llama3")
+    with pytest.raises(ValidationError) as caught:
+        ServiceSettings()
+    (error,) = caught.value.errors()
+    assert error["loc"] == ("chat_template",)
+    assert error["msg"] == "Input should be 'chatml' or 'chatml-tools'"
+
+
+def test_a_built_in_chat_template_and_a_file_are_refused_together() -> None:
+    with pytest.raises(ValidationError) as caught:
+        ServiceSettings(chat_template="chatml", chat_template_file=Path("t.jinja"))
+    (error,) = caught.value.errors()
+    assert error["loc"] == ("chat_template_file",)
+    assert "--chat-template / LLM_CHAT_TEMPLATE (chatml) is given too" in error["msg"]
+    assert "not both" in error["msg"]

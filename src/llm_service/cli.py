@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_flags(gen, max_tokens=256)
     add_settings_flags(
         gen,
-        ["backend", "model_path", "model_cache", "pool_mode", "n_ctx", "n_threads",
-         "n_gpu_layers", "log_level", "llama_log_level"],
+        ["backend", "model_path", "model_cache", "chat_template", "chat_template_file",
+         "pool_mode", "n_ctx", "n_threads", "n_gpu_layers", "log_level", "llama_log_level"],
     )  # fmt: skip
     return parser
 

@@ -69,7 +69,7 @@ def add_settings_flags(
                 metavar=flag.removeprefix("--").upper(),
             )  # fmt: skip
         else:
-            choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
+            choices = _choices(info.annotation)
             group.add_argument(
                 flag, dest=name, default=None, choices=choices, help=help_text,
                 metavar=None if choices else name.split("_")[-1].upper(),
@@ -152,6 +152,16 @@ def report_invalid_settings(
         where = f"{flag_name(field)} / {env_name(field, settings)}"
         print(f"{prog}: invalid setting {where}: {err['msg']}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _choices(annotation: object) -> tuple[object, ...] | None:
+    """The values of a ``Literal`` field, or of an optional one (``Literal[...] | None``)."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    literals = [a for a in get_args(annotation) if get_origin(a) is Literal]
+    if len(literals) == 1 and type(None) in get_args(annotation):
+        return get_args(literals[0])
+    return None
 
 
 def _read_text(path: Path | None, flag: str) -> str | None:

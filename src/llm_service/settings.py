@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import platformdirs
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from llm_service.errors import ConfigurationError
-from llm_service.types import PoolMode
+from llm_service.types import ChatTemplateName, PoolMode
 
 __all__ = [
     "ClientSettings",
@@ -112,6 +112,20 @@ class ServiceSettings(BaseSettings):
     model_cache: Path = Field(
         default_factory=lambda: Path(platformdirs.user_cache_dir("llm-service")) / "models",
         description="Directory where the default model is cached.",
+    )
+    chat_template: ChatTemplateName | None = Field(
+        None,
+        description="A built-in chat template to render chat messages with, instead of the"
+        " model's own (its GGUF's): 'chatml', or 'chatml-tools' (ChatML with tool calls in the"
+        " Hermes / Qwen2.5 style). For a model whose GGUF has no template, or a wrong one. Not"
+        " with --chat-template-file.",
+    )
+    chat_template_file: Path | None = Field(
+        None,
+        description="A Jinja chat template file to render chat messages with, instead of the"
+        " model's own, written as Hugging Face chat templates are (it is given messages,"
+        " add_generation_prompt, bos_token, eos_token). It is compiled at start-up: an error"
+        " stops the service. Not with --chat-template.",
     )
     llama_service_threads: int = Field(
         2,
@@ -230,6 +244,17 @@ class ServiceSettings(BaseSettings):
     def _split_names(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    @field_validator("chat_template_file")
+    @classmethod
+    def _one_chat_template(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        name = info.data.get("chat_template")
+        if value is not None and name is not None:
+            raise ValueError(
+                f"--chat-template / LLM_CHAT_TEMPLATE ({name}) is given too: choose a built-in"
+                " template or a file, not both"
+            )
         return value
 
     @property

@@ -20,6 +20,7 @@ from llm_service.errors import InvalidRequestError
 
 __all__ = [
     "ChatMessage",
+    "ChatTemplateName",
     "FinishReason",
     "Finished",
     "GenerationEvent",
@@ -42,6 +43,9 @@ __all__ = [
 
 # How a pool's slots share the model: a context each, or sequences of one batched context.
 PoolMode = Literal["batched", "contexts"]
+# The chat templates that ship with the package (llm_service/engine/templates/NAME.jinja), which
+# LLM_CHAT_TEMPLATE may choose instead of the model's own.
+ChatTemplateName = Literal["chatml", "chatml-tools"]
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 MAX_SEED = 2**32 - 2  # 2**32 - 1 is llama.cpp's "random seed" sentinel

@@ -10,13 +10,13 @@ import logging
 import sys
 from pathlib import Path
 
-from llm_service.engine import Backend, Engine, EngineConfig, FakeBackend
+from llm_service.engine import Backend, ChatTemplate, Engine, EngineConfig, FakeBackend
 from llm_service.errors import ModelLoadError
 from llm_service.log import plural
-from llm_service.settings import ServiceSettings
+from llm_service.settings import ServiceSettings, read_text
 from llm_service.types import RequestLimits
 
-__all__ = ["load_backend", "resolve_model_path", "start_engine"]
+__all__ = ["chosen_chat_template", "load_backend", "resolve_model_path", "start_engine"]
 
 logger = logging.getLogger("llm_service.engine")
 
@@ -34,15 +34,53 @@ def resolve_model_path(settings: ServiceSettings, *, progress: bool = True) -> P
     return fetch_default_model(settings.model_cache, progress=progress)
 
 
+def chosen_chat_template(settings: ServiceSettings) -> ChatTemplate | None:
+    """The chat template chosen instead of the model's own (``LLM_CHAT_TEMPLATE`` or
+    ``LLM_CHAT_TEMPLATE_FILE``), read and compiled; None: the model's own.
+
+    Raises:
+        ConfigurationError: the file cannot be read or is not UTF-8 (the message names it), or
+            the template is not valid Jinja (it names the file or built-in, and the line).
+    """
+    if settings.chat_template is not None:
+        template = ChatTemplate.builtin(settings.chat_template)
+    elif settings.chat_template_file is not None:
+        path = settings.chat_template_file.expanduser()
+        source = read_text(path, "--chat-template-file", "chat template")
+        template = ChatTemplate(source, f"file {path}")
+    else:
+        return None
+    template.compile()
+    return template
+
+
 def load_backend(settings: ServiceSettings, *, progress: bool = True) -> Backend:
     """Load the configured model through llama.cpp (blocking: call it off the event loop).
 
     With ``LLM_BACKEND=fake``, the fake backend instead (a testing aid: no model, no
-    llama.cpp).
+    llama.cpp). A chat template chosen in the settings replaces the model's own (the fake's
+    too); it is checked before the model is loaded.
 
     Raises:
+        ConfigurationError: the chosen chat template cannot be read or compiled.
         ModelLoadError: among others, llama-cpp-python is not installed (the "server" extra).
     """
+    template = chosen_chat_template(settings)
+    backend = _load(settings, template, progress=progress)
+    if template is not None:
+        used = template.origin
+    elif settings.backend == "fake":
+        used = "the fake backend's own (<role>content lines)"
+    elif backend.info.chat_template is not None:
+        used = "the model's own (GGUF)"
+    else:
+        used = "none: the model's GGUF has none, so chat requests are refused (prompts only)"
+    logger.info("chat template: %s", used)
+    return backend
+
+
+def _load(settings: ServiceSettings, template: ChatTemplate | None, *, progress: bool) -> Backend:
+    source = None if template is None else template.source
     if settings.backend == "fake":
         logger.warning(
             "LLM_BACKEND=fake: serving the fake backend, a testing aid: no model, every reply"
@@ -57,6 +95,7 @@ def load_backend(settings: ServiceSettings, *, progress: bool = True) -> Backend
             slots=settings.llama_service_threads,
             prefill_chunk=settings.prefill_chunk,
             lone_prompt_chunk=settings.n_batch,
+            chat_template=source,
         )
     try:
         from llm_service.engine.llama import LlamaBackend
@@ -93,6 +132,7 @@ def load_backend(settings: ServiceSettings, *, progress: bool = True) -> Backend
         pool_mode=settings.pool_mode,
         slots=settings.llama_service_threads,
         prefill_chunk=settings.prefill_chunk,
+        chat_template=source,
         progress=report,
     )
 

@@ -12,9 +12,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
+from llm_service.types import ChatTemplateName
 from tests.deploy.layout import ROOT, dependency_closure, lock_entries, pyproject
 
 
@@ -50,6 +52,11 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(*pip, "--require-hashes", "--no-deps", "--only-binary", ":all:", "-r", pins)
     run(*pip, "--no-deps", wheel)
     return work / "venv"
+
+
+def test_the_wheel_ships_the_chat_templates(client_venv: Path) -> None:
+    shipped = client_venv.glob("lib/python*/site-packages/llm_service/engine/templates/*.jinja")
+    assert {p.name for p in shipped} == {f"{name}.jinja" for name in get_args(ChatTemplateName)}
 
 
 def test_the_base_install_has_no_llama_cpp(client_venv: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import random
 import threading
 import time
@@ -31,6 +32,7 @@ from llm_service.engine import (
     llama,
 )
 from llm_service.engine.backend import ContextResetError
+from llm_service.engine.chat_template import ChatTemplate
 from llm_service.engine.llama import (
     LLAMA_CPP_COMMIT,
     LlamaBackend,
@@ -126,6 +128,43 @@ async def test_model_info(engine: Engine) -> None:
     assert info.n_params > 100_000_000
     assert info.llama_cpp_commit == LLAMA_CPP_COMMIT == "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
     assert info.chat_template and "im_start" in info.chat_template
+
+
+def test_a_chosen_chat_template_replaces_the_ggufs_own(caplog: pytest.LogCaptureFixture) -> None:
+    settings = ServiceSettings(
+        chat_template="chatml-tools", n_ctx=256, n_threads=2, pool_mode="contexts"
+    )
+    with caplog.at_level(logging.INFO, "llm_service.engine"):
+        backend = load_backend(settings, progress=False)
+    try:
+        assert "chat template: built-in chatml-tools" in caplog.messages
+        assert backend.info.chat_template == ChatTemplate.builtin("chatml-tools").source
+        messages = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")]
+        assert backend.apply_chat_template(messages) == (
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+            "<|im_start|>assistant\n"
+        )
+        # With tools, through the backend's own formatter (apply_chat_template does not take
+        # tools yet): the tools section, with the model's real BOS and EOS in the environment.
+        assert isinstance(backend, LlamaBackend) and backend._chat_formatter is not None
+        tool = {"type": "function", "function": {"name": "now", "parameters": {}}}
+        prompt = backend._chat_formatter(
+            messages=[{"role": "user", "content": "Time?"}],
+            tools=[tool],  # type: ignore[list-item]
+        ).prompt
+        assert prompt.startswith(
+            "<|im_start|>system\n# Tools\n\nYou may call one or more functions"
+        )
+        assert (
+            '<tools>\n{"type": "function", "function": {"name": "now", "parameters": {}}}\n'
+            "</tools>" in prompt
+        )
+        assert prompt.endswith("<|im_start|>user\nTime?<|im_end|>\n<|im_start|>assistant\n")
+        # Its turn markers are the model's special tokens, one each.
+        (im_start,) = backend.tokenize("<|im_start|>", add_special=False, parse_special=True)
+        assert backend.tokenize(prompt, add_special=False, parse_special=True)[0] == im_start
+    finally:
+        backend.close()
 
 
 async def test_greedy_probe_is_stable_on_every_context_after_other_work(engine: Engine) -> None:

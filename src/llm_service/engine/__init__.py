@@ -8,6 +8,7 @@ Public names are re-exported here; ``llm_service.engine.llama`` (the only module
 from __future__ import annotations
 
 from llm_service.engine.backend import Backend, LoadedModel, PoolMode
+from llm_service.engine.chat_template import ChatTemplate
 from llm_service.engine.engine import Engine, EngineConfig
 from llm_service.engine.fake import FakeBackend
 from llm_service.engine.pool import LlamaContextPool
@@ -29,6 +30,7 @@ from llm_service.types import (
 __all__ = [
     "Backend",
     "ChatMessage",
+    "ChatTemplate",
     "Engine",
     "EngineConfig",
     "FakeBackend",

@@ -23,6 +23,7 @@ from llm_service.engine.backend import (
     Sampler,
 )
 from llm_service.engine.batching import BatchEntry, BatchScheduler, BatchSlot
+from llm_service.engine.chat_template import ChatTemplate, render_messages
 from llm_service.engine.generation import ThreadContext
 from llm_service.errors import EngineError, InvalidRequestError
 from llm_service.types import ChatMessage, SamplingParams
@@ -196,6 +197,12 @@ class FakeBackend:
             decoding stream, if more).
         lone_prompt_chunk: batched mode: prompt tokens per step when none does (default:
             ``prefill_chunk``).
+        chat_template: Jinja source of a chat template, rendered as the llama backend renders
+            it (with no BOS or EOS text: the fake has none), instead of the fake's own
+            ``<role>content`` lines.
+
+    Raises:
+        ConfigurationError: ``chat_template`` is not valid Jinja.
     """
 
     def __init__(
@@ -209,6 +216,7 @@ class FakeBackend:
         slots: int = 2,
         prefill_chunk: int = 8,
         lone_prompt_chunk: int | None = None,
+        chat_template: str | None = None,
     ) -> None:
         self.pool_mode: PoolMode = pool_mode
         self.decoder: FakeBatchDecoder | None = None
@@ -232,6 +240,11 @@ class FakeBackend:
         self.decode_failures = DecodeFailures()  # contexts mode's (the scheduler counts its own)
         self._replies: collections.deque[str] = collections.deque()
         self._lock = threading.Lock()
+        self._template = (
+            None
+            if chat_template is None
+            else ChatTemplate(chat_template, "given to FakeBackend").compile()
+        )
         self.info = LoadedModel(
             name="fake",
             path="fake.gguf",
@@ -241,7 +254,7 @@ class FakeBackend:
             n_ctx_train=n_ctx,
             n_vocab=258,
             description="scripted fake backend",
-            chat_template="(fake)",
+            chat_template="(fake)" if chat_template is None else chat_template,
             llama_cpp_commit="(none)",
         )
 
@@ -262,7 +275,16 @@ class FakeBackend:
         return token == EOS
 
     def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
-        return "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"
+        if self._template is None:
+            return "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"
+        try:
+            return render_messages(
+                self._template, [{"role": m.role, "content": m.content} for m in messages]
+            )
+        except Exception as exc:  # as the llama backend: raise_exception() and Jinja errors
+            raise InvalidRequestError(
+                "messages", f"the chat template rejected them: {exc}"
+            ) from None
 
     def create_sampler(self, params: SamplingParams) -> FakeSampler:
         if params.grammar is not None and "root" not in params.grammar:

@@ -496,7 +496,9 @@ class LlamaBackend:
         n_ctx: int,
         n_batch: int,
         n_threads: int,
+        chat_template: str | None = None,
     ) -> None:
+        """``chat_template``: Jinja source to use instead of the GGUF's own template."""
         self.model = model
         self.n_ctx = n_ctx
         self.n_batch = n_batch
@@ -509,6 +511,8 @@ class LlamaBackend:
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         template_ptr = llama_cpp.llama_model_chat_template(model, None)
         template = template_ptr.decode("utf-8") if template_ptr else None
+        if chat_template is not None:
+            template = chat_template
         self._chat_formatter = (
             Jinja2ChatFormatter(
                 template,
@@ -543,6 +547,7 @@ class LlamaBackend:
         pool_mode: PoolMode = "contexts",
         slots: int = 1,
         prefill_chunk: int = 4,
+        chat_template: str | None = None,
         progress: Callable[[float], None] | None = None,
     ) -> LlamaBackend:
         """Load a GGUF model file.
@@ -554,6 +559,8 @@ class LlamaBackend:
             pool_mode: ``batched`` also creates the shared context, of ``slots`` sequences,
                 and its scheduler, evaluating at most ``prefill_chunk`` prompt tokens a step
                 (or one per stream, if more) while streams are decoding.
+            chat_template: Jinja source of the chat template to use instead of the GGUF's
+                own (None: the GGUF's, if it has one).
 
         Raises:
             ModelLoadError: the file is missing, unreadable, not GGUF, or rejected by llama.cpp.
@@ -590,7 +597,14 @@ class LlamaBackend:
             why = "; ".join(line for _, line in held[-3:]) or "no reason given"
             raise ModelLoadError(f"llama.cpp could not load {path}: {why}")
         logger.info("loaded model %s in %.2f s", path, time.monotonic() - started)
-        backend = cls(model, path, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads)
+        backend = cls(
+            model,
+            path,
+            n_ctx=n_ctx,
+            n_batch=min(n_batch, n_ctx),
+            n_threads=n_threads,
+            chat_template=chat_template,
+        )
         if pool_mode == "batched":
             try:
                 decoder = LlamaBatchDecoder(backend, slots, prefill_chunk)
