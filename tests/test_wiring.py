@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from llm_service.engine import ChatMessage
 from llm_service.engine.chat_template import ChatTemplate
 from llm_service.errors import ConfigurationError
 from llm_service.settings import ServiceSettings
@@ -66,7 +65,7 @@ def test_the_fake_backend_is_given_the_template_and_the_log_says_which(
         backend = load_backend(fake_settings(chat_template_file=path))
     try:
         assert backend.info.chat_template == TEMPLATE
-        text = backend.apply_chat_template([ChatMessage("user", "hi")])
+        text = backend.render_chat([{"role": "user", "content": "hi"}], None)
         assert text == "[user] hi\n[assistant] "
     finally:
         backend.close()

@@ -160,7 +160,7 @@ async def test_the_fake_backend_applies_a_chosen_template() -> None:
     backend = FakeBackend(chat_template=source, pool_mode="contexts", slots=1)
     assert backend.info.chat_template == source
     messages = tuple(ChatMessage(m["role"], m["content"]) for m in CONVERSATION)
-    assert backend.apply_chat_template(messages) == CHATML
+    assert backend.render_chat(CONVERSATION, None) == CHATML
     engine = await Engine.start(backend, EngineConfig(pool_size=1, max_queue=1))
     try:
         await collect(engine, GenerationRequest(messages=messages))
@@ -172,12 +172,12 @@ async def test_the_fake_backend_applies_a_chosen_template() -> None:
 def test_the_fake_backends_own_format_without_a_template() -> None:
     backend = FakeBackend()
     assert backend.info.chat_template == "(fake)"
-    assert backend.apply_chat_template([ChatMessage("user", "hi")]) == "<user>hi\n<assistant>"
+    assert backend.render_chat([{"role": "user", "content": "hi"}], None) == "<user>hi\n<assistant>"
 
 
 def test_the_fake_backend_reports_a_template_that_rejects_messages() -> None:
     backend = FakeBackend(chat_template="{{ raise_exception('no system messages') }}")
     with pytest.raises(InvalidRequestError, match="rejected them: no system messages"):
-        backend.apply_chat_template([ChatMessage("system", "hi")])
+        backend.render_chat([{"role": "system", "content": "hi"}], None)
     with pytest.raises(ConfigurationError, match="given to FakeBackend"):
         FakeBackend(chat_template="{% if %}")

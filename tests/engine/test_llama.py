@@ -139,19 +139,14 @@ def test_a_chosen_chat_template_replaces_the_ggufs_own(caplog: pytest.LogCapture
     try:
         assert "chat template: built-in chatml-tools" in caplog.messages
         assert backend.info.chat_template == ChatTemplate.builtin("chatml-tools").source
-        messages = [ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")]
-        assert backend.apply_chat_template(messages) == (
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        assert backend.render_chat(messages, None) == (
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
             "<|im_start|>assistant\n"
         )
-        # With tools, through the backend's own formatter (apply_chat_template does not take
-        # tools yet): the tools section, with the model's real BOS and EOS in the environment.
-        assert isinstance(backend, LlamaBackend) and backend._chat_formatter is not None
+        # With tools: the tools section, with the model's real BOS and EOS in the environment.
         tool = {"type": "function", "function": {"name": "now", "parameters": {}}}
-        prompt = backend._chat_formatter(
-            messages=[{"role": "user", "content": "Time?"}],
-            tools=[tool],  # type: ignore[list-item]
-        ).prompt
+        prompt = backend.render_chat([{"role": "user", "content": "Time?"}], [tool])
         assert prompt.startswith(
             "<|im_start|>system\n# Tools\n\nYou may call one or more functions"
         )

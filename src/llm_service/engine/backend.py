@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from llm_service.types import ChatMessage, PoolMode, SamplingParams
+from llm_service.types import PoolMode, SamplingParams
 
 if TYPE_CHECKING:
     from llm_service.engine.generation import Generation
@@ -162,8 +162,23 @@ class Backend(Protocol):
 
     def is_end_of_generation(self, token: int) -> bool: ...
 
-    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
-        """Render messages with the model's template, ready for the assistant's turn."""
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+    ) -> str:
+        """Render messages (and the template's ``tools``) with the chat template, ready for the
+        assistant's turn (see ``tools.plan`` for what they hold).
+
+        Raises:
+            InvalidRequestError: the model has no chat template, or the template refused them.
+        """
+        ...
+
+    def schema_to_gbnf(self, schema: str) -> str:
+        """A GBNF grammar (start rule ``root``) for a JSON schema (JSON text).
+
+        Raises:
+            ValueError, RecursionError: the schema cannot be turned into a grammar.
+        """
         ...
 
     def create_sampler(self, params: SamplingParams) -> Sampler:

@@ -12,6 +12,7 @@ template, so the engine package still imports without it.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, get_args
@@ -79,7 +80,11 @@ class ChatTemplate:
             ) from None
 
 
-def render_messages(template: jinja2.Template, messages: list[dict[str, Any]]) -> str:
+def render_messages(
+    template: jinja2.Template,
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> str:
     """Messages rendered by a compiled template, ready for the assistant's turn, given what
     the bindings' formatter gives it (but no BOS or EOS text: the fake backend has none).
 
@@ -92,6 +97,7 @@ def render_messages(template: jinja2.Template, messages: list[dict[str, Any]]) -
 
     return template.render(
         messages=messages,
+        tools=tools,
         add_generation_prompt=True,
         bos_token="",
         eos_token="",

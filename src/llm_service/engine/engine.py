@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import logging
 import time
@@ -20,6 +21,7 @@ from llm_service.engine.backend import (
 )
 from llm_service.engine.generation import Generation, deliver
 from llm_service.engine.pool import LlamaContextPool, PoolState
+from llm_service.engine.tools import ToolPlan, plan, syntax_of
 from llm_service.errors import (
     DeadlineExceededError,
     EngineError,
@@ -34,10 +36,13 @@ from llm_service.types import (
     GenerationEvent,
     GenerationRequest,
     RequestLimits,
+    SamplingParams,
     Started,
 )
 
 __all__ = ["Engine", "EngineConfig"]
+
+NO_TOOLS = ToolPlan(messages=[], template_tools=None, grammar=None, parser=None)  # a raw prompt
 
 logger = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -83,6 +88,9 @@ class Engine:
         limits: RequestLimits,
     ) -> None:
         self.backend = backend
+        # How tools are offered and calls recognised: by the template's own syntax if it has
+        # one the engine knows, else the generic JSON form (see tools.py).
+        self._tool_syntax = syntax_of(backend.info.chat_template)
         self.pool = pool
         self._limits = limits
         self._prep = prep
@@ -203,7 +211,9 @@ class Engine:
         return await self._run(self.backend.detokenize, list(tokens))
 
     async def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
-        return await self._run(self.backend.apply_chat_template, list(messages))
+        """The prompt ``messages`` make (as ``generate`` renders them, offering no tools)."""
+        request = GenerationRequest(messages=tuple(messages))
+        return await self._run(lambda: self._chat_prompt(request)[0])
 
     # -- generation ----------------------------------------------------------------------
 
@@ -225,9 +235,12 @@ class Engine:
         arrived = time.monotonic()
         self._limits.check(request)
         log = RequestLogger(logger, request.request_id)
-        prompt_tokens = await self._run(self._prompt_tokens, request)
+        prompt_tokens, tools = await self._run(self._prompt, request)
         max_tokens = self._check_fits(request, len(prompt_tokens))
-        sampler = await self._create_sampler(request)
+        sampling = request.sampling
+        if tools.grammar is not None:  # the tool calls' shape
+            sampling = dataclasses.replace(sampling, grammar=tools.grammar)
+        sampler = await self._create_sampler(sampling)
         handed_over = False  # once the context runs the generation, it closes the sampler
         try:
             async with self.pool.lease(self._lease_timeout(request)) as lease:
@@ -241,6 +254,7 @@ class Engine:
                     arrived=arrived,
                     queue_wait_s=lease.queue_wait_s,
                     loop=asyncio.get_running_loop(),
+                    tool_calls=tools.parser,
                 )
                 # The context starts before Started is yielded: the prompt is evaluated while
                 # Started goes out.
@@ -252,11 +266,15 @@ class Engine:
                 handed_over = True
                 try:
                     log.info(
-                        "started on context %d: %s, max %d new, queued %.1f ms",
+                        "started on context %d: %s, max %d new, queued %.1f ms%s",
                         context.index,
                         plural(len(prompt_tokens), "prompt token"),
                         max_tokens,
                         lease.queue_wait_s * 1000,
+                        f", {plural(len(request.tools), 'tool')} ({self._tool_syntax} syntax,"
+                        f" tool_choice {request.tool_name or request.tool_choice})"
+                        if request.tools
+                        else "",
                     )
                     yield Started(
                         request.request_id,
@@ -289,24 +307,31 @@ class Engine:
             if not handed_over:
                 sampler.close()
 
-    async def _create_sampler(self, request: GenerationRequest) -> Sampler:
-        """Build the request's sampler; never leak it, even if cancelled while it is built."""
+    async def _create_sampler(self, sampling: SamplingParams) -> Sampler:
+        """Build a request's sampler; never leak it, even if cancelled while it is built."""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._prep, self.backend.create_sampler, request.sampling)
+        future = loop.run_in_executor(self._prep, self.backend.create_sampler, sampling)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             future.add_done_callback(_close_result)
             raise
 
-    def _prompt_tokens(self, request: GenerationRequest) -> list[int]:
+    def _prompt(self, request: GenerationRequest) -> tuple[list[int], ToolPlan]:
+        """The prompt's tokens, and how a chat request's tools shape its answer."""
         if request.messages is not None:
-            text = self.backend.apply_chat_template(request.messages)
+            text, tools = self._chat_prompt(request)
             # The template wrote BOS and the turn markers itself: parse them, add nothing.
-            return self.backend.tokenize(text, add_special=False, parse_special=True)
+            return self.backend.tokenize(text, add_special=False, parse_special=True), tools
         assert request.prompt is not None
         # A raw prompt gets BOS if the model wants it; special-token text in it stays text.
-        return self.backend.tokenize(request.prompt, add_special=True, parse_special=False)
+        tokens = self.backend.tokenize(request.prompt, add_special=True, parse_special=False)
+        return tokens, NO_TOOLS
+
+    def _chat_prompt(self, request: GenerationRequest) -> tuple[str, ToolPlan]:
+        """A chat request rendered with the template (and its tools, see ``tools.plan``)."""
+        tools = plan(request, self._tool_syntax, self.backend.schema_to_gbnf)
+        return self.backend.render_chat(tools.messages, tools.template_tools), tools
 
     def _check_fits(self, request: GenerationRequest, n_prompt: int) -> int:
         n_ctx = self.backend.info.n_ctx

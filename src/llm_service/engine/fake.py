@@ -7,11 +7,13 @@ tokens just as they do with a real BPE vocabulary, and the engine's UTF-8 handli
 from __future__ import annotations
 
 import collections
+import json
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from llm_service.engine.backend import (
     ContextResetError,
@@ -26,7 +28,7 @@ from llm_service.engine.batching import BatchEntry, BatchScheduler, BatchSlot
 from llm_service.engine.chat_template import ChatTemplate, render_messages
 from llm_service.engine.generation import ThreadContext
 from llm_service.errors import EngineError, InvalidRequestError
-from llm_service.types import ChatMessage, SamplingParams
+from llm_service.types import SamplingParams
 
 __all__ = ["FakeBackend", "FakeBatchDecoder", "FakeCall", "FakeContext"]
 
@@ -274,17 +276,22 @@ class FakeBackend:
     def is_end_of_generation(self, token: int) -> bool:
         return token == EOS
 
-    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+    ) -> str:
         if self._template is None:
-            return "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"
+            return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
         try:
-            return render_messages(
-                self._template, [{"role": m.role, "content": m.content} for m in messages]
-            )
+            return render_messages(self._template, messages, tools)
         except Exception as exc:  # as the llama backend: raise_exception() and Jinja errors
             raise InvalidRequestError(
                 "messages", f"the chat template rejected them: {exc}"
             ) from None
+
+    def schema_to_gbnf(self, schema: str) -> str:
+        """Not a grammar: the fake samples its script whatever the grammar says."""
+        json.loads(schema)
+        return "root ::= [^\\x00]*  # (fake) " + " ".join(schema.split())
 
     def create_sampler(self, params: SamplingParams) -> FakeSampler:
         if params.grammar is not None and "root" not in params.grammar:

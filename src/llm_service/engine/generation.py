@@ -32,6 +32,7 @@ from llm_service.engine.backend import (
     Sampler,
 )
 from llm_service.engine.text import StreamDecoder
+from llm_service.engine.tools import ToolCallParser
 from llm_service.errors import EngineError
 from llm_service.log import RequestLogger, plural
 from llm_service.types import (
@@ -41,6 +42,8 @@ from llm_service.types import (
     Timings,
     TokenDelta,
     TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 
@@ -78,6 +81,7 @@ class Generation:
         arrived: float,
         queue_wait_s: float,
         loop: asyncio.AbstractEventLoop,
+        tool_calls: ToolCallParser | None = None,
     ) -> None:
         self.prompt_tokens = prompt_tokens
         self.sampler = sampler
@@ -89,6 +93,7 @@ class Generation:
         self._arrived = arrived
         self._queue_wait_s = queue_wait_s
         self._decoder = StreamDecoder(request.sampling.stop)
+        self._tool_calls = tool_calls  # the request has tools: its answer may hold calls
         self._text: list[str] = []
         # Log probabilities of tokens whose text is still held back, and bytes released
         # beyond the first of them (see _released_logprobs).
@@ -160,14 +165,17 @@ class Generation:
             self._first_token_at = time.monotonic()
         piece = self._backend.token_bytes(token)
         text = self._decoder.push(piece)
-        self._text.append(text)
         logprobs = self.sampler.take_logprobs()
-        if logprobs is not None:
+        if self._tool_calls is not None:
+            text, calls = self._tool_calls.feed(text)
+            self._outbox.append(TokenDelta((token,), text, tool_calls=tuple(calls)))
+        elif logprobs is not None:
             self._held_logprobs.append(self._logprob(token, piece, logprobs))
             released = self._released_logprobs(text)
             self._outbox.append(TokenDelta((token,), text, logprobs=released))
         else:
             self._outbox.append(TokenDelta((token,), text))
+        self._text.append(text)
         if self._decoder.stopped:
             self.finish(FinishReason.STOP_SEQUENCE)
         elif self._n_generated >= self._max_tokens:
@@ -204,18 +212,27 @@ class Generation:
         if self.finished:
             return
         self.finished = True
+        calls: tuple[ToolCall, ...] = ()
         try:
             # Text held back (a partial character, a possible start of a stop string that
             # never completed) belongs to the output, with its tokens' log probabilities; a
             # stop string's tokens are not part of it.
             tail = self._decoder.finish()
             held = () if self._decoder.stopped else tuple(self._held_logprobs)
-            if tail or held:
+            pieces: list[ToolCallDelta] = []
+            if self._tool_calls is not None:
+                tail, pieces = self._tool_calls.feed(tail)
+                more, last = self._tool_calls.finish()
+                tail, pieces = tail + more, pieces + last
+                calls = tuple(self._tool_calls.calls)
+                if calls and reason in (FinishReason.STOP, FinishReason.STOP_SEQUENCE):
+                    reason = FinishReason.TOOL_CALLS
+            if tail or held or pieces:
                 self._text.append(tail)
-                self._outbox.append(TokenDelta((), tail, logprobs=held))
+                self._outbox.append(TokenDelta((), tail, tuple(pieces), held))
         except Exception:  # a bug: the request still ends, with what it has
             logger.exception("could not flush a request's held-back text")
-        self._outbox.append(self._finished(reason, error, error_field))
+        self._outbox.append(self._finished(reason, error, error_field, calls))
         try:
             self.sampler.close()
         except Exception:
@@ -248,7 +265,11 @@ class Generation:
             self._events.put_nowait(event)
 
     def _finished(
-        self, reason: FinishReason, error: str | None, error_field: str | None
+        self,
+        reason: FinishReason,
+        error: str | None,
+        error_field: str | None,
+        tool_calls: tuple[ToolCall, ...],
     ) -> Finished:
         n_generated, first_token_at = self._n_generated, self._first_token_at
         now = time.monotonic()
@@ -270,6 +291,7 @@ class Generation:
             ),
             error=error,
             error_field=error_field,
+            tool_calls=tool_calls,
         )
 
 

@@ -16,7 +16,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from llm_service.engine.batching import BatchEntry, BatchScheduler, BatchSlot
 from llm_service.engine.generation import ThreadContext
 from llm_service.errors import EngineError, InvalidRequestError, ModelLoadError
 from llm_service.log import plural
-from llm_service.types import ChatMessage, SamplingParams
+from llm_service.types import SamplingParams
 
 __all__ = [
     "LLAMA_CPP_COMMIT",
@@ -675,18 +675,25 @@ class LlamaBackend:
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-    def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+    ) -> str:
         if self._chat_formatter is None:
-            raise InvalidRequestError("messages", "this model has no chat template; send a prompt")
-        try:
-            rendered = self._chat_formatter(
-                messages=[{"role": m.role, "content": m.content} for m in messages]  # type: ignore[misc]
+            raise InvalidRequestError(
+                "messages",
+                "this model has no chat template: send a prompt, or start the service with"
+                " --chat-template or --chat-template-file",
             )
+        try:
+            rendered = self._chat_formatter(messages=messages, tools=tools)  # type: ignore[arg-type]
         except Exception as exc:  # the template's raise_exception() and Jinja errors
             raise InvalidRequestError(
                 "messages", f"the chat template rejected them: {exc}"
             ) from None
         return str(rendered.prompt)
+
+    def schema_to_gbnf(self, schema: str) -> str:
+        return str(json_schema_to_gbnf(schema))
 
     # -- sampling --------------------------------------------------------------------------
 
