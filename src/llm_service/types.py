@@ -479,6 +479,11 @@ class GenerationRequest:
                 "cannot be combined with a grammar or a JSON schema (the answer's shape is the"
                 " tool calls')",
             )
+            _require(
+                sampling.logprobs is None,
+                "sampling.logprobs",
+                "log probabilities are not served together with tool calls",
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from llm_service.engine import (
     Started,
     TokenDelta,
 )
+from llm_service.engine.chat_template import ChatTemplate
 from llm_service.errors import (
     DeadlineExceededError,
     EngineError,
@@ -29,6 +30,7 @@ from llm_service.errors import (
     OverloadedError,
     PromptTooLongError,
 )
+from llm_service.types import Tool, ToolCall
 from tests.support import collect
 
 
@@ -344,3 +346,124 @@ def test_logprobs_bounds(value: int) -> None:
     with pytest.raises(InvalidRequestError) as err:
         SamplingParams(logprobs=value)
     assert err.value.field == "sampling.logprobs"
+
+
+# -- tool calls ------------------------------------------------------------------------------
+
+WEATHER = Tool(
+    "get_weather",
+    "The weather in a city",
+    '{"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}',
+)
+
+
+@pytest.fixture(params=["contexts", "batched"])
+async def roomy(request: pytest.FixtureRequest) -> AsyncIterator[tuple[FakeBackend, Engine]]:
+    """A pool of 1 on the fake, in both modes, with room for the tools' system message."""
+    backend = FakeBackend(n_ctx=4096, pool_mode=request.param, slots=1, prefill_chunk=512)
+    engine = await Engine.start(backend, EngineConfig(pool_size=1, max_queue=1))
+    yield backend, engine
+    await engine.aclose()
+
+
+def tool_request(choice: str = "auto", **fields: object) -> GenerationRequest:
+    return GenerationRequest(
+        messages=(ChatMessage("user", "Weather in Paris?"),),
+        tools=(WEATHER,),
+        tool_choice=choice,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+async def test_a_generic_tool_call_is_split_from_the_text(roomy) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = roomy
+    backend.enqueue('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}')
+    events = await collect(engine, tool_request("required"))
+    done = events[-1]
+    assert isinstance(done, Finished) and done.finish_reason is FinishReason.TOOL_CALLS
+    assert done.text == "" and [(c.name, c.arguments) for c in done.tool_calls] == [
+        ("get_weather", '{"city": "Paris"}')
+    ]
+    assert done.tool_calls[0].id.startswith("call_")
+    pieces = [p for e in events if isinstance(e, TokenDelta) for p in e.tool_calls]
+    assert (pieces[0].index, pieces[0].id, pieces[0].name) == (
+        0,
+        done.tool_calls[0].id,
+        "get_weather",
+    )
+    assert "".join(p.arguments for p in pieces) == done.tool_calls[0].arguments
+    assert not any(isinstance(e, TokenDelta) and e.text for e in events)
+    prompt = backend.history[-1].prompt
+    assert "get_weather" in prompt and "The weather in a city" in prompt  # offered to the model
+
+
+async def test_a_generic_answer_streams_its_text_only(roomy) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = roomy
+    backend.enqueue('{"response": "It is \\"sunny\\"\\n."}')
+    events = await collect(engine, tool_request())
+    done = events[-1]
+    assert isinstance(done, Finished) and done.finish_reason is FinishReason.STOP
+    assert done.text == 'It is "sunny"\n.' and done.tool_calls == ()
+    assert "".join(e.text for e in events if isinstance(e, TokenDelta)) == done.text
+
+
+async def test_no_tool_is_offered_with_tool_choice_none(roomy) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = roomy
+    backend.enqueue('{"tool_calls": []}')
+    events = await collect(engine, tool_request("none"))
+    done = events[-1]
+    assert isinstance(done, Finished) and done.text == '{"tool_calls": []}'  # just text
+    assert "get_weather" not in backend.history[-1].prompt
+
+
+async def test_a_hermes_template_gets_the_tools_and_its_calls_are_recognised() -> None:
+    template = ChatTemplate.builtin("chatml-tools").source
+    backend = FakeBackend(chat_template=template, n_ctx=4096, pool_mode="batched", slots=1)
+    engine = await Engine.start(backend, EngineConfig(pool_size=1, max_queue=1))
+    try:
+        backend.enqueue(
+            'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
+            "</tool_call>"
+        )
+        events = await collect(engine, tool_request())
+    finally:
+        await engine.aclose()
+    done = events[-1]
+    assert isinstance(done, Finished) and done.finish_reason is FinishReason.TOOL_CALLS
+    assert done.text == "Checking." and done.tool_calls[0].arguments == '{"city":"Oslo"}'
+    assert "<tools>" in backend.history[-1].prompt
+
+
+async def test_a_history_with_calls_and_answers_is_rendered(roomy) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = roomy
+    call = ToolCall("call_1", "get_weather", '{"city": "Paris"}')
+    request = GenerationRequest(
+        messages=(
+            ChatMessage("user", "Weather in Paris?"),
+            ChatMessage("assistant", "", (call,)),
+            ChatMessage("tool", "sunny", tool_call_id="call_1"),
+        ),
+        tools=(WEATHER,),
+    )
+    await collect(engine, request)
+    prompt = backend.history[-1].prompt
+    assert '"city": "Paris"' in prompt and "sunny" in prompt
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [({"choice": "sometimes"}, "tool_choice"),
+     ({"choice": "required", "tool_name": "get_time"}, "tool_choice"),
+     ({"sampling": SamplingParams(json_schema='{"type": "object"}')}, "tools")],
+)  # fmt: skip
+def test_bad_tool_requests_name_their_field(fields: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        tool_request(**fields)  # type: ignore[arg-type]
+    assert err.value.field == field
+
+
+def test_a_tool_needs_a_good_name_and_schema() -> None:
+    with pytest.raises(InvalidRequestError, match="1 to 64 characters"):
+        Tool("get weather")
+    with pytest.raises(InvalidRequestError, match="not valid JSON"):
+        Tool("f", parameters="{")

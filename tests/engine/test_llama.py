@@ -46,6 +46,7 @@ from llm_service.errors import (
     PromptTooLongError,
 )
 from llm_service.settings import ServiceSettings
+from llm_service.types import Tool
 from llm_service.wiring import load_backend
 from tests.conftest import TEST_N_CTX, TEST_PREFILL_CHUNK, TEST_SLOTS
 from tests.support import collect, deltas, final
@@ -568,6 +569,85 @@ async def test_json_schema_output_validates(engine: Engine) -> None:
     done = final(await collect(engine, request))
     assert done.finish_reason is FinishReason.STOP, done
     jsonschema.validate(json.loads(done.text), schema)
+
+
+WEATHER = Tool(
+    "get_weather",
+    "The current weather in a city",
+    json.dumps({
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 40},
+                       "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False,
+    }),
+)  # fmt: skip
+CLOCK = Tool(
+    "get_time",
+    "The time in a timezone",
+    json.dumps({"type": "object", "properties": {"tz": {"type": "string", "maxLength": 40}},
+                "required": ["tz"]}),
+)  # fmt: skip
+ASK_WEATHER = (ChatMessage("user", "What is the weather in Paris?"),)
+
+
+async def assert_calls_validate(engine: Engine, **fields: Any) -> list[Any]:
+    """A tool request's calls: each a tool's, its arguments valid for the tool's schema; the
+    streamed pieces add up to them, and the text holds no call markup."""
+    request = GenerationRequest(
+        messages=ASK_WEATHER, tools=(WEATHER, CLOCK),
+        sampling=SamplingParams(temperature=0, max_tokens=96), **fields,
+    )  # fmt: skip
+    events = await collect(engine, request)
+    done = final(events)
+    assert done.finish_reason is FinishReason.TOOL_CALLS, done
+    schemas = {t.name: json.loads(t.parameters) for t in (WEATHER, CLOCK)}
+    for call in done.tool_calls:
+        jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+    pieces = [p for d in deltas(events) for p in d.tool_calls]
+    for index, call in enumerate(done.tool_calls):
+        mine = [p for p in pieces if p.index == index]
+        assert (mine[0].id, mine[0].name) == (call.id, call.name)
+        assert "".join(p.arguments for p in mine) == call.arguments
+    assert "tool_call" not in "".join(d.text for d in deltas(events))
+    return list(done.tool_calls)
+
+
+async def test_required_and_named_tool_calls_follow_the_schema(engine: Engine) -> None:
+    """The default model's template has no tool syntax: the generic JSON form, constrained."""
+    named = await assert_calls_validate(engine, tool_choice="required", tool_name="get_time")
+    assert {c.name for c in named} == {"get_time"}
+    calls = await assert_calls_validate(engine, tool_choice="required", parallel_tool_calls=False)
+    assert len(calls) == 1
+
+
+async def test_auto_and_none_answer_in_text(engine: Engine) -> None:
+    """The generic form's plain answer is its text, never its JSON; "none" offers no tool."""
+    for choice in ("auto", "none"):
+        request = GenerationRequest(
+            messages=(ChatMessage("user", "Say hello to Ada."),), tools=(WEATHER,),
+            tool_choice=choice, sampling=SamplingParams(temperature=0, max_tokens=24),
+        )  # fmt: skip
+        done = final(await collect(engine, request))
+        if done.finish_reason is not FinishReason.TOOL_CALLS:
+            assert not done.text.lstrip().startswith('{"'), done.text
+
+
+async def test_the_hermes_syntax_of_a_template_with_tools(tmp_path: Path) -> None:
+    """With the built-in chatml-tools template (Qwen2.5's tool syntax), the tools are in the
+    template's own system section and calls are <tool_call> blocks, constrained when required."""
+    settings = ServiceSettings(
+        chat_template="chatml-tools", n_ctx=2048, n_threads=2, pool_mode="contexts",
+        llama_service_threads=1,
+    )  # fmt: skip
+    backend = load_backend(settings, progress=False)
+    engine = await Engine.start(backend, EngineConfig(pool_size=1, max_queue=1))
+    try:
+        prompt = await engine.apply_chat_template(ASK_WEATHER)
+        assert "<tools>" not in prompt  # no tools offered: no tools section
+        calls = await assert_calls_validate(engine, tool_choice="required", tool_name="get_weather")
+        assert {c.name for c in calls} == {"get_weather"}
+    finally:
+        await engine.aclose()
 
 
 async def test_long_prefill_stops_on_cancel(engine: Engine) -> None:
