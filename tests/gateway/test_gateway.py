@@ -150,26 +150,78 @@ def test_json_schema_response_validates(gateway: Gateway) -> None:
     assert isinstance(json.loads(any_object.choices[0].message.content or ""), dict)
 
 
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+        "required": ["city"], "additionalProperties": False}  # fmt: skip
 WEATHER = {
     "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-    },
+    "function": {"name": "get_weather", "description": "The weather in a city", "parameters": CITY},
 }
 
 
-def test_tools_are_refused_by_name_not_dropped(gateway: Gateway) -> None:
-    """Until tool calling is served, the official client hears so, instead of a plain answer."""
-    with pytest.raises(openai.BadRequestError) as caught:
-        gateway.client().chat.completions.create(
-            model=MODEL,
-            messages=QUESTION,
-            tools=[WEATHER],
-            tool_choice="required",  # type: ignore[list-item]
-        )
-    assert caught.value.param == "tools"
-    assert "tool calling is not supported" in caught.value.message
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+def test_a_required_tool_call_follows_its_schema(gateway: Gateway, choice: Any) -> None:
+    """Whole and streamed: a call whose arguments parse and validate, finish_reason tool_calls,
+    and the streamed pieces (id and name first, then argument fragments) add up to it."""
+    client = gateway.client()
+    ask = {"model": MODEL, "messages": [{"role": "user", "content": "Weather in Paris?"}],
+           "tools": [WEATHER], "tool_choice": choice, "max_tokens": 64, "temperature": 0,
+           "parallel_tool_calls": False}  # fmt: skip
+    whole = client.chat.completions.create(**ask)
+    choice0 = whole.choices[0]
+    assert choice0.finish_reason == "tool_calls" and choice0.message.content is None
+    [call] = choice0.message.tool_calls or []
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), CITY)
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        delta = chunk.choices[0].delta
+        assert not delta.content  # no markup as text
+        for piece in delta.tool_calls or []:
+            if piece.id:
+                assert piece.index not in calls and piece.function and piece.function.name
+                calls[piece.index] = {"id": piece.id, "name": piece.function.name, "args": ""}
+            calls[piece.index]["args"] += (piece.function and piece.function.arguments) or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and list(calls) == [0]
+    assert calls[0]["name"] == "get_weather"
+    assert json.loads(calls[0]["args"]) == json.loads(call.function.arguments)  # greedy: same
+
+
+def test_a_two_turn_tool_loop(gateway: Gateway) -> None:
+    """Call, the tool's answer as a ``tool`` message, then a final answer in text."""
+    client = gateway.client()
+    messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    # (One call: this small model, let make several, repeats the same call until max_tokens.)
+    first = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=64,
+        temperature=0, parallel_tool_calls=False,
+    )  # fmt: skip
+    message = first.choices[0].message
+    assert message.tool_calls
+    messages.append(message.model_dump(exclude_none=True))
+    for call in message.tool_calls:
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": "Sunny, 24 C"})
+    final = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], tool_choice="none", max_tokens=32,
+        temperature=0,
+    )  # fmt: skip
+    assert final.choices[0].finish_reason in ("stop", "length")
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+
+
+def test_tool_choice_none_never_calls(gateway: Gateway) -> None:
+    for stream in (False, True):
+        done = gateway.client().chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}],
+            tools=[WEATHER], tool_choice="none", max_tokens=16, temperature=0, stream=stream,
+        )  # fmt: skip
+        choices = [c for chunk in done for c in chunk.choices] if stream else done.choices  # type: ignore[union-attr,attr-defined]
+        assert all(c.finish_reason != "tool_calls" for c in choices)
+        assert not any(getattr(c, "message", None) and c.message.tool_calls for c in choices)
 
 
 def test_chat_logprobs_through_the_official_client(gateway: Gateway) -> None:
