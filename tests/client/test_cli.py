@@ -123,6 +123,31 @@ def test_generate_with_a_grammar_file(cli_env: dict[str, str], tmp_path: Path) -
     assert events[-1]["finish_reason"] == "stop"
 
 
+def test_generate_shows_the_tool_calls(cli_env: dict[str, str], tmp_path: Path) -> None:
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]))  # fmt: skip
+    result = llm_cli(
+        "generate", "Weather in Paris?", "--tools", str(tools), "--tool-choice", "get_weather",
+        "--max-tokens", "48", "--temperature", "0", env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()  # (a small model may repeat its call)
+    assert lines and all(x.startswith("[tool call call_") and "] get_weather({" in x for x in lines)
+    assert isinstance(json.loads(lines[0].split("get_weather(", 1)[1][:-1])["city"], str)
+    as_json = llm_cli(
+        "generate", "Weather in Paris?", "--tools", str(tools), "--tool-choice", "required",
+        "--max-tokens", "48", "--temperature", "0", "--json", env=cli_env,
+    )  # fmt: skip
+    events = [json.loads(line) for line in as_json.stdout.splitlines()]
+    pieces = [p for e in events for p in e.get("tool_calls", [])]
+    assert pieces[0]["name"] == "get_weather" and events[-1]["finish_reason"] == "tool_calls"
+    bad = llm_cli("generate", "Hi", "--tools", str(tools), "--tool-choice", "nope", env=cli_env)
+    assert bad.returncode == 2 and "--tool-choice 'nope'" in bad.stderr
+
+
 def test_info_status_health_tokenize(cli_env: dict[str, str]) -> None:
     info = llm_cli("info", "--json", env=cli_env)
     assert info.returncode == 0 and json.loads(info.stdout)["pool_size"] == 2

@@ -10,10 +10,10 @@ from typing import Any, TextIO
 import platformdirs
 
 from llm_service.client.sync import Client
-from llm_service.client.types import Sampling
+from llm_service.client.types import ChatMessage, Sampling, ToolCall, Tools
 from llm_service.errors import LLMServiceError
 
-__all__ = ["ChatSession"]
+__all__ = ["ChatSession", "describe_call"]
 
 HELP = """\
 commands: /reset (forget the conversation), /system TEXT (set the system message and reset),
@@ -28,6 +28,8 @@ class ChatSession:
         sampling: sampling options for every reply.
         system: the system message, if any.
         history_file: where line-editing history is kept (None: not kept).
+        tools: functions the model may call; its calls are shown (and kept in the
+            conversation), not run.
     """
 
     def __init__(
@@ -38,18 +40,20 @@ class ChatSession:
         system: str | None = None,
         history_file: Path | None = None,
         out: TextIO = sys.stdout,
+        tools: Tools | None = None,
     ) -> None:
         self.client = client
         self.sampling = sampling
         self.system = system
-        self.turns: list[tuple[str, str]] = []
+        self.tools = tools
+        self.turns: list[ChatMessage] = []
         self._history_file = history_file
         self._out = out
 
-    def messages(self, user_text: str) -> list[tuple[str, str]]:
+    def messages(self, user_text: str) -> list[ChatMessage]:
         """The conversation so far, with the system message first and ``user_text`` last."""
-        head = [("system", self.system)] if self.system else []
-        return [*head, *self.turns, ("user", user_text)]
+        head = [ChatMessage("system", self.system)] if self.system else []
+        return [*head, *self.turns, ChatMessage("user", user_text)]
 
     def run(self) -> int:
         """Read, reply, repeat, until /exit or end of input. Returns the exit code (0)."""
@@ -82,11 +86,15 @@ class ChatSession:
     def reply(self, user_text: str) -> str | None:
         """Stream the model's answer to ``user_text``; keep the turn unless it was interrupted."""
         parts: list[str] = []
+        calls: tuple[ToolCall, ...] = ()
         try:
-            with self.client.stream(self.messages(user_text), **self.sampling) as stream:
+            messages = self.messages(user_text)
+            with self.client.stream(messages, tools=self.tools, **self.sampling) as stream:
                 for chunk in stream:
                     parts.append(chunk.text)
                     self._say(chunk.text)
+                if stream.completion is not None:
+                    calls = stream.completion.tool_calls
         except KeyboardInterrupt:
             self._say(" [stopped]\n")
             return None
@@ -94,8 +102,11 @@ class ChatSession:
             self._say(f"\nerror: {exc} ({exc.status}, request {exc.request_id})\n")
             return None
         answer = "".join(parts)
-        self._say("\n")
-        self.turns += [("user", user_text), ("assistant", answer)]
+        if answer:
+            self._say("\n")
+        for call in calls:
+            self._say(describe_call(call) + "\n")
+        self.turns += [ChatMessage("user", user_text), ChatMessage("assistant", answer, calls)]
         return answer
 
     def _command(self, text: str) -> bool:
@@ -119,6 +130,11 @@ class ChatSession:
     def _say(self, text: str) -> None:
         self._out.write(text)
         self._out.flush()
+
+
+def describe_call(call: ToolCall) -> str:
+    """A tool call, as the terminal shows it."""
+    return f"[tool call {call.id}] {call.name}({call.arguments})"
 
 
 def default_history_file() -> Path:

@@ -34,9 +34,9 @@ from pydantic import ValidationError
 
 from llm_service.client.aio import AsyncClient
 from llm_service.client.bench import bench_prompt, format_table, run_load
-from llm_service.client.chat import ChatSession, default_history_file
+from llm_service.client.chat import ChatSession, default_history_file, describe_call
 from llm_service.client.sync import Client
-from llm_service.client.types import Chunk, Message
+from llm_service.client.types import Chunk, Message, Tool, Tools
 from llm_service.errors import (
     ConfigurationError,
     ConnectionFailedError,
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print tokens, time to first token and tokens/s on stderr at the end",
     )  # fmt: skip
     gen.add_argument("--request-id", help="id for the service's logs (default: a fresh one)")
+    add_tool_flags(gen)
     add_sampling_flags(gen, max_tokens=DEFAULT_MAX_TOKENS)
 
     chat = command(
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         " message, /exit or Ctrl-D leaves.",
     )
     chat.add_argument("--system", help="system message")
+    add_tool_flags(chat)
     add_sampling_flags(chat, max_tokens=DEFAULT_MAX_TOKENS)
 
     info = command("info", "the model served", "Print the model and how it is served.")
@@ -183,13 +185,70 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
+def add_tool_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tools")
+    group.add_argument(
+        "--tools", type=Path, metavar="FILE",
+        help="JSON file: a list of functions the model may call, in OpenAI's shape"
+        ' ([{"type": "function", "function": {"name", "description", "parameters"}}]) or'
+        ' bare ([{"name", "description", "parameters"}]); the calls are shown, not run',
+    )  # fmt: skip
+    group.add_argument(
+        "--tool-choice", default="auto", metavar="CHOICE",
+        help="auto (default: the model decides), none, required, or a tool's name (that tool"
+        " must be called)",
+    )  # fmt: skip
+
+
+def tool_options(args: argparse.Namespace) -> Tools | None:
+    """The tools ``--tools`` offers (None: none).
+
+    Raises:
+        ConfigurationError: the file cannot be read or is not a list of functions (names it).
+    """
+    if args.tools is None:
+        if args.tool_choice != "auto":
+            raise ConfigurationError("--tool-choice needs --tools FILE")
+        return None
+    try:
+        listed = json.loads(args.tools.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"--tools: cannot read {args.tools}: {exc}") from None
+    if not isinstance(listed, list) or not all(isinstance(t, dict) for t in listed):
+        raise ConfigurationError(f"--tools: {args.tools} must hold a JSON list of objects")
+    functions = []
+    for i, item in enumerate(listed):
+        f = item.get("function", item)
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise ConfigurationError(f"--tools: {args.tools}: tool {i} has no name")
+        try:
+            functions.append(Tool(
+                f["name"], str(f.get("description") or ""),
+                json.dumps(f.get("parameters") or {"type": "object", "properties": {}}),
+            ))  # fmt: skip
+        except InvalidRequestError as exc:
+            raise ConfigurationError(f"--tools: {args.tools}: tool {i}: {exc}") from None
+    choice = args.tool_choice
+    if choice in ("auto", "none", "required"):
+        return Tools(functions, choice)
+    if choice not in {t.name for t in functions}:
+        raise ConfigurationError(
+            f"--tool-choice {choice!r}: not auto, none, required or one of the tools' names"
+        )
+    return Tools(functions, "required", choice)
+
+
 def run(args: argparse.Namespace, client: Client) -> int:
     if args.command == "generate":
         return generate(args, client)
     if args.command == "chat":
         sampling = sampling_options(args)
         return ChatSession(
-            client, sampling, system=args.system, history_file=default_history_file()
+            client,
+            sampling,
+            system=args.system,
+            history_file=default_history_file(),
+            tools=tool_options(args),
         ).run()
     if args.command == "info":
         return _print(asdict(client.model_info()), as_json=args.json)
@@ -214,15 +273,17 @@ def read_stdin(what: str) -> str:
 
 
 def generate(args: argparse.Namespace, client: Client) -> int:
+    tools = tool_options(args)
     prompt_text = read_stdin("prompt") if args.prompt == "-" else args.prompt
     prompt: str | list[Message] = prompt_text
-    if args.system or args.chat:
+    if args.system or args.chat or tools is not None:
         prompt = [("user", prompt_text)]
         if args.system:
             prompt.insert(0, ("system", args.system))
     sent = time.perf_counter()
     first_token_at: float | None = None
-    with client.stream(prompt, request_id=args.request_id, **sampling_options(args)) as stream:
+    sampling = sampling_options(args)
+    with client.stream(prompt, request_id=args.request_id, tools=tools, **sampling) as stream:
         try:
             for chunk in stream:
                 if first_token_at is None and chunk.token_ids:
@@ -239,8 +300,11 @@ def generate(args: argparse.Namespace, client: Client) -> int:
         completion = stream.completion
     assert completion is not None
     ended = time.perf_counter()
-    if not args.json and not completion.text.endswith("\n"):
+    if not args.json and completion.text and not completion.text.endswith("\n"):
         sys.stdout.write("\n")
+    if not args.json:
+        for call in completion.tool_calls:
+            print(describe_call(call))
     if not args.json and completion.usage.completion_tokens == 0:
         # An empty answer looks like a broken tool; say what happened.
         hint = "" if args.chat or args.system else " (an instruction reads better as --chat)"
@@ -272,6 +336,8 @@ def _show(chunk: Chunk, *, as_json: bool) -> None:
         }
     else:
         event = {"event": "delta", "text": chunk.text, "token_ids": list(chunk.token_ids)}
+        if chunk.tool_calls:
+            event["tool_calls"] = [asdict(c) for c in chunk.tool_calls]
     print(json.dumps(event), flush=True)
 
 
