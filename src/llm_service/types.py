@@ -416,6 +416,8 @@ class GenerationRequest:
         tool_choice: "auto" (the model decides), "none" (no call) or "required" (at least one).
         tool_name: the one tool the model must call (with tool_choice "required").
         parallel_tool_calls: the model may make more than one call in an answer.
+        split_reasoning: a chat answer's leading ``<think>`` block is reasoning, apart from
+            its text (``TokenDelta.reasoning``); False: it stays in the text.
     """
 
     prompt: str | None = None
@@ -427,6 +429,7 @@ class GenerationRequest:
     tool_choice: str = "auto"
     tool_name: str | None = None
     parallel_tool_calls: bool = True
+    split_reasoning: bool = True
 
     def __post_init__(self) -> None:
         _require(

@@ -467,3 +467,39 @@ def test_a_tool_needs_a_good_name_and_schema() -> None:
         Tool("get weather")
     with pytest.raises(InvalidRequestError, match="not valid JSON"):
         Tool("f", parameters="{")
+
+
+# -- reasoning -------------------------------------------------------------------------------
+
+
+async def test_a_chat_answers_reasoning_is_apart_from_its_text(roomy) -> None:  # type: ignore[no-untyped-def]
+    backend, engine = roomy
+    backend.enqueue("<think>Ada is a name.</think>\n\nHello, Ada!")
+    events = await collect(engine, GenerationRequest(messages=(ChatMessage("user", "Hi"),)))
+    done = events[-1]
+    assert isinstance(done, Finished)
+    assert (done.text, done.reasoning) == ("Hello, Ada!", "Ada is a name.")
+    deltas = [e for e in events if isinstance(e, TokenDelta)]
+    assert "".join(d.reasoning for d in deltas) == done.reasoning
+    assert "".join(d.text for d in deltas) == done.text
+    backend.enqueue("<think>x</think>y")
+    kept = GenerationRequest(messages=(ChatMessage("user", "Hi"),), split_reasoning=False)
+    done = (await collect(engine, kept))[-1]
+    assert isinstance(done, Finished) and (done.text, done.reasoning) == ("<think>x</think>y", "")
+    backend.enqueue("<think>x</think>y")
+    raw = (await collect(engine, GenerationRequest(prompt="Hi")))[-1]  # a prompt: no split
+    assert isinstance(raw, Finished) and raw.text == "<think>x</think>y"
+
+
+async def test_a_template_that_opens_the_think_block() -> None:
+    template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|><think>\n"
+    )
+    backend = FakeBackend(chat_template=template, pool_mode="batched", slots=1)
+    engine = await Engine.start(backend, EngineConfig(pool_size=1, max_queue=1))
+    try:
+        backend.enqueue("Thinking.</think>Answer.")
+        done = (await collect(engine, GenerationRequest(messages=(ChatMessage("user", "Hi"),))))[-1]
+    finally:
+        await engine.aclose()
+    assert isinstance(done, Finished) and (done.text, done.reasoning) == ("Answer.", "Thinking.")

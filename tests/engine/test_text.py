@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm_service.engine.text import StreamDecoder
+from llm_service.engine.text import ReasoningSplitter, StreamDecoder
 
 
 def feed(decoder: StreamDecoder, pieces: list[bytes]) -> list[str]:
@@ -59,3 +59,40 @@ def test_byte_by_byte_roundtrip(text: str) -> None:
     d = StreamDecoder(["zzz"])
     out = "".join(feed(d, [bytes([b]) for b in text.encode()])) + d.finish()
     assert out == text
+
+
+# -- reasoning -------------------------------------------------------------------------------
+
+
+def split_everywhere(text: str, *, inside: bool = False) -> tuple[str, str]:
+    """(content, reasoning) of ``text``, the same wherever it is cut in two (and fed whole)."""
+    results = set()
+    for cut in range(len(text) + 1):
+        splitter = ReasoningSplitter(inside=inside)
+        content = reasoning = ""
+        for piece in (text[:cut], text[cut:]):
+            c, r = splitter.feed(piece)
+            content, reasoning = content + c, reasoning + r
+        c, r = splitter.finish()
+        results.add((content + c, reasoning + r))
+    assert len(results) == 1, results
+    return results.pop()
+
+
+@pytest.mark.parametrize(
+    ("text", "inside", "expected"),
+    [
+        ("<think>2 + 2 is 4</think>\n\nIt is 4.", False, ("It is 4.", "2 + 2 is 4")),
+        ("\n<think>a</think>b", False, ("b", "a")),
+        ("planning</think> Done", True, ("Done", "planning")),  # the template opened it
+        ("No reasoning <think>here</think>", False, ("No reasoning <think>here</think>", "")),
+        ("<think>never closed", False, ("", "never closed")),
+        ("<thin", False, ("<thin", "")),
+        ("<b>bold</b>", False, ("<b>bold</b>", "")),
+        ("", False, ("", "")),
+    ],
+)
+def test_a_leading_think_block_is_reasoning(
+    text: str, inside: bool, expected: tuple[str, str]
+) -> None:
+    assert split_everywhere(text, inside=inside) == expected

@@ -745,3 +745,19 @@ def test_n_choices_are_indexed_and_their_usage_summed() -> None:
         "role": "assistant",
         "content": "x",
     }
+
+
+def test_reasoning_is_reasoning_content() -> None:
+    builder = ResponseBuilder(chat=True, request_id="abc", model="m")
+    done = Completion("4.", FinishReason.STOP, Usage(2, 4), TIMINGS, "abc", reasoning="2 + 2")
+    assert builder.completion([done])["choices"][0]["message"]["reasoning_content"] == "2 + 2"
+    first = builder.chunk(Chunk("", reasoning="2 +"), include_usage=False)
+    later = builder.chunk(Chunk("", reasoning=" 2"), include_usage=False)
+    assert first["choices"][0]["delta"] == {
+        "role": "assistant",
+        "content": "",
+        "reasoning_content": "2 +",
+    }
+    assert later["choices"][0]["delta"] == {"reasoning_content": " 2"}
+    assert to_generation(chat()).split_reasoning
+    assert not to_generation(chat(reasoning_format="none")).split_reasoning

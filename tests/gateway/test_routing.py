@@ -515,6 +515,7 @@ async def test_a_stream_passes_the_replicas_chunks(
             "timeout": pytest.approx(60, abs=1),
             "request_id": "req-1",
             "tools": None,
+            "split_reasoning": True,
             "max_tokens": 2,
             "temperature": 0.0,
         }

@@ -17,6 +17,7 @@ from llm_service.engine import (
 )
 from llm_service.errors import InvalidRequestError
 from llm_service.server import convert
+from llm_service.types import TokenLogprob, ToolCall, ToolCallDelta
 
 
 def test_unset_sampling_fields_keep_the_engine_defaults() -> None:
@@ -114,3 +115,65 @@ def test_only_successful_finish_reasons_have_a_done_event() -> None:
         FinishReason.TOOL_CALLS,
     }
     assert len(set(convert.FINISH_REASONS.values())) == 4
+
+
+def test_a_chat_with_tools() -> None:
+    chat = pb.Chat(
+        messages=[
+            pb.ChatMessage(role="user", content="Weather?"),
+            pb.ChatMessage(role="assistant", tool_calls=[
+                pb.ToolCall(id="call_1", name="get_weather", arguments='{"city": "Oslo"}')]),
+            pb.ChatMessage(role="tool", content="sunny", tool_call_id="call_1"),
+        ],
+        tools=[pb.Tool(name="get_weather", description="The weather"), pb.Tool(name="now")],
+        tool_name="now", parallel_tool_calls=False, split_reasoning=False,
+    )  # fmt: skip
+    request = convert.generation_request(
+        pb.GenerateRequest(chat=chat), request_id="r", deadline=None
+    )
+    assert [t.name for t in request.tools] == ["get_weather", "now"]
+    assert request.tools[1].parameters == '{"type": "object", "properties": {}}'
+    assert (request.tool_choice, request.tool_name) == ("required", "now")
+    assert not request.parallel_tool_calls and not request.split_reasoning
+    assert request.messages is not None
+    assert request.messages[1].tool_calls[0].arguments == '{"city": "Oslo"}'
+    assert request.messages[2].tool_call_id == "call_1"
+    plain = convert.generation_request(
+        pb.GenerateRequest(chat=pb.Chat(messages=chat.messages[:1])), request_id="r", deadline=None
+    )
+    assert (plain.tool_choice, plain.parallel_tool_calls, plain.split_reasoning) == (
+        "auto", True, True,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("tools", "field"),
+    [([pb.Tool(name="bad name")], "chat.tools[0].name"),
+     ([pb.Tool(name="f", parameters="{")], "chat.tools[0].parameters"),
+     ([pb.Tool(name="f"), pb.Tool(name="f")], "chat.tools")],
+)  # fmt: skip
+def test_bad_tools_name_the_field(tools: list[pb.Tool], field: str) -> None:
+    chat = pb.Chat(messages=[pb.ChatMessage(role="user", content="Hi")], tools=tools)
+    with pytest.raises(InvalidRequestError) as err:
+        convert.generation_request(pb.GenerateRequest(chat=chat), request_id="r", deadline=None)
+    assert err.value.field == field
+
+
+def test_a_delta_with_calls_logprobs_and_reasoning() -> None:
+    top = (TokenLogprob(7, b"a", -0.1), TokenLogprob(8, b"\xe2", -2.5))
+    event = TokenDelta(
+        (7,), "a", (ToolCallDelta(0, "call_1", "f", "{"),),
+        (TokenLogprob(7, b"a", -0.1, top),), "why",
+    )  # fmt: skip
+    delta = convert.event_message(event).delta
+    assert (delta.text, delta.reasoning) == ("a", "why")
+    assert (delta.tool_calls[0].id, delta.tool_calls[0].arguments) == ("call_1", "{")
+    assert delta.logprobs[0].top[1].piece == b"\xe2"
+    done = Finished(
+        "r", FinishReason.TOOL_CALLS, "", Usage(1, 2), Timings(1.0, 2.0, None, 0.0, 4.0),
+        tool_calls=(ToolCall("c", "f", "{}"),),
+        reasoning="why",
+    )  # fmt: skip
+    message = convert.event_message(done).done
+    assert message.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert (message.tool_calls[0].name, message.reasoning) == ("f", "why")

@@ -172,10 +172,12 @@ class AsyncClient:
         timeout: float | None = None,
         request_id: str | None = None,
         tools: Tools | None = None,
+        split_reasoning: bool = True,
         **sampling: Unpack[Sampling],
     ) -> AsyncStream:
         """Stream a completion of ``prompt`` (text), or of chat ``messages`` (a sequence),
-        which may offer the model ``tools`` to call.
+        which may offer the model ``tools`` to call. A chat answer's leading ``<think>`` block
+        comes as ``Chunk.reasoning``, apart from its text, unless ``split_reasoning`` is False.
 
         Returns:
             an async iterator of ``Chunk``s; the last one carries the finish reason, usage and
@@ -186,7 +188,7 @@ class AsyncClient:
             InvalidRequestError, PromptTooLongError, OverloadedError, DeadlineExceededError,
             UnavailableError, ConnectionFailedError, PermissionDeniedError, ...
         """
-        request = _generate_request(prompt, sampling, tools)
+        request = _generate_request(prompt, sampling, tools, split_reasoning)
         return AsyncStream(self, request, self._deadline(timeout), request_id or new_request_id())
 
     async def generate(
@@ -196,11 +198,17 @@ class AsyncClient:
         timeout: float | None = None,
         request_id: str | None = None,
         tools: Tools | None = None,
+        split_reasoning: bool = True,
         **sampling: Unpack[Sampling],
     ) -> Completion:
         """Generate a completion and return it whole (see ``stream`` for the arguments)."""
         async with self.stream(
-            prompt, timeout=timeout, request_id=request_id, tools=tools, **sampling
+            prompt,
+            timeout=timeout,
+            request_id=request_id,
+            tools=tools,
+            split_reasoning=split_reasoning,
+            **sampling,
         ) as stream:
             async for _ in stream:
                 pass
@@ -421,7 +429,10 @@ class AsyncStream:
             )
             logprobs = tuple(_logprob(lp) for lp in delta.logprobs)
             self._logprobs.extend(logprobs)
-            return Chunk(delta.text, tuple(delta.token_ids), tool_calls=calls, logprobs=logprobs)
+            return Chunk(
+                delta.text, tuple(delta.token_ids), tool_calls=calls, logprobs=logprobs,
+                reasoning=delta.reasoning,
+            )  # fmt: skip
         done = response.done
         t = done.timings
         reason = _FINISH_REASONS.get(done.finish_reason, FinishReason.STOP)
@@ -437,8 +448,9 @@ class AsyncStream:
         )
         made = tuple(ToolCall(c.id, c.name, c.arguments) for c in done.tool_calls)
         self.completion = Completion(
-            done.text, reason, usage, timings, self.request_id, made, tuple(self._logprobs)
-        )
+            done.text, reason, usage, timings, self.request_id, made, tuple(self._logprobs),
+            done.reasoning,
+        )  # fmt: skip
         self._finished = True
         return Chunk("", (), reason, usage, timings)
 
@@ -563,8 +575,10 @@ def _messages(messages: Sequence[Message]) -> list[pb.ChatMessage]:
     return converted
 
 
-def _chat(messages: Sequence[Message], tools: Tools | None) -> pb.Chat:
+def _chat(messages: Sequence[Message], tools: Tools | None, split_reasoning: bool) -> pb.Chat:
     chat = pb.Chat(messages=_messages(messages))
+    if not split_reasoning:
+        chat.split_reasoning = False
     if tools is None:
         return chat
     for i, tool in enumerate(tools.functions):
@@ -594,7 +608,7 @@ def _sampling(sampling: Sampling) -> pb.SamplingParams:
 
 
 def _generate_request(
-    prompt: str | Sequence[Message], sampling: Sampling, tools: Tools | None
+    prompt: str | Sequence[Message], sampling: Sampling, tools: Tools | None, split_reasoning: bool
 ) -> pb.GenerateRequest:
     params = _sampling(sampling)
     if isinstance(prompt, str):
@@ -602,4 +616,4 @@ def _generate_request(
             raise InvalidRequestError("tools", "are served with chat messages only")
         with _field("prompt"):
             return pb.GenerateRequest(prompt=prompt, sampling=params)
-    return pb.GenerateRequest(chat=_chat(prompt, tools), sampling=params)
+    return pb.GenerateRequest(chat=_chat(prompt, tools, split_reasoning), sampling=params)

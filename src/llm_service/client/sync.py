@@ -107,6 +107,7 @@ class Client:
         timeout: float | None = None,
         request_id: str | None = None,
         tools: Tools | None = None,
+        split_reasoning: bool = True,
         **sampling: Unpack[Sampling],
     ) -> Stream:
         """Stream a completion: an iterator of ``Chunk``s (see ``AsyncClient.stream``).
@@ -115,7 +116,12 @@ class Client:
         generation on the server.
         """
         inner = self._async.stream(
-            prompt, timeout=timeout, request_id=request_id, tools=tools, **sampling
+            prompt,
+            timeout=timeout,
+            request_id=request_id,
+            tools=tools,
+            split_reasoning=split_reasoning,
+            **sampling,
         )
         return Stream(self._thread, inner)
 
@@ -126,12 +132,18 @@ class Client:
         timeout: float | None = None,
         request_id: str | None = None,
         tools: Tools | None = None,
+        split_reasoning: bool = True,
         **sampling: Unpack[Sampling],
     ) -> Completion:
         """Generate a completion and return it whole (see ``AsyncClient.stream``)."""
         return self._thread.run(
             self._async.generate(
-                prompt, timeout=timeout, request_id=request_id, tools=tools, **sampling
+                prompt,
+                timeout=timeout,
+                request_id=request_id,
+                tools=tools,
+                split_reasoning=split_reasoning,
+                **sampling,
             )
         )
 

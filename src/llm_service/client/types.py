@@ -115,6 +115,7 @@ class Chunk:
         tool_calls: pieces of tool calls (``Tools``): the first piece of a call has its id and
             name, later ones add to its arguments.
         logprobs: with ``logprobs``: the log probabilities of the tokens ``text`` completes.
+        reasoning: the model's reasoning (a chat answer's ``<think>`` block), apart from text.
         finish_reason: set on the last chunk only.
         usage: set on the last chunk only.
         timings: set on the last chunk only (server-side figures).
@@ -127,11 +128,17 @@ class Chunk:
     timings: Timings | None = None
     tool_calls: tuple[ToolCallDelta, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
+    reasoning: str = ""
 
     @property
     def final(self) -> bool:
         """True on the stream's last chunk."""
         return self.finish_reason is not None
+
+    @property
+    def empty(self) -> bool:
+        """Nothing new to show: no text, reasoning, tool call or log probability, not final."""
+        return not (self.text or self.reasoning or self.tool_calls or self.logprobs or self.final)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +153,8 @@ class Completion:
         timings: queue wait, prefill, time to first token, decode speed, total (server-side).
         request_id: the id in the server's logs.
         tool_calls: the calls the model made.
-        logprobs: with ``logprobs``: one per token of ``text``.
+        logprobs: with ``logprobs``: one per token generated (reasoning included).
+        reasoning: the model's reasoning, apart from ``text``.
     """
 
     text: str
@@ -156,6 +164,7 @@ class Completion:
     request_id: str
     tool_calls: tuple[ToolCall, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()
+    reasoning: str = ""
 
 
 @dataclass(frozen=True, slots=True)

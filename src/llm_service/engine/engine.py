@@ -21,6 +21,7 @@ from llm_service.engine.backend import (
 )
 from llm_service.engine.generation import Generation, deliver
 from llm_service.engine.pool import LlamaContextPool, PoolState
+from llm_service.engine.text import THINK_OPEN, ReasoningSplitter
 from llm_service.engine.tools import ToolPlan, plan, syntax_of
 from llm_service.errors import (
     DeadlineExceededError,
@@ -235,7 +236,7 @@ class Engine:
         arrived = time.monotonic()
         self._limits.check(request)
         log = RequestLogger(logger, request.request_id)
-        prompt_tokens, tools = await self._run(self._prompt, request)
+        prompt_tokens, tools, reasoning = await self._run(self._prompt, request)
         max_tokens = self._check_fits(request, len(prompt_tokens))
         sampling = request.sampling
         if tools.grammar is not None:  # the tool calls' shape
@@ -255,6 +256,7 @@ class Engine:
                     queue_wait_s=lease.queue_wait_s,
                     loop=asyncio.get_running_loop(),
                     tool_calls=tools.parser,
+                    reasoning=reasoning,
                 )
                 # The context starts before Started is yielded: the prompt is evaluated while
                 # Started goes out.
@@ -317,16 +319,23 @@ class Engine:
             future.add_done_callback(_close_result)
             raise
 
-    def _prompt(self, request: GenerationRequest) -> tuple[list[int], ToolPlan]:
-        """The prompt's tokens, and how a chat request's tools shape its answer."""
+    def _prompt(
+        self, request: GenerationRequest
+    ) -> tuple[list[int], ToolPlan, ReasoningSplitter | None]:
+        """The prompt's tokens; for a chat request, how its tools shape its answer, and how
+        its reasoning is told from its text (the template may open the <think> block)."""
         if request.messages is not None:
             text, tools = self._chat_prompt(request)
+            reasoning = None
+            if request.split_reasoning:
+                reasoning = ReasoningSplitter(inside=text.rstrip().endswith(THINK_OPEN))
             # The template wrote BOS and the turn markers itself: parse them, add nothing.
-            return self.backend.tokenize(text, add_special=False, parse_special=True), tools
+            tokens = self.backend.tokenize(text, add_special=False, parse_special=True)
+            return tokens, tools, reasoning
         assert request.prompt is not None
         # A raw prompt gets BOS if the model wants it; special-token text in it stays text.
         tokens = self.backend.tokenize(request.prompt, add_special=True, parse_special=False)
-        return tokens, NO_TOOLS
+        return tokens, NO_TOOLS, None
 
     def _chat_prompt(self, request: GenerationRequest) -> tuple[str, ToolPlan]:
         """A chat request rendered with the template (and its tools, see ``tools.plan``)."""

@@ -31,7 +31,7 @@ from llm_service.engine.backend import (
     NoTokenAllowed,
     Sampler,
 )
-from llm_service.engine.text import StreamDecoder
+from llm_service.engine.text import ReasoningSplitter, StreamDecoder
 from llm_service.engine.tools import ToolCallParser
 from llm_service.errors import EngineError
 from llm_service.log import RequestLogger, plural
@@ -82,6 +82,7 @@ class Generation:
         queue_wait_s: float,
         loop: asyncio.AbstractEventLoop,
         tool_calls: ToolCallParser | None = None,
+        reasoning: ReasoningSplitter | None = None,
     ) -> None:
         self.prompt_tokens = prompt_tokens
         self.sampler = sampler
@@ -94,7 +95,9 @@ class Generation:
         self._queue_wait_s = queue_wait_s
         self._decoder = StreamDecoder(request.sampling.stop)
         self._tool_calls = tool_calls  # the request has tools: its answer may hold calls
+        self._reasoning = reasoning  # a chat answer: it may start with its reasoning
         self._text: list[str] = []
+        self._thought: list[str] = []
         # Log probabilities of tokens whose text is still held back, and bytes released
         # beyond the first of them (see _released_logprobs).
         self._held_logprobs: collections.deque[TokenLogprob] = collections.deque()
@@ -166,16 +169,11 @@ class Generation:
         piece = self._backend.token_bytes(token)
         text = self._decoder.push(piece)
         logprobs = self.sampler.take_logprobs()
-        if self._tool_calls is not None:
-            text, calls = self._tool_calls.feed(text)
-            self._outbox.append(TokenDelta((token,), text, tool_calls=tuple(calls)))
-        elif logprobs is not None:
+        released: tuple[TokenLogprob, ...] = ()
+        if logprobs is not None:
             self._held_logprobs.append(self._logprob(token, piece, logprobs))
             released = self._released_logprobs(text)
-            self._outbox.append(TokenDelta((token,), text, logprobs=released))
-        else:
-            self._outbox.append(TokenDelta((token,), text))
-        self._text.append(text)
+        self._outbox.append(self._delta((token,), text, released))
         if self._decoder.stopped:
             self.finish(FinishReason.STOP_SEQUENCE)
         elif self._n_generated >= self._max_tokens:
@@ -219,17 +217,13 @@ class Generation:
             # stop string's tokens are not part of it.
             tail = self._decoder.finish()
             held = () if self._decoder.stopped else tuple(self._held_logprobs)
-            pieces: list[ToolCallDelta] = []
+            delta = self._delta((), tail, held, final=True)
+            if delta.text or delta.reasoning or delta.tool_calls or delta.logprobs:
+                self._outbox.append(delta)
             if self._tool_calls is not None:
-                tail, pieces = self._tool_calls.feed(tail)
-                more, last = self._tool_calls.finish()
-                tail, pieces = tail + more, pieces + last
                 calls = tuple(self._tool_calls.calls)
                 if calls and reason in (FinishReason.STOP, FinishReason.STOP_SEQUENCE):
                     reason = FinishReason.TOOL_CALLS
-            if tail or held or pieces:
-                self._text.append(tail)
-                self._outbox.append(TokenDelta((), tail, tuple(pieces), held))
         except Exception:  # a bug: the request still ends, with what it has
             logger.exception("could not flush a request's held-back text")
         self._outbox.append(self._finished(reason, error, error_field, calls))
@@ -237,6 +231,32 @@ class Generation:
             self.sampler.close()
         except Exception:
             logger.exception("could not close a request's sampler")
+
+    def _delta(
+        self,
+        tokens: tuple[int, ...],
+        text: str,
+        logprobs: tuple[TokenLogprob, ...],
+        *,
+        final: bool = False,
+    ) -> TokenDelta:
+        """The delta of released ``text``: its reasoning split off, then its tool calls
+        (``final``: the answer ends, flush what they hold)."""
+        reasoning = ""
+        calls: list[ToolCallDelta] = []
+        if self._reasoning is not None:
+            text, reasoning = self._reasoning.feed(text)
+            if final:
+                more, thought = self._reasoning.finish()
+                text, reasoning = text + more, reasoning + thought
+        if self._tool_calls is not None:
+            text, calls = self._tool_calls.feed(text)
+            if final:
+                more, last = self._tool_calls.finish()
+                text, calls = text + more, calls + last
+        self._text.append(text)
+        self._thought.append(reasoning)
+        return TokenDelta(tokens, text, tuple(calls), logprobs, reasoning)
 
     def _logprob(self, token: int, piece: bytes, logprobs: Logprobs) -> TokenLogprob:
         logprob, top = logprobs
@@ -292,6 +312,7 @@ class Generation:
             error=error,
             error_field=error_field,
             tool_calls=tool_calls,
+            reasoning="".join(self._thought),
         )
 
 

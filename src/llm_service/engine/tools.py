@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from llm_service.engine.text import partial_marker
 from llm_service.errors import InvalidRequestError
 from llm_service.types import ChatMessage, GenerationRequest, Tool, ToolCall, ToolCallDelta
 
@@ -445,14 +446,6 @@ class ToolCallParser:
         return call_id
 
 
-def _partial_marker(text: str, marker: str) -> int:
-    """Length of the longest tail of ``text`` that begins ``marker`` (and is not all of it)."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:n]):
-            return n
-    return 0
-
-
 class _HermesSplitter:
     def __init__(self, parser: ToolCallParser) -> None:
         self._parser = parser
@@ -469,7 +462,7 @@ class _HermesSplitter:
             if not self._inside:
                 at = self._pending.find(OPEN)
                 if at < 0:
-                    keep = len(self._pending) - _partial_marker(self._pending, OPEN)
+                    keep = len(self._pending) - partial_marker(self._pending, OPEN)
                     content.append(self._release(self._pending[:keep]))
                     self._pending = self._pending[keep:]
                     break

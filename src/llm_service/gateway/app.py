@@ -251,6 +251,7 @@ class _Exchange:
                 gen.prompt,
                 gen.choice_sampling(i),
                 tools=gen.tools,
+                split_reasoning=gen.split_reasoning,
                 request_id=request_id,
                 deadline=self.arrived + gateway.settings.request_timeout,
             )
@@ -327,7 +328,13 @@ class _Exchange:
             usage = [chunk.usage] if chunk.usage is not None else []
             while left:
                 index, chunk = await self.choices.next()
-                if chunk.text or chunk.final or chunk.tool_calls or chunk.logprobs:
+                if (
+                    chunk.text
+                    or chunk.final
+                    or chunk.tool_calls
+                    or chunk.logprobs
+                    or chunk.reasoning
+                ):
                     yield _sse(self.builder.chunk(chunk, include_usage=include_usage, index=index))
                 if chunk.final:
                     left -= 1

@@ -284,7 +284,12 @@ class ChatCompletionRequest(_Sampling):
     prediction: Any | None = Field(None, description="Not served: only null.")
     web_search_options: Any | None = Field(None, description="Not served: only null.")
     reasoning_effort: str | None = Field(
-        None, description="Not served (no reasoning models yet): only null."
+        None, description="Not served (how long a model reasons is its template's): only null."
+    )
+    reasoning_format: Literal["auto", "deepseek", "none"] | None = Field(
+        None,
+        description="llama-server's: a <think> block at the start of the answer is sent as"
+        ' reasoning_content (auto, deepseek: the default), or left in content ("none").',
     )
     verbosity: str | None = Field(None, description="Not served: only null.")
     moderation: Any | None = Field(None, description="Not served: only null.")
@@ -327,6 +332,7 @@ class Generation:
     include_usage: bool
     tools: Tools | None = None
     n: int = 1
+    split_reasoning: bool = True
 
     def choice_sampling(self, index: int) -> Sampling:
         """Choice ``index``'s sampling: its own seed, when the request has one."""
@@ -415,7 +421,12 @@ def to_generation(body: ChatCompletionRequest | CompletionRequest) -> Generation
     else:
         prompt = _prompt(body)
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-    return Generation(prompt, sampling, bool(body.stream), include_usage, tools, body.n or 1)
+    split_reasoning = not (
+        isinstance(body, ChatCompletionRequest) and body.reasoning_format == "none"
+    )
+    return Generation(
+        prompt, sampling, bool(body.stream), include_usage, tools, body.n or 1, split_reasoning
+    )
 
 
 def _refuse_unserved(body: ChatCompletionRequest | CompletionRequest) -> None:
@@ -624,6 +635,8 @@ class ResponseBuilder:
                     "content": done.text if done.text or not done.tool_calls else None,
                     "refusal": None,
                 }
+                if done.reasoning:
+                    message["reasoning_content"] = done.reasoning
                 if done.tool_calls:
                     message["tool_calls"] = [_tool_call(c) for c in done.tool_calls]
                 logprobs = self._logprobs(index, done.logprobs)
@@ -652,6 +665,10 @@ class ResponseBuilder:
             if index not in self._role_sent:
                 delta = {"role": "assistant", "content": chunk.text}
                 self._role_sent.add(index)
+            if chunk.reasoning:
+                delta["reasoning_content"] = chunk.reasoning
+                if not chunk.text and "role" not in delta:
+                    delta.pop("content", None)
             if chunk.tool_calls:
                 if not chunk.text:  # as OpenAI's: null beside the role, absent after it
                     if "role" in delta:

@@ -498,12 +498,14 @@ class RoutedStream:
         request_id: str,
         deadline: float,
         tools: Tools | None = None,
+        split_reasoning: bool = True,
     ) -> None:
         self.pool = pool
         self.model = model
         self.prompt = prompt
         self.sampling = sampling
         self.tools = tools
+        self.split_reasoning = split_reasoning
         self.request_id = request_id
         self.deadline = deadline
         self.backend: Replica | None = None
@@ -565,6 +567,7 @@ class RoutedStream:
             timeout=remaining,
             request_id=self.request_id,
             tools=self.tools,
+            split_reasoning=self.split_reasoning,
             **self.sampling,
         )
         backend.outstanding += 1

@@ -139,6 +139,7 @@ def generation_request(
             parallel_tool_calls=(
                 chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else True
             ),
+            split_reasoning=chat.split_reasoning if chat.HasField("split_reasoning") else True,
         )
     except InvalidRequestError as exc:
         if exc.field.startswith("tool"):  # the request's own tool fields are the chat's
@@ -158,7 +159,7 @@ def event_message(event: GenerationEvent) -> pb.GenerateResponse:
             )
         )
     if isinstance(event, TokenDelta):
-        delta = pb.Delta(token_ids=event.token_ids, text=event.text)
+        delta = pb.Delta(token_ids=event.token_ids, text=event.text, reasoning=event.reasoning)
         for c in event.tool_calls:
             delta.tool_calls.add(index=c.index, id=c.id, name=c.name, arguments=c.arguments)
         delta.logprobs.extend(_logprob(lp) for lp in event.logprobs)
@@ -183,6 +184,7 @@ def event_message(event: GenerationEvent) -> pb.GenerateResponse:
             ),
             timings=timings,
             text=event.text,
+            reasoning=event.reasoning,
             tool_calls=[pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments)
                         for c in event.tool_calls],
         )

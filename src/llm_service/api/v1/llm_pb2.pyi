@@ -280,12 +280,18 @@ class Chat(_message.Message):
     TOOL_CHOICE_FIELD_NUMBER: _builtins.int
     TOOL_NAME_FIELD_NUMBER: _builtins.int
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    SPLIT_REASONING_FIELD_NUMBER: _builtins.int
     tool_choice: _builtins.str
     """"auto" (default: the model decides), "none" (no call) or "required" (at least one call)."""
     tool_name: _builtins.str
     """The one tool the model must call (with tool_choice "required" or unset)."""
     parallel_tool_calls: _builtins.bool
     """The model may make more than one call in an answer. Default true."""
+    split_reasoning: _builtins.bool
+    """A <think>...</think> block at the start of the answer (or opened by the template) is the
+    model's reasoning: sent as Delta.reasoning, not in Delta.text. Default true; false keeps it
+    in the text.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """The turns, oldest first; at least one."""
@@ -305,14 +311,20 @@ class Chat(_message.Message):
         tool_choice: _builtins.str = ...,
         tool_name: _builtins.str = ...,
         parallel_tool_calls: _builtins.bool | None = ...,
+        split_reasoning: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "parallel_tool_calls", b"parallel_tool_calls"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "_split_reasoning", b"_split_reasoning", "parallel_tool_calls", b"parallel_tool_calls", "split_reasoning", b"split_reasoning"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "messages", b"messages", "parallel_tool_calls", b"parallel_tool_calls", "tool_choice", b"tool_choice", "tool_name", b"tool_name", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls", "_split_reasoning", b"_split_reasoning", "messages", b"messages", "parallel_tool_calls", b"parallel_tool_calls", "split_reasoning", b"split_reasoning", "tool_choice", b"tool_choice", "tool_name", b"tool_name", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__parallel_tool_calls: _TypeAlias = _typing.Literal["parallel_tool_calls"]  # noqa: Y015
     _WhichOneofArgType__parallel_tool_calls: _TypeAlias = _typing.Literal["_parallel_tool_calls", b"_parallel_tool_calls"]  # noqa: Y015
+    _WhichOneofReturnType__split_reasoning: _TypeAlias = _typing.Literal["split_reasoning"]  # noqa: Y015
+    _WhichOneofArgType__split_reasoning: _TypeAlias = _typing.Literal["_split_reasoning", b"_split_reasoning"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__parallel_tool_calls) -> _WhichOneofReturnType__parallel_tool_calls | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__split_reasoning) -> _WhichOneofReturnType__split_reasoning | None: ...
 
 Global___Chat: _TypeAlias = Chat  # noqa: Y015
 
@@ -593,11 +605,14 @@ class Delta(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text completed by these tokens: whole UTF-8 characters only; may be empty while a
     multi-byte character or a possible stop string is held back. With tools, the answer's
     content only: tool-call markup is never part of it.
     """
+    reasoning: _builtins.str
+    """The model's reasoning (see Chat.split_reasoning), apart from its text."""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Token ids sampled since the previous delta (may be empty when held-back text is released)."""
@@ -619,10 +634,11 @@ class Delta(_message.Message):
         text: _builtins.str = ...,
         tool_calls: _abc.Iterable[Global___ToolCallDelta] | None = ...,
         logprobs: _abc.Iterable[Global___TokenLogprob] | None = ...,
+        reasoning: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "text", b"text", "token_ids", b"token_ids", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "reasoning", b"reasoning", "text", b"text", "token_ids", b"token_ids", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -745,10 +761,13 @@ class Done(_message.Message):
     TIMINGS_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    REASONING_FIELD_NUMBER: _builtins.int
     finish_reason: Global___FinishReason.ValueType
     """Why generation ended."""
     text: _builtins.str
     """The whole output: equal to the concatenated delta texts."""
+    reasoning: _builtins.str
+    """The whole reasoning: equal to the concatenated delta reasoning."""
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Token counts."""
@@ -769,10 +788,11 @@ class Done(_message.Message):
         timings: Global___Timings | None = ...,
         text: _builtins.str = ...,
         tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        reasoning: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "text", b"text", "timings", b"timings", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "reasoning", b"reasoning", "text", b"text", "timings", b"timings", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
