@@ -197,7 +197,9 @@ class ServiceSettings(BaseSettings):
     max_stop_strings: int = Field(16, ge=0, description="Stop strings in one request.")
     max_stop_chars: int = Field(256, ge=1, description="Characters of one stop string.")
     max_grammar_bytes: int = Field(65_536, ge=1, description="Bytes of one GBNF grammar.")
-    max_schema_bytes: int = Field(65_536, ge=1, description="Bytes of one JSON schema.")
+    max_schema_bytes: int = Field(
+        65_536, ge=1, description="Bytes of one JSON schema, or of all tools of a request."
+    )
     grpc_addr: str = Field(
         DEFAULT_TARGET, description="Address the gRPC API listens on (HOST:PORT; port 0 = any)."
     )

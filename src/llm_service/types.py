@@ -150,7 +150,8 @@ class RequestLimits:
         stop_strings: stop strings in one request.
         stop_chars: characters of one stop string.
         grammar_bytes: UTF-8 bytes of a GBNF grammar.
-        schema_bytes: UTF-8 bytes of a JSON schema.
+        schema_bytes: UTF-8 bytes of a JSON schema, or of all tools' descriptions and
+            parameter schemas together.
     """
 
     prompt_chars: int = 1_000_000
@@ -175,6 +176,10 @@ class RequestLimits:
         for s in sampling.stop:
             _over(len(s), self.stop_chars, "sampling.stop", "characters in one stop string",
                   "STOP_CHARS")  # fmt: skip
+        tool_bytes = sum(len(t.parameters.encode()) + len(t.description.encode())
+                         for t in request.tools)  # fmt: skip
+        _over(tool_bytes, self.schema_bytes, "tools", "bytes of descriptions and parameters",
+              "SCHEMA_BYTES")  # fmt: skip
         for name, text, limit in (
             ("grammar", sampling.grammar, self.grammar_bytes),
             ("json_schema", sampling.json_schema, self.schema_bytes),

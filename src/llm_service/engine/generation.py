@@ -191,8 +191,10 @@ class Generation:
         if isinstance(exc, GenerationAborted):
             self.abort()
         elif isinstance(exc, NoTokenAllowed):
-            schema = self._request.sampling.json_schema is not None
-            field = "sampling.json_schema" if schema else "sampling.grammar"
+            request = self._request
+            field = "sampling.json_schema" if request.sampling.json_schema else "sampling.grammar"
+            if request.tools and request.tool_choice != "none":  # the tool calls' grammar
+                field = "tools"
             error = f"allows no token after {plural(self._n_generated, 'token')} of output: {exc}"
             log.info("%s %s", field, error)
             self.finish(FinishReason.ERROR, error, field)

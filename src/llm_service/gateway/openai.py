@@ -148,7 +148,16 @@ class NamedToolChoice(_Body):
 
 
 class Message(_Body):
-    """One chat message."""
+    """One chat message (a ``tool`` message names the call it answers)."""
+
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        json_schema_extra={
+            "if": {"properties": {"role": {"const": "tool"}}, "required": ["role"]},
+            "then": {"required": ["tool_call_id"]},
+        },
+    )
 
     role: str = Field(json_schema_extra=_served(*sorted(_ROLES)))
     content: str | list[ContentPart] | None = None
