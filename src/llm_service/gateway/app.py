@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -43,12 +42,13 @@ from llm_service.gateway.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     Generation,
-    ResponseBuilder,
+    OpenAIWire,
     invalid_request,
     to_generation,
 )
 from llm_service.gateway.replicas import ReplicaPool, RoutedStream
 from llm_service.gateway.status import INTERNAL_MESSAGE, error_body, http_error
+from llm_service.gateway.wire import Wire
 from llm_service.log import RequestLogger
 from llm_service.settings import GatewaySettings
 from llm_service.types import is_request_id, new_request_id
@@ -82,10 +82,6 @@ GATEWAY_TLS = TlsOptionNames(
 def error_response(exc: LLMServiceError) -> JSONResponse:
     mapping, body, headers = http_error(exc)
     return JSONResponse(body, status_code=mapping.status, headers=headers)
-
-
-def _sse(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _request_id(headers: Headers) -> str:
@@ -141,24 +137,37 @@ class Gateway:
     async def generate(
         self, body: ChatCompletionRequest | CompletionRequest, request: Request
     ) -> Response:
-        """Serve one completion request: whole JSON, or an SSE stream.
+        """Serve one OpenAI completion request (chat or text): whole JSON, or an SSE stream."""
+        gen = to_generation(body)
+        chat = isinstance(body, ChatCompletionRequest)
+        wire = OpenAIWire(
+            chat=chat,
+            request_id=request.state.request_id,
+            model=body.model,
+            logprobs="logprobs" in gen.sampling,
+            include_usage=gen.include_usage,
+        )
+        what = "chat" if chat else "completion"
+        user = f" user={body.user!r}" if body.user else ""
+        return await self.serve(gen, wire, body.model, request, f"{what}{user}")
+
+    async def serve(
+        self, gen: Generation, wire: Wire, model: str, request: Request, what: str
+    ) -> Response:
+        """Serve one generation request, whatever its API: ``gen`` on the replicas, the answer
+        written by ``wire``; whole JSON, or an SSE stream. ``what`` names it in the log.
 
         Raises:
             LLMServiceError: before anything was sent (the route answers with its HTTP status).
         """
-        gen = to_generation(body)
         state = request.state
-        state.model = body.model if body.model in self.pool.models() else "-"
-        exchange = _Exchange(self, body, gen, state.request_id, state.caller)
-        exchange.log.info(
-            "%s model=%r stream=%s caller=%s%s",
-            "chat" if exchange.builder.chat else "completion", body.model, gen.stream,
-            state.caller, f" user={body.user!r}" if body.user else "",
-        )  # fmt: skip
+        state.model = model if model in self.pool.models() else "-"
+        exchange = _Exchange(self, gen, wire, model, state.request_id, state.caller)
+        exchange.log.info("%s model=%r stream=%s caller=%s", what, model, gen.stream, state.caller)
         try:
             if not gen.stream:
                 done = await _unless_disconnected(request, exchange.collect())
-                return JSONResponse(exchange.builder.completion(done))
+                return JSONResponse(wire.whole(done))
             # A refusal or a bad request before the first token is an HTTP status; a wait longer
             # than the keep-alive interval starts the stream, with pings until the token comes.
             first = exchange.first = asyncio.ensure_future(exchange.choices.next())
@@ -233,21 +242,23 @@ class _Exchange:
     def __init__(
         self,
         gateway: Gateway,
-        body: ChatCompletionRequest | CompletionRequest,
         gen: Generation,
+        wire: Wire,
+        model: str,
         request_id: str,
         caller: str,
     ) -> None:
         self.gateway = gateway
         self.gen = gen
+        self.wire = wire
         self.caller = caller
-        self.model = body.model
+        self.model = model
         self.log = RequestLogger(logger, request_id)
         self.arrived = time.monotonic()
         self.streams = [
             RoutedStream(
                 gateway.pool,
-                body.model,
+                model,
                 gen.prompt,
                 gen.choice_sampling(i),
                 tools=gen.tools,
@@ -258,12 +269,6 @@ class _Exchange:
             for i in range(gen.n)
         ]
         self.choices = _Choices(self.streams)
-        self.builder = ResponseBuilder(
-            chat=isinstance(body, ChatCompletionRequest),
-            request_id=request_id,
-            model=body.model,
-            logprobs="logprobs" in gen.sampling,
-        )
         self.first: asyncio.Future[tuple[int, Chunk]] | None = None  # a stream's first chunk
         self.ended = False  # the whole response was written
         self._closed = False
@@ -322,36 +327,30 @@ class _Exchange:
                 if not done:
                     yield b": ping\n\n"
             index, chunk = self._first_token(self.first.result())
-            include_usage = self.gen.include_usage
-            yield _sse(self.builder.chunk(chunk, include_usage=include_usage, index=index))
+            for event in self.wire.events(index, chunk):
+                yield event
             left = len(self.streams) - chunk.final
             usage = [chunk.usage] if chunk.usage is not None else []
             while left:
                 index, chunk = await self.choices.next()
-                if (
-                    chunk.text
-                    or chunk.final
-                    or chunk.tool_calls
-                    or chunk.logprobs
-                    or chunk.reasoning
-                ):
-                    yield _sse(self.builder.chunk(chunk, include_usage=include_usage, index=index))
+                for event in self.wire.events(index, chunk):
+                    yield event
                 if chunk.final:
                     left -= 1
                     if chunk.usage is not None:
                         usage.append(chunk.usage)
-            if include_usage:
-                total = Usage(
-                    sum(u.prompt_tokens for u in usage), sum(u.completion_tokens for u in usage)
-                )
-                yield _sse(self.builder.usage_chunk(total))
+            total = Usage(
+                sum(u.prompt_tokens for u in usage), sum(u.completion_tokens for u in usage)
+            )
             self.log.info("done: %s, %d tokens", chunk.finish_reason, self._tokens())
+            ending = self.wire.end(total)
         except LLMServiceError as exc:
             self.log.warning("stream failed after it started: %s (%s)", exc, exc.kind)
-            yield _sse(http_error(exc)[1])
+            ending = self.wire.failure(exc)
         finally:
             self.close()
-        yield b"data: [DONE]\n\n"
+        for event in ending:
+            yield event
         self.ended = True
 
 

@@ -32,12 +32,15 @@ from llm_service.client.types import (
     Tools,
     Usage,
 )
-from llm_service.errors import InvalidRequestError
+from llm_service.errors import InvalidRequestError, LLMServiceError
+from llm_service.gateway.status import http_error
+from llm_service.gateway.wire import sse
 
 __all__ = [
     "ChatCompletionRequest",
     "CompletionRequest",
     "Generation",
+    "OpenAIWire",
     "ResponseBuilder",
     "invalid_request",
     "to_generation",
@@ -731,3 +734,40 @@ def _tool_call_delta(piece: ToolCallDelta) -> dict[str, Any]:
         function = {"name": piece.name, "arguments": piece.arguments}
         return {"index": piece.index, "id": piece.id, "type": "function", "function": function}
     return {"index": piece.index, "function": {"arguments": piece.arguments}}
+
+
+class OpenAIWire:
+    """OpenAI's chat and text completions as a ``wire.Wire``: the objects of
+    ``ResponseBuilder``, streamed as ``data:`` events ending with ``data: [DONE]``.
+
+    Args:
+        include_usage: ``stream_options.include_usage``: a last event with the usage.
+    """
+
+    def __init__(
+        self, *, chat: bool, request_id: str, model: str, logprobs: bool, include_usage: bool
+    ) -> None:
+        self.builder = ResponseBuilder(
+            chat=chat, request_id=request_id, model=model, logprobs=logprobs
+        )
+        self.include_usage = include_usage
+        self._started = False
+
+    def whole(self, completions: Sequence[Completion]) -> dict[str, Any]:
+        return self.builder.completion(completions)
+
+    def events(self, index: int, chunk: Chunk) -> list[bytes]:
+        if self._started and chunk.empty:
+            return []
+        self._started = True  # (the first chunk goes out even if empty: it has the role)
+        return [sse(self.builder.chunk(chunk, include_usage=self.include_usage, index=index))]
+
+    def end(self, usage: Usage) -> list[bytes]:
+        last = [sse(self.builder.usage_chunk(usage))] if self.include_usage else []
+        return [*last, DONE]
+
+    def failure(self, exc: LLMServiceError) -> list[bytes]:
+        return [sse(http_error(exc)[1]), DONE]
+
+
+DONE = b"data: [DONE]\n\n"
