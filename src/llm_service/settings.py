@@ -127,6 +127,13 @@ class ServiceSettings(BaseSettings):
         " add_generation_prompt, bos_token, eos_token). It is compiled at start-up: an error"
         " stops the service. Not with --chat-template.",
     )
+    embeddings: bool | None = Field(
+        None,
+        description="Also serve embeddings (the Embed call, the gateway's /v1/embeddings): an"
+        " embedding context beside the pool, inputs of one request as sequences of one batch,"
+        " pooled and L2-normalised. Unset: on when the GGUF says how to pool (an embedding"
+        " model); a chat model's embeddings are the mean of its last hidden states.",
+    )
     llama_service_threads: int = Field(
         2,
         ge=1,

@@ -53,6 +53,7 @@ MAX_LOGIT_BIAS = 1024  # tokens one request may bias
 MAX_BIAS = 100.0  # as OpenAI's: -100 keeps a token out, +100 all but forces it
 MAX_LOGPROBS = 20  # alternatives listed per token, as OpenAI's top_logprobs
 MAX_TOOLS = 128  # functions one request may offer
+MAX_EMBED_INPUTS = 2048  # inputs of one embedding request, as OpenAI's
 TOOL_CHOICES = ("none", "auto", "required")
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 
@@ -471,8 +472,8 @@ class GenerationRequest:
         if self.tool_name is not None:
             _require(
                 self.tool_name in names,
-                "tool_choice",
-                f"names {self.tool_name[:80]!r}, which is not one of the tools",
+                "tool_name",
+                f"is {self.tool_name[:80]!r}, which is not one of the tools",
             )
             _require(
                 self.tool_choice == "required",
@@ -492,6 +493,33 @@ class GenerationRequest:
                 "sampling.logprobs",
                 "log probabilities are not served together with tool calls",
             )
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """Inputs to embed: texts, or token ids (exactly one of the two kinds).
+
+    Attributes:
+        texts: tokenized as prompts are (BOS added where the model wants it).
+        token_inputs: inputs already tokenized.
+    """
+
+    texts: tuple[str, ...] = ()
+    token_inputs: tuple[tuple[int, ...], ...] = ()
+    request_id: str = field(default_factory=new_request_id)
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.texts) != bool(self.token_inputs),
+            "input",
+            "give texts or token ids (one kind, at least one input)",
+        )
+        n = len(self.texts) or len(self.token_inputs)
+        _require(n <= MAX_EMBED_INPUTS, "input", f"has {n} inputs; at most {MAX_EMBED_INPUTS}")
+        for i, text in enumerate(self.texts):
+            _require(bool(text), f"input[{i}]", "must not be empty")
+        for i, tokens in enumerate(self.token_inputs):
+            _require(bool(tokens), f"input[{i}]", "must not be empty")
 
 
 @dataclass(frozen=True, slots=True)

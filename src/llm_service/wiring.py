@@ -96,6 +96,7 @@ def _load(settings: ServiceSettings, template: ChatTemplate | None, *, progress:
             prefill_chunk=settings.prefill_chunk,
             lone_prompt_chunk=settings.n_batch,
             chat_template=source,
+            embeddings=bool(settings.embeddings),
         )
     try:
         from llm_service.engine.llama import LlamaBackend
@@ -133,6 +134,7 @@ def _load(settings: ServiceSettings, template: ChatTemplate | None, *, progress:
         slots=settings.llama_service_threads,
         prefill_chunk=settings.prefill_chunk,
         chat_template=source,
+        embeddings=settings.embeddings,
         progress=report,
     )
 

@@ -23,6 +23,7 @@ from llm_service.engine import (
     TokenDelta,
 )
 from llm_service.engine.chat_template import ChatTemplate
+from llm_service.engine.fake import BOS
 from llm_service.errors import (
     DeadlineExceededError,
     EngineError,
@@ -30,7 +31,7 @@ from llm_service.errors import (
     OverloadedError,
     PromptTooLongError,
 )
-from llm_service.types import Tool, ToolCall
+from llm_service.types import EmbeddingRequest, Tool, ToolCall
 from tests.support import collect
 
 
@@ -453,7 +454,7 @@ async def test_a_history_with_calls_and_answers_is_rendered(roomy) -> None:  # t
 @pytest.mark.parametrize(
     ("fields", "field"),
     [({"choice": "sometimes"}, "tool_choice"),
-     ({"choice": "required", "tool_name": "get_time"}, "tool_choice"),
+     ({"choice": "required", "tool_name": "get_time"}, "tool_name"),
      ({"sampling": SamplingParams(json_schema='{"type": "object"}')}, "tools")],
 )  # fmt: skip
 def test_bad_tool_requests_name_their_field(fields: dict[str, object], field: str) -> None:
@@ -503,3 +504,102 @@ async def test_a_template_that_opens_the_think_block() -> None:
     finally:
         await engine.aclose()
     assert isinstance(done, Finished) and (done.text, done.reasoning) == ("Answer.", "Thinking.")
+
+
+async def test_a_hermes_answer_calls_only_what_is_offered_and_once_unless_parallel() -> None:
+    """Hermes auto answers are not held by a grammar: a block naming a tool not offered, or a
+    second call when one is allowed, is text; arguments written as a JSON string are a call."""
+    template = ChatTemplate.builtin("chatml-tools").source
+    backend = FakeBackend(chat_template=template, n_ctx=4096, pool_mode="batched", slots=1)
+    engine = await Engine.start(backend, EngineConfig(pool_size=1, max_queue=1))
+    block = '<tool_call>{{"name": "{}", "arguments": {}}}</tool_call>'
+    try:
+        backend.enqueue(block.format("rm_rf", "{}") + block.format("get_weather", '"{}"'))
+        first = (await collect(engine, tool_request()))[-1]
+        backend.enqueue(block.format("get_weather", "{}") + block.format("get_weather", "{}"))
+        single = (await collect(engine, tool_request(parallel_tool_calls=False)))[-1]
+    finally:
+        await engine.aclose()
+    assert isinstance(first, Finished) and [c.name for c in first.tool_calls] == ["get_weather"]
+    assert first.text == block.format("rm_rf", "{}")
+    assert isinstance(single, Finished) and len(single.tool_calls) == 1
+    assert single.text == block.format("get_weather", "{}")
+
+
+@pytest.mark.parametrize("syntax", ["generic", "hermes"])
+async def test_an_answer_cut_inside_a_call_shows_no_markup(syntax: str) -> None:
+    template = ChatTemplate.builtin("chatml-tools").source if syntax == "hermes" else None
+    backend = FakeBackend(chat_template=template, n_ctx=4096, pool_mode="contexts", slots=1)
+    engine = await Engine.start(backend, EngineConfig(pool_size=1, max_queue=1))
+    reply = (
+        'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Par'
+        if syntax == "hermes"
+        else '{"tool_c'
+    )
+    try:
+        backend.enqueue(reply)
+        done = (
+            await collect(engine, tool_request(sampling=SamplingParams(max_tokens=len(reply))))
+        )[-1]
+    finally:
+        await engine.aclose()
+    assert isinstance(done, Finished) and done.finish_reason is FinishReason.LENGTH
+    assert "tool_c" not in done.text and done.tool_calls == ()
+
+
+async def test_a_required_call_after_a_template_that_opens_the_think_block() -> None:
+    """The tools' grammar holds the whole answer: it is not taken for reasoning."""
+    template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|><think>\n"
+    )
+    backend = FakeBackend(chat_template=template, n_ctx=4096, pool_mode="contexts", slots=1)
+    engine = await Engine.start(backend, EngineConfig(pool_size=1, max_queue=1))
+    try:
+        backend.enqueue('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}')
+        done = (await collect(engine, tool_request("required")))[-1]
+    finally:
+        await engine.aclose()
+    assert isinstance(done, Finished) and done.finish_reason is FinishReason.TOOL_CALLS
+    assert done.reasoning == "" and done.tool_calls[0].name == "get_weather"
+
+
+# -- embeddings ------------------------------------------------------------------------------
+
+
+async def test_embeddings_on_the_fake() -> None:
+    backend = FakeBackend(n_ctx=64, embeddings=True)
+    engine = await Engine.start(backend, EngineConfig(pool_size=1, max_queue=1))
+    try:
+        assert engine.embedding_dimensions == 8
+        vectors, tokens = await engine.embed(EmbeddingRequest(texts=("ab", "ab", "cd")))
+        assert tokens == 9 and vectors[0] == vectors[1] != vectors[2]  # BOS + 2 bytes each
+        assert all(abs(sum(x * x for x in v) - 1) < 1e-9 for v in vectors)
+        by_ids, _ = await engine.embed(EmbeddingRequest(token_inputs=((BOS, 97, 98),)))
+        assert by_ids[0] == vectors[0]
+        for request, field in (
+            (EmbeddingRequest(texts=("x" * 64,)), "input[0]"),  # 65 tokens > n_ctx
+            (EmbeddingRequest(token_inputs=((1, 9999),)), "input[0]"),
+        ):
+            with pytest.raises(InvalidRequestError) as err:
+                await engine.embed(request)
+            assert err.value.field == field
+    finally:
+        await engine.aclose()
+    plain = await Engine.start(FakeBackend(), EngineConfig(pool_size=1, max_queue=1))
+    try:
+        with pytest.raises(InvalidRequestError) as err:
+            await plain.embed(EmbeddingRequest(texts=("ab",)))
+        assert err.value.field == "model"
+    finally:
+        await plain.aclose()
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [({}, "input"), ({"texts": ("a",), "token_inputs": ((1,),)}, "input"),
+     ({"texts": ("a", "")}, "input[1]"), ({"texts": ("a",) * 2049}, "input")],
+)  # fmt: skip
+def test_bad_embedding_requests_name_their_field(fields: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidRequestError) as err:
+        EmbeddingRequest(**fields)  # type: ignore[arg-type]
+    assert err.value.field == field

@@ -479,9 +479,9 @@ HERMES = [
     ),
     pytest.param(
         "Hi <tool_call>\nnot json\n</tool_call> and <tool_call>"
-        '{"name": "f", "arguments": "{}"}</tool_call>',
+        '{"name": "f", "arguments": "[1]"}</tool_call>',
         "Hi <tool_call>\nnot json\n</tool_call> and <tool_call>"
-        '{"name": "f", "arguments": "{}"}</tool_call>',
+        '{"name": "f", "arguments": "[1]"}</tool_call>',
         [],
         id="invalid-blocks-are-content",
     ),

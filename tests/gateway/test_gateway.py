@@ -3,10 +3,12 @@ in front of two real llm_service replicas (mutual TLS, the real model)."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import math
 import re
+import struct
 import subprocess
 import time
 from collections.abc import Iterator
@@ -276,13 +278,14 @@ def test_n_choices_with_a_seed_are_reproducible(gateway: Gateway) -> None:
         for choice in chunk.choices:
             streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
     assert [streamed[i] for i in range(3)] == texts
-    # Choice i is seeded seed + i: alone, each gives the same text, and the usages add up.
+    # Choice i is seeded seed + i: alone, each gives the same text; the prompt counts once.
     singles = [client.chat.completions.create(**(ask | {"n": 1, "seed": 42 + i})) for i in range(3)]
     assert [s.choices[0].message.content for s in singles] == texts
     assert first.usage == CompletionUsage(
-        prompt_tokens=sum(s.usage.prompt_tokens for s in singles),  # type: ignore[union-attr]
+        prompt_tokens=singles[0].usage.prompt_tokens,  # type: ignore[union-attr]
         completion_tokens=sum(s.usage.completion_tokens for s in singles),  # type: ignore[union-attr]
-        total_tokens=sum(s.usage.total_tokens for s in singles),  # type: ignore[union-attr]
+        total_tokens=singles[0].usage.prompt_tokens  # type: ignore[union-attr]
+        + sum(s.usage.completion_tokens for s in singles),  # type: ignore[union-attr]
     )
 
 
@@ -500,3 +503,59 @@ def test_curl_sees_chunks_as_they_are_generated(gateway: Gateway) -> None:
     gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert spread > 0.2, f"all {len(arrivals)} chunks arrived within {spread:.3f} s"
     assert sum(g > 0.002 for g in gaps) >= len(gaps) // 2, gaps
+
+
+# -- embeddings ------------------------------------------------------------------------------
+
+TEXTS = [f"Note {i}: the {c} cat sat on the mat." for i, c in enumerate(["black", "white"] * 16)]
+
+
+def test_embeddings_through_the_official_client(
+    gateway: Gateway, backends: list[Service], certs: Certs
+) -> None:
+    """The default model's mean-pooled embeddings (no embedding model ships on PyPI as a
+    package this project could use): 32 inputs, vectors of the model's size and of length 1;
+    identical inputs, identical vectors; a text is closer to itself than to an unrelated one;
+    the same alone as in a batch (to float precision: llama.cpp multiplies a batch of 32 inputs
+    with other kernels than one input, cosine >= 0.9999); base64 the same numbers."""
+    client = gateway.client()
+    tls = {"tls_ca": certs.ca, "tls_cert": certs.client.cert, "tls_key": certs.client.key}
+    with Client(f"127.0.0.1:{backends[0].grpc_port}", **tls) as c:
+        size = c.model_info().embedding_dimensions
+    assert size > 0
+    batch = client.embeddings.create(model=MODEL, input=TEXTS)
+    vectors = [d.embedding for d in sorted(batch.data, key=lambda d: d.index)]
+    assert len(vectors) == 32 and all(len(v) == size for v in vectors)
+    assert all(abs(math.fsum(x * x for x in v) - 1) < 1e-4 for v in vectors)
+    assert batch.usage.prompt_tokens > 32
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        return math.fsum(x * y for x, y in zip(a, b, strict=True))
+
+    again = client.embeddings.create(model=MODEL, input=[TEXTS[0], TEXTS[0]]).data
+    assert again[0].embedding == again[1].embedding
+    alone = client.embeddings.create(model=MODEL, input=TEXTS[5]).data[0].embedding
+    assert cosine(alone, vectors[5]) >= 0.9999
+    assert cosine(alone, alone) == pytest.approx(1, abs=1e-5)
+    unrelated = client.embeddings.create(model=MODEL, input="Quarterly revenue rose 4 percent.")
+    assert cosine(vectors[0], unrelated.data[0].embedding) < cosine(vectors[0], vectors[2])
+    body = {"model": MODEL, "input": TEXTS[5], "encoding_format": "base64"}
+    raw = _post(gateway, body, "/v1/embeddings")
+    packed = base64.b64decode(raw.json()["data"][0]["embedding"])
+    assert list(struct.unpack(f"<{size}f", packed)) == pytest.approx(alone, abs=1e-6)
+    tokens = client.embeddings.create(model=MODEL, input=[[1, 2, 3], [4, 5]]).data
+    assert len(tokens) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [({"input": "hi", "dimensions": 64}, "dimensions"), ({"input": []}, "input"),
+     ({"input": [""]}, "input[0]"), ({"input": [[10**9]]}, "input[0]"),
+     ({"input": "x " * 5000}, "input[0]")],
+)  # fmt: skip
+def test_bad_embedding_requests_name_the_param(
+    gateway: Gateway, body: dict[str, Any], param: str
+) -> None:
+    response = _post(gateway, {"model": MODEL} | body, "/v1/embeddings")
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param

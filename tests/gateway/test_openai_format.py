@@ -734,13 +734,13 @@ def test_completion_logprobs_are_the_legacy_columns() -> None:
     assert two["choices"][0]["logprobs"]["text_offset"] == [2]  # counts on
 
 
-def test_n_choices_are_indexed_and_their_usage_summed() -> None:
+def test_n_choices_are_indexed_and_share_their_prompt_in_the_usage() -> None:
     builder = ResponseBuilder(chat=True, request_id="abc", model="m")
     a = Completion("A", FinishReason.STOP, Usage(3, 1), TIMINGS, "abc")
     b = Completion("B", FinishReason.LENGTH, Usage(3, 2), TIMINGS, "abc")
     obj = builder.completion([a, b])
     assert [(c["index"], c["message"]["content"]) for c in obj["choices"]] == [(0, "A"), (1, "B")]
-    assert obj["usage"] == {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9}
+    assert obj["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
     assert builder.chunk(Chunk("x"), include_usage=False, index=1)["choices"][0]["delta"] == {
         "role": "assistant",
         "content": "x",

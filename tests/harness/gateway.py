@@ -83,9 +83,9 @@ def replica(
 
 @contextlib.contextmanager
 def running_replicas(workdir: Path, files: Certs, model: Path | None) -> Iterator[list[Service]]:
-    """Two ready replicas (pool of 2 each; ``model`` None: the fake backend), stopped cleanly
-    (exit 0) at the end."""
-    started = [replica(workdir, files, model) for _ in range(2)]
+    """Two ready replicas (pool of 2 each; ``model`` None: the fake backend), serving
+    embeddings too, stopped cleanly (exit 0) at the end."""
+    started = [replica(workdir, files, model, {"LLM_EMBEDDINGS": "1"}) for _ in range(2)]
     try:
         yield [s.wait_ready() for s in started]
     finally:

@@ -74,7 +74,7 @@ def cap_memory(svc: Service, headroom_kib: int = 2_000_000) -> Service:
 def replica(workdir: Path, files: Certs, model: Path, env: dict[str, str] | None = None) -> Service:
     """A service for this suite: mTLS with the allow-list, a pool of 2 x 128 tokens (batched:
     any prompt that fits is cheap to evaluate; a chat template alone takes about 30), logging
-    at INFO (DEBUG would copy every megabyte prompt into the log)."""
+    at INFO (DEBUG would copy every megabyte prompt into the log), serving embeddings too."""
     base = {
         "LLM_TLS_ALLOWED_CLIENTS": "llm-client",
         "LLM_LOG_LEVEL": "INFO",
@@ -82,6 +82,7 @@ def replica(workdir: Path, files: Certs, model: Path, env: dict[str, str] | None
         # One compute thread: llama.cpp's threads spin, and two of them on 2 cores shared with
         # other processes wait on each other (measured here: a 31-token prompt 1-7 s, not 0.1).
         "LLM_N_THREADS": "1",
+        "LLM_EMBEDDINGS": "1",
     }
     return Service(workdir, files, model, env=base | (env or {}))
 

@@ -95,6 +95,7 @@ def gateway_schema(hostile_gateway: Gateway) -> Any:
 OPERATIONS = [
     "POST /v1/chat/completions",
     "POST /v1/completions",
+    "POST /v1/embeddings",
     "GET /v1/models",
     "GET /v1/models/{model_id}",
     "GET /healthz",

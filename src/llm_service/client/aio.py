@@ -23,6 +23,7 @@ from llm_service.client.types import (
     Chunk,
     ClientOptions,
     Completion,
+    Embeddings,
     FinishReason,
     Message,
     ModelInfo,
@@ -247,6 +248,29 @@ class AsyncClient:
         response = await self._unary(self._stub().ApplyChatTemplate, request, timeout)
         return response.text, response.prompt_tokens
 
+    async def embed(
+        self,
+        inputs: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> Embeddings:
+        """A unit vector per input (texts, or token id lists), in order.
+
+        Raises:
+            InvalidRequestError: the server serves no embeddings (``model``), a bad input.
+        """
+        request = pb.EmbedRequest(request_id=request_id or "")
+        for i, item in enumerate(inputs):
+            with _field(f"input[{i}]"):
+                if isinstance(item, str):
+                    request.texts.append(item)
+                else:
+                    request.token_inputs.add(tokens=item)
+        response = await self._unary(self._stub().Embed, request, timeout)
+        vectors = tuple(tuple(e.values) for e in response.embeddings)
+        return Embeddings(vectors, response.prompt_tokens)
+
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """What model the server serves, and how."""
         m = await self._unary(self._stub().GetModelInfo, pb.GetModelInfoRequest(), timeout)
@@ -264,6 +288,7 @@ class AsyncClient:
             has_chat_template=m.has_chat_template,
             server_version=m.server_version,
             http_port=m.http_port,
+            embedding_dimensions=m.embedding_dimensions,
         )
 
     async def status(self, *, timeout: float | None = None) -> ServerStatus:

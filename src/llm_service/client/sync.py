@@ -16,6 +16,7 @@ from llm_service.client.types import (
     Chunk,
     ClientOptions,
     Completion,
+    Embeddings,
     Message,
     ModelInfo,
     Sampling,
@@ -168,6 +169,16 @@ class Client:
         self, messages: Sequence[Message], *, timeout: float | None = None
     ) -> tuple[str, int]:
         return self._thread.run(self._async.apply_chat_template(messages, timeout=timeout))
+
+    def embed(
+        self,
+        inputs: Sequence[str] | Sequence[Sequence[int]],
+        *,
+        timeout: float | None = None,
+        request_id: str | None = None,
+    ) -> Embeddings:
+        """A unit vector per input, in order (see ``AsyncClient.embed``)."""
+        return self._thread.run(self._async.embed(inputs, timeout=timeout, request_id=request_id))
 
     def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         return self._thread.run(self._async.model_info(timeout=timeout))

@@ -30,6 +30,7 @@ __all__ = [
     "Chunk",
     "ClientOptions",
     "Completion",
+    "Embeddings",
     "FinishReason",
     "Message",
     "ModelInfo",
@@ -168,6 +169,14 @@ class Completion:
 
 
 @dataclass(frozen=True, slots=True)
+class Embeddings:
+    """A unit vector per input, in order, and the inputs' tokens in all."""
+
+    vectors: tuple[tuple[float, ...], ...]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     """The model a server serves, and how (``GetModelInfo``)."""
 
@@ -184,6 +193,7 @@ class ModelInfo:
     has_chat_template: bool
     server_version: str
     http_port: int = 0  # the server's health port (0: not said)
+    embedding_dimensions: int = 0  # of its embeddings (0: it serves none)
 
 
 @dataclass(frozen=True, slots=True)

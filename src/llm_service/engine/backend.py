@@ -145,6 +145,20 @@ class Backend(Protocol):
     info: LoadedModel
     pool_mode: PoolMode
 
+    @property
+    def embedding_dimensions(self) -> int:
+        """Dimensions of ``embed``'s vectors; 0: the backend serves no embeddings."""
+        ...
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """A unit vector per input (each 1 to ``info.n_ctx`` tokens), in order.
+
+        Raises:
+            InvalidRequestError: embeddings are not served (``model``).
+            EngineError: llama.cpp failed.
+        """
+        ...
+
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         """Tokenize.
 

@@ -33,6 +33,7 @@ from llm_service.errors import (
 from llm_service.log import RequestLogger, plural
 from llm_service.types import (
     ChatMessage,
+    EmbeddingRequest,
     Finished,
     GenerationEvent,
     GenerationRequest,
@@ -96,6 +97,8 @@ class Engine:
         self._limits = limits
         self._prep = prep
         self._pool_executor = pool_executor
+        # Embedding batches, one at a time (the backend's embedding context is one).
+        self._embedding = concurrent.futures.ThreadPoolExecutor(1, "llm-embed")
         self._closing = False
         self._closed = False
 
@@ -189,7 +192,7 @@ class Engine:
 
         def free_everything() -> None:
             self.pool.close()
-            for executor in (self._prep, self._pool_executor):
+            for executor in (self._prep, self._pool_executor, self._embedding):
                 executor.shutdown(wait=True)
             self.backend.close()
 
@@ -210,6 +213,55 @@ class Engine:
             if not 0 <= t < n_vocab:
                 raise InvalidRequestError("tokens", f"token id {t} is outside [0, {n_vocab})")
         return await self._run(self.backend.detokenize, list(tokens))
+
+    @property
+    def embedding_dimensions(self) -> int:
+        """Dimensions of ``embed``'s vectors; 0: embeddings are not served."""
+        return self.backend.embedding_dimensions
+
+    async def embed(self, request: EmbeddingRequest) -> tuple[list[list[float]], int]:
+        """A unit vector per input, in order, and the inputs' tokens in all.
+
+        Raises:
+            InvalidRequestError: embeddings are not served (``model``), an input is too long
+                (``PromptTooLongError``) or has a token outside the vocabulary (``input[i]``).
+        """
+        if self._closing:
+            raise EngineError("the engine is shutting down")
+        if not self.backend.embedding_dimensions:
+            self.backend.embed([])  # (says why, naming the field)
+        n_ctx, n_vocab = self.backend.info.n_ctx, self.backend.info.n_vocab
+        if request.texts:
+            chars = sum(len(t) for t in request.texts)
+            limit = self._limits.prompt_chars
+            if chars > limit:
+                raise InvalidRequestError(
+                    "input", f"has {chars} characters; at most {limit} (LLM_MAX_PROMPT_CHARS)"
+                )
+            inputs = [
+                await self.tokenize(text, add_special=True, parse_special=False)
+                for text in request.texts
+            ]
+        else:
+            inputs = [list(tokens) for tokens in request.token_inputs]
+        for i, tokens in enumerate(inputs):
+            if len(tokens) > n_ctx:
+                raise PromptTooLongError(
+                    f"input[{i}]", prompt_tokens=len(tokens), requested_tokens=len(tokens),
+                    limit=n_ctx,
+                )  # fmt: skip
+            for t in tokens:
+                if not 0 <= t < n_vocab:
+                    raise InvalidRequestError(
+                        f"input[{i}]", f"token id {t} is outside [0, {n_vocab})"
+                    )
+        loop = asyncio.get_running_loop()
+        vectors = await loop.run_in_executor(self._embedding, self.backend.embed, inputs)
+        RequestLogger(logger, request.request_id).info(
+            "embedded %s, %s", plural(len(inputs), "input"),
+            plural(sum(len(t) for t in inputs), "token"),
+        )  # fmt: skip
+        return vectors, sum(len(t) for t in inputs)
 
     async def apply_chat_template(self, messages: Sequence[ChatMessage]) -> str:
         """The prompt ``messages`` make (as ``generate`` renders them, offering no tools)."""
@@ -239,9 +291,15 @@ class Engine:
         prompt_tokens, tools, reasoning = await self._run(self._prompt, request)
         max_tokens = self._check_fits(request, len(prompt_tokens))
         sampling = request.sampling
-        if tools.grammar is not None:  # the tool calls' shape
-            sampling = dataclasses.replace(sampling, grammar=tools.grammar)
-        sampler = await self._create_sampler(sampling)
+        if tools.grammar is None:
+            sampler = await self._create_sampler(sampling)
+        else:  # the tool calls' shape
+            try:
+                sampler = await self._create_sampler(
+                    dataclasses.replace(sampling, grammar=tools.grammar)
+                )
+            except InvalidRequestError as exc:  # the tools' schemas made a bad grammar
+                raise InvalidRequestError("tools", exc.detail) from None
         handed_over = False  # once the context runs the generation, it closes the sampler
         try:
             async with self.pool.lease(self._lease_timeout(request)) as lease:
@@ -328,7 +386,9 @@ class Engine:
             text, tools = self._chat_prompt(request)
             reasoning = None
             if request.split_reasoning:
-                reasoning = ReasoningSplitter(inside=text.rstrip().endswith(THINK_OPEN))
+                # (A grammar for tool calls holds the whole answer: no reasoning before it.)
+                opened = tools.grammar is None and text.rstrip().endswith(THINK_OPEN)
+                reasoning = ReasoningSplitter(inside=opened)
             # The template wrote BOS and the turn markers itself: parse them, add nothing.
             tokens = self.backend.tokenize(text, add_special=False, parse_special=True)
             return tokens, tools, reasoning

@@ -34,6 +34,7 @@ __all__ = ["FakeBackend", "FakeBatchDecoder", "FakeCall", "FakeContext"]
 
 EOS = 256
 BOS = 257
+FAKE_EMBEDDING_DIMENSIONS = 8
 
 
 @dataclass
@@ -202,6 +203,8 @@ class FakeBackend:
         chat_template: Jinja source of a chat template, rendered as the llama backend renders
             it (with no BOS or EOS text: the fake has none), instead of the fake's own
             ``<role>content`` lines.
+        embeddings: serve embeddings: 8 numbers per input, from its bytes (equal inputs have
+            equal vectors), of length 1.
 
     Raises:
         ConfigurationError: ``chat_template`` is not valid Jinja.
@@ -219,8 +222,10 @@ class FakeBackend:
         prefill_chunk: int = 8,
         lone_prompt_chunk: int | None = None,
         chat_template: str | None = None,
+        embeddings: bool = False,
     ) -> None:
         self.pool_mode: PoolMode = pool_mode
+        self.embedding_dimensions = FAKE_EMBEDDING_DIMENSIONS if embeddings else 0
         self.decoder: FakeBatchDecoder | None = None
         self.scheduler: BatchScheduler | None = None
         if pool_mode == "batched":
@@ -259,6 +264,18 @@ class FakeBackend:
             chat_template="(fake)" if chat_template is None else chat_template,
             llama_cpp_commit="(none)",
         )
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        if not self.embedding_dimensions:
+            raise InvalidRequestError("model", "this model is not served for embeddings")
+        vectors = []
+        for tokens in inputs:
+            vector = [0.0] * self.embedding_dimensions
+            for i, token in enumerate(tokens):
+                vector[(token + i) % len(vector)] += 1.0
+            norm = math.sqrt(sum(x * x for x in vector))
+            vectors.append([x / norm for x in vector])
+        return vectors
 
     def enqueue(self, *replies: str) -> None:
         """Script the replies of the next requests, in order."""

@@ -219,12 +219,14 @@ class Generation:
             # stop string's tokens are not part of it.
             tail = self._decoder.finish()
             held = () if self._decoder.stopped else tuple(self._held_logprobs)
-            delta = self._delta((), tail, held, final=True)
+            # Only an answer the model ended is whole; any other may end inside a call.
+            complete = reason is FinishReason.STOP
+            delta = self._delta((), tail, held, final=True, complete=complete)
             if delta.text or delta.reasoning or delta.tool_calls or delta.logprobs:
                 self._outbox.append(delta)
             if self._tool_calls is not None:
                 calls = tuple(self._tool_calls.calls)
-                if calls and reason in (FinishReason.STOP, FinishReason.STOP_SEQUENCE):
+                if calls and complete:
                     reason = FinishReason.TOOL_CALLS
         except Exception:  # a bug: the request still ends, with what it has
             logger.exception("could not flush a request's held-back text")
@@ -241,9 +243,10 @@ class Generation:
         logprobs: tuple[TokenLogprob, ...],
         *,
         final: bool = False,
+        complete: bool = True,
     ) -> TokenDelta:
         """The delta of released ``text``: its reasoning split off, then its tool calls
-        (``final``: the answer ends, flush what they hold)."""
+        (``final``: the answer ends, flush what they hold; ``complete``: the model ended it)."""
         reasoning = ""
         calls: list[ToolCallDelta] = []
         if self._reasoning is not None:
@@ -254,7 +257,7 @@ class Generation:
         if self._tool_calls is not None:
             text, calls = self._tool_calls.feed(text)
             if final:
-                more, last = self._tool_calls.finish()
+                more, last = self._tool_calls.finish(complete=complete)
                 text, calls = text + more, calls + last
         self._text.append(text)
         self._thought.append(reasoning)

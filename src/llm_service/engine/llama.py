@@ -72,6 +72,7 @@ _DECODE_ERRORS = {
 }
 # The physical batch (tokens per graph evaluation) at most: llama.cpp's own default.
 MAX_UBATCH = 512
+MAX_EMBED_INPUTS = 32  # inputs one embedding batch evaluates together (sequences of a context)
 # llama_token_data, as numpy lays it out (the candidates a constrained sample is checked on).
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 # Groups "( ... )" nested deeper than this in a GBNF grammar are refused: llama.cpp's parser
@@ -481,6 +482,97 @@ def _never() -> bool:
     return False
 
 
+class LlamaEmbedder:
+    """A ``llama_context`` of the model with embeddings on: a request's inputs are sequences of
+    one batch (as many as fit), each pooled (the model's pooling type; mean for a model that
+    has none, such as a chat model) and L2-normalised. Its KV cache is cleared, and checked
+    empty, after every batch. One batch at a time (``embed`` holds a lock).
+    """
+
+    def __init__(self, backend: LlamaBackend, n_ctx: int, max_inputs: int) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_ctx  # an input is evaluated in one go: pooling sees all of it
+        params.n_ubatch = n_ctx
+        params.n_seq_max = max_inputs
+        params.kv_unified = True  # inputs share the context's n_ctx positions
+        params.embeddings = True
+        if backend.pooling is None:
+            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        params.n_threads = backend.n_threads
+        params.n_threads_batch = backend.n_threads
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(backend.model, params)
+        if not self._ctx:
+            raise EngineError(f"llama.cpp could not create the embedding context ({n_ctx} tokens)")
+        self.n_ctx = n_ctx
+        self.max_inputs = max_inputs
+        self.n_embd = int(llama_cpp.llama_model_n_embd_out(backend.model))
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        self._lock = threading.Lock()
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        """One unit vector per input (each 1 to ``n_ctx`` tokens), in order."""
+        out: list[list[float]] = []
+        with self._lock:
+            start = 0
+            while start < len(inputs):
+                end, tokens = start, 0
+                while (
+                    end < len(inputs)
+                    and end - start < self.max_inputs
+                    and tokens + len(inputs[end]) <= self.n_ctx
+                ):
+                    tokens += len(inputs[end])
+                    end += 1
+                out.extend(self._embed_batch(inputs[start:end]))
+                start = end
+        return out
+
+    def _embed_batch(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        batch = self._batch
+        i = 0
+        for seq, tokens in enumerate(inputs):
+            for pos, token in enumerate(tokens):
+                batch.token[i] = token
+                batch.pos[i] = pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = True  # (pooling reads every token's output)
+                i += 1
+        batch.n_tokens = i
+        try:
+            with _NATIVE_LOG.held() as held:
+                rc = llama_cpp.llama_decode(self._ctx, batch)
+            _NATIVE_LOG.emit(held, None if rc == 0 else logging.DEBUG)
+            if rc != 0:
+                raise EngineError(f"llama_decode failed with {rc} on {len(inputs)} inputs")
+            vectors = []
+            for seq in range(len(inputs)):
+                pointer = llama_cpp.llama_get_embeddings_seq(self._ctx, seq)
+                if not pointer:
+                    raise EngineError(f"llama.cpp gave no embedding for input {seq}")
+                vector = np.ctypeslib.as_array(pointer, shape=(self.n_embd,)).astype(np.float64)
+                norm = float(np.linalg.norm(vector))
+                vectors.append((vector / norm if norm > 0 else vector).tolist())
+            return vectors
+        finally:
+            self._clear(len(inputs))
+
+    def _clear(self, n_seq: int) -> None:
+        llama_cpp.llama_memory_clear(self._memory, True)
+        for seq in range(n_seq):
+            if llama_cpp.llama_memory_seq_pos_max(self._memory, seq) != -1:
+                raise EngineError(f"the embedding context still holds sequence {seq}")
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+
 class LlamaBackend:
     """A GGUF model loaded once through llama.cpp; makes contexts and samplers on it.
 
@@ -507,6 +599,7 @@ class LlamaBackend:
         self.decoder: LlamaBatchDecoder | None = None  # batched mode: the shared context
         self.scheduler: BatchScheduler | None = None  # batched mode: its thread
         self.decode_failures = DecodeFailures()  # contexts mode's (the scheduler counts its own)
+        self.embedder: LlamaEmbedder | None = None  # loaded for embeddings
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         template_ptr = llama_cpp.llama_model_chat_template(model, None)
@@ -535,6 +628,15 @@ class LlamaBackend:
             llama_cpp_commit=LLAMA_CPP_COMMIT,
         )
 
+    @property
+    def pooling(self) -> str | None:
+        """The GGUF's pooling type for embeddings (an embedding model's), or None (a chat
+        model's: none given, or "none")."""
+        arch = self._meta("general.architecture") or ""
+        value = self._meta(f"{arch}.pooling_type")
+        names = {"1": "mean", "2": "cls", "3": "last", "4": "rank"}
+        return names.get(value or "")
+
     @classmethod
     def load(
         cls,
@@ -548,6 +650,7 @@ class LlamaBackend:
         slots: int = 1,
         prefill_chunk: int = 4,
         chat_template: str | None = None,
+        embeddings: bool | None = None,
         progress: Callable[[float], None] | None = None,
     ) -> LlamaBackend:
         """Load a GGUF model file.
@@ -561,6 +664,8 @@ class LlamaBackend:
                 (or one per stream, if more) while streams are decoding.
             chat_template: Jinja source of the chat template to use instead of the GGUF's
                 own (None: the GGUF's, if it has one).
+            embeddings: also serve embeddings (an embedding context beside the pool); None:
+                if the GGUF says how to pool them (an embedding model).
 
         Raises:
             ModelLoadError: the file is missing, unreadable, not GGUF, or rejected by llama.cpp.
@@ -605,6 +710,18 @@ class LlamaBackend:
             n_threads=n_threads,
             chat_template=chat_template,
         )
+        if embeddings is None:
+            embeddings = backend.pooling is not None
+        if embeddings:
+            try:
+                backend.embedder = LlamaEmbedder(backend, n_ctx, MAX_EMBED_INPUTS)
+            except BaseException:
+                backend.close()
+                raise
+            logger.info(
+                "embeddings: %d dimensions, %s pooling, up to %d inputs of %d tokens a batch",
+                backend.embedder.n_embd, backend.pooling or "mean", MAX_EMBED_INPUTS, n_ctx,
+            )  # fmt: skip
         if pool_mode == "batched":
             try:
                 decoder = LlamaBatchDecoder(backend, slots, prefill_chunk)
@@ -634,8 +751,24 @@ class LlamaBackend:
             return self.scheduler.failure()
         return self.decode_failures.failure()
 
+    @property
+    def embedding_dimensions(self) -> int:
+        return self.embedder.n_embd if self.embedder is not None else 0
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
+        if self.embedder is None:
+            raise InvalidRequestError(
+                "model",
+                "this model is not served for embeddings: start its service with"
+                " LLM_EMBEDDINGS=1 (an embedding model's GGUF turns them on by itself)",
+            )
+        return self.embedder.embed(inputs)
+
     def close(self) -> None:
         """Stop the scheduler and free the shared context (batched), then free the model."""
+        if self.embedder is not None:
+            self.embedder.close()
+            self.embedder = None
         if self.scheduler is not None:
             self.scheduler.close()  # joins its thread, then frees the shared context
             self.scheduler = self.decoder = None

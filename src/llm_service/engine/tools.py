@@ -102,7 +102,9 @@ def plan(
             grammar = _hermes_grammar(calls, request.parallel_tool_calls)
     except RecursionError:  # each tool's schema was checked: this is all of them together
         raise InvalidRequestError("tools", "their parameters are nested too deeply") from None
-    return ToolPlan(messages, template_tools, grammar, ToolCallParser(syntax))
+    names = frozenset(t.name for t in request.tools)
+    parser = ToolCallParser(syntax, names=names, parallel=request.parallel_tool_calls)
+    return ToolPlan(messages, template_tools, grammar, parser)
 
 
 # -- messages -------------------------------------------------------------------------------
@@ -410,12 +412,29 @@ class ToolCallParser:
     shape is content, all of it; once the shape was recognised, text that breaks it (a
     grammar-held answer has none) is content from where it breaks.
 
+    A hermes block is a call only if it names one of ``names`` and, without ``parallel``, is
+    the answer's first call (``auto`` answers are not held by a grammar); its arguments may
+    also be a JSON string holding the object. An answer cut short (``finish(complete=False)``:
+    max tokens, a stop string, a cancel) drops what it held of an unfinished call or block,
+    rather than showing its markup as content.
+
     Args:
         new_id: makes each call's id (default: ``call_`` and 24 hex digits); a repeated id is
             made unique with a suffix.
+        names: the tools offered (None: any name).
+        parallel: an answer may hold more than one call.
     """
 
-    def __init__(self, syntax: Syntax, new_id: Callable[[], str] = _new_call_id) -> None:
+    def __init__(
+        self,
+        syntax: Syntax,
+        new_id: Callable[[], str] = _new_call_id,
+        *,
+        names: frozenset[str] | None = None,
+        parallel: bool = True,
+    ) -> None:
+        self.names = names
+        self.parallel = parallel
         self._new_id = new_id
         self._ids: set[str] = set()
         self._calls: list[ToolCall] = []
@@ -427,9 +446,10 @@ class ToolCallParser:
         """Add the next fragment; return the content safe to show now, and call pieces."""
         return self._split.feed(text)
 
-    def finish(self) -> tuple[str, list[ToolCallDelta]]:
-        """End of the answer: flush what was held."""
-        return self._split.finish()
+    def finish(self, *, complete: bool = True) -> tuple[str, list[ToolCallDelta]]:
+        """End of the answer: flush what was held (``complete`` False: the answer was cut
+        short; an unfinished call or block is dropped)."""
+        return self._split.finish(complete)
 
     @property
     def calls(self) -> list[ToolCall]:
@@ -477,11 +497,12 @@ class _HermesSplitter:
             content.append(self._end_block(block, CLOSE, deltas))
         return "".join(content), deltas
 
-    def finish(self) -> tuple[str, list[ToolCallDelta]]:
+    def finish(self, complete: bool) -> tuple[str, list[ToolCallDelta]]:
         deltas: list[ToolCallDelta] = []
         if self._inside:
             self._inside = False
-            content = self._end_block(self._pending, "", deltas)
+            # An unclosed block: a whole call or text; cut short, neither is shown.
+            content = self._end_block(self._pending, "", deltas) if complete else ""
         else:
             content = self._release(self._pending)
             if self._run_blank and self._parser._calls:
@@ -505,17 +526,26 @@ class _HermesSplitter:
             value = json.loads(block)
         except (ValueError, RecursionError):
             value = None
+        parser = self._parser
+        name = value.get("name") if isinstance(value, dict) else None
+        given = value.get("arguments") if isinstance(value, dict) else None
+        if isinstance(given, str):  # some models write the arguments as a JSON string
+            try:
+                given = json.loads(given)
+            except (ValueError, RecursionError):
+                given = None
         if (
-            not isinstance(value, dict)
-            or not isinstance(value.get("name"), str)
-            or not isinstance(value.get("arguments"), dict)
+            not isinstance(name, str)
+            or not isinstance(given, dict)
+            or (parser.names is not None and name not in parser.names)  # not a tool offered
+            or (not parser.parallel and parser._calls)  # a second call, when one is allowed
         ):
             text, self._blank, self._run_blank = f"{self._blank}{OPEN}{block}{close}", "", False
             return text
-        arguments = json.dumps(value["arguments"], ensure_ascii=False, separators=(",", ":"))
-        call = ToolCall(self._parser._call_id(), value["name"], arguments)
-        deltas.append(ToolCallDelta(len(self._parser._calls), call.id, call.name, arguments))
-        self._parser._calls.append(call)
+        arguments = json.dumps(given, ensure_ascii=False, separators=(",", ":"))
+        call = ToolCall(parser._call_id(), name, arguments)
+        deltas.append(ToolCallDelta(len(parser._calls), call.id, call.name, arguments))
+        parser._calls.append(call)
         self._blank, self._run_blank = "", True
         return ""
 
@@ -574,12 +604,14 @@ class _GenericSplitter:
             self._flush_arguments()
         return self._take()
 
-    def finish(self) -> tuple[str, list[ToolCallDelta]]:
+    def finish(self, complete: bool) -> tuple[str, list[ToolCallDelta]]:
         if self._failed_at is None:
             if not self._committed:
+                if not complete:  # cut before its shape showed: not text, not a call
+                    return "", []
                 self._failed_at = 0  # too short to tell: it is all content
             elif self._call is not None:
-                self._end_call()
+                self._end_call()  # (a call cut short keeps the arguments it streamed)
         return self._take()
 
     def _take(self) -> tuple[str, list[ToolCallDelta]]:

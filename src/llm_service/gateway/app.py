@@ -27,14 +27,19 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_service import __version__
-from llm_service.client.aio import TlsOptionNames, channel_credentials
-from llm_service.client.types import Chunk, ClientOptions, Completion, Usage
+from llm_service.client.aio import AsyncClient, TlsOptionNames, channel_credentials
+from llm_service.client.types import Chunk, ClientOptions, Completion, Embeddings, Usage
 from llm_service.errors import (
     ConfigurationError,
     InvalidRequestError,
     LLMServiceError,
     ModelNotFoundError,
     RateLimitedError,
+)
+from llm_service.gateway.embeddings import (
+    EmbeddingRequest,
+    embedding_inputs,
+    embeddings_object,
 )
 from llm_service.gateway.keys import ANONYMOUS, ApiKeys, RateLimiter
 from llm_service.gateway.metrics import GatewayMetrics
@@ -62,8 +67,9 @@ T = TypeVar("T")
 API_PREFIXES = ("/v1/", "/chat/", "/completions", "/models")
 # The routes that generate, and so count against a caller's rate limits.
 GENERATION_ROUTES = frozenset(
-    {"/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions"}
-)
+    {"/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
+     "/v1/embeddings", "/embeddings"}
+)  # fmt: skip
 # Server-Sent Events, unbuffered by proxies (nginx honours X-Accel-Buffering).
 SSE_HEADERS = {
     "content-type": "text/event-stream",
@@ -185,6 +191,31 @@ class Gateway:
             raise
         return _EventStream(exchange)
 
+    async def embed(self, body: EmbeddingRequest, request: Request) -> Response:
+        """Serve one embedding request on a replica serving its model."""
+        state = request.state
+        state.model = body.model if body.model in self.pool.models() else "-"
+        if body.dimensions is not None:
+            raise InvalidRequestError(
+                "dimensions", "is not served: the model's embeddings have its own size"
+            )
+        inputs = embedding_inputs(body)
+        log = RequestLogger(logger, state.request_id)
+        log.info("embeddings model=%r inputs=%d caller=%s%s", body.model, len(inputs),
+                 state.caller, f" user={body.user!r}" if body.user else "")  # fmt: skip
+
+        async def call(client: AsyncClient, seconds: float) -> Embeddings:
+            return await client.embed(inputs, timeout=seconds, request_id=state.request_id)
+
+        deadline = time.monotonic() + self.settings.request_timeout
+        result = await _unless_disconnected(
+            request,
+            self.pool.call(body.model, call, request_id=state.request_id, deadline=deadline),
+        )
+        self.limiter.charge(state.caller, result.prompt_tokens)
+        self.metrics.tokens.labels(body.model, "prompt").inc(result.prompt_tokens)
+        return JSONResponse(embeddings_object(result, body.model, body.encoding_format))
+
     def account(self, stream: RoutedStream, caller: str, model: str) -> None:
         """Charge the caller's token allowance and count the tokens of a finished request."""
         self.limiter.charge(caller, stream.prompt_tokens + stream.completion_tokens)
@@ -214,11 +245,11 @@ class _Choices:
                 self._read(i)
         while not self._ready:
             done, _ = await asyncio.wait(self._reading, return_when=asyncio.FIRST_COMPLETED)
+            errors = [e for f in done if (e := f.exception()) is not None]  # (all read)
+            if errors:
+                raise errors[0]
             for future in sorted(done, key=self._reading.__getitem__):
-                index = self._reading.pop(future)
-                if (error := future.exception()) is not None:
-                    raise error
-                self._ready.append((index, future.result()))
+                self._ready.append((self._reading.pop(future), future.result()))
         index, chunk = self._ready.popleft()
         if not chunk.final:
             self._read(index)
@@ -339,9 +370,8 @@ class _Exchange:
                     left -= 1
                     if chunk.usage is not None:
                         usage.append(chunk.usage)
-            total = Usage(
-                sum(u.prompt_tokens for u in usage), sum(u.completion_tokens for u in usage)
-            )
+            # (The choices share their prompt: counted once, as OpenAI's usage does.)
+            total = Usage(usage[0].prompt_tokens, sum(u.completion_tokens for u in usage))
             self.log.info("done: %s, %d tokens", chunk.finish_reason, self._tokens())
             ending = self.wire.end(total)
         except LLMServiceError as exc:
@@ -583,6 +613,10 @@ def create_app(gateway: Gateway) -> FastAPI:
         """Text completion, whole or streamed (``stream``: Server-Sent Events)."""
         return await gateway.generate(body, request)
 
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        """Embeddings of texts or token-id lists (a model served for embeddings)."""
+        return await gateway.embed(body, request)
+
     async def models() -> dict[str, Any]:
         """Models served by healthy backends."""
         return {"object": "list", "data": [_model(m) for m in gateway.pool.models()]}
@@ -603,6 +637,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         generation = kw | {"responses": _GENERATED | _ERRORS}
         app.post(f"{prefix}/chat/completions", response_model=None, **generation)(chat)
         app.post(f"{prefix}/completions", response_model=None, **generation)(completions)
+        app.post(f"{prefix}/embeddings", response_model=None, **kw)(embeddings)
         app.get(f"{prefix}/models", **kw)(models)
         app.get(f"{prefix}/models/{{model_id:path}}", **kw)(model)
 

@@ -636,7 +636,8 @@ class ResponseBuilder:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     def completion(self, choices: Sequence[Completion]) -> dict[str, Any]:
-        """The whole answer (``stream`` false): one choice per completion, usage summed."""
+        """The whole answer (``stream`` false): one choice per completion; the usage is the
+        prompt once and every choice's completion tokens."""
         out = []
         for index, done in enumerate(choices):
             reason = finish_reason(done.finish_reason)
@@ -659,9 +660,9 @@ class ResponseBuilder:
                 choice = {"index": index, "text": done.text, "logprobs": logprobs,
                           "finish_reason": reason}  # fmt: skip
             out.append(choice)
+        # (The choices share their prompt: counted once, as OpenAI's usage does.)
         usage = Usage(
-            sum(c.usage.prompt_tokens for c in choices),
-            sum(c.usage.completion_tokens for c in choices),
+            choices[0].usage.prompt_tokens, sum(c.usage.completion_tokens for c in choices)
         )
         head = self._head("chat.completion" if self.chat else "text_completion")
         return head | {"choices": out, "usage": usage_object(usage)}

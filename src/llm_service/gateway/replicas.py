@@ -23,9 +23,9 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -43,6 +43,8 @@ from llm_service.errors import (
 from llm_service.gateway.discovery import DiscoveryError, Resolver, target
 from llm_service.log import RequestLogger
 from llm_service.settings import GatewaySettings, ReplicaAddress, split_host_port
+
+T = TypeVar("T")
 
 __all__ = ["Replica", "ReplicaPool", "ReplicaState", "RetryBudget", "RoutedStream"]
 
@@ -419,6 +421,63 @@ class ReplicaPool:
             return a
         return a if a.load < b.load else b
 
+    def may_retry(
+        self,
+        exc: LLMServiceError,
+        model: str,
+        tried: set[Replica],
+        deadline: float,
+        log: RequestLogger,
+    ) -> bool:
+        """Whether a request that ``tried`` replicas refused with ``exc`` goes to another one:
+        a refusal another may not give, replicas and time left, within the retry budget."""
+        if not _retryable(exc) or len(tried) >= self.settings.max_attempts:
+            return False
+        if not self.has_other(model, tried) or time.monotonic() >= deadline:
+            return False
+        if not self.budget.try_retry():
+            log.warning("retry budget spent: not retrying after %s", exc.kind)
+            return False
+        self.retries[exc.kind] = self.retries.get(exc.kind, 0) + 1
+        log.info("a backend refused (%s): trying another one", exc)
+        return True
+
+    async def call(
+        self,
+        model: str,
+        call: Callable[[AsyncClient, float], Awaitable[T]],
+        *,
+        request_id: str,
+        deadline: float,
+    ) -> T:
+        """A unary call (``call(client, timeout)``) on a replica serving ``model``; refused,
+        it goes to another one as a stream's first attempt does (``may_retry``)."""
+        log = RequestLogger(logger, request_id)
+        tried: set[Replica] = set()
+        self.budget.request()
+        refused: LLMServiceError | None = None
+        while True:
+            try:
+                backend = self.choose(model, tried)
+            except LLMServiceError:
+                if refused is not None:
+                    raise refused from None  # no replica left to try: say why
+                raise
+            tried.add(backend)
+            backend.outstanding += 1
+            try:
+                result = await call(backend.client, max(0.001, deadline - time.monotonic()))
+            except LLMServiceError as exc:
+                self.record_result(backend, exc)
+                if not self.may_retry(exc, model, tried, deadline, log):
+                    raise
+                refused = exc
+                continue
+            finally:
+                backend.outstanding -= 1
+            self.record_result(backend, None)
+            return result
+
     def has_other(self, model: str, exclude: set[Replica]) -> bool:
         """Whether a healthy replica serving ``model`` is left besides ``exclude``."""
         return bool(self._candidates(model, exclude))
@@ -575,21 +634,9 @@ class RoutedStream:
         return stream
 
     def _may_retry(self, exc: LLMServiceError) -> bool:
-        if self._finished or self._delivered or not _retryable(exc):
+        if self._finished or self._delivered:
             return False
-        if len(self._tried) >= self.pool.settings.max_attempts:
-            return False
-        if not self.pool.has_other(self.model, self._tried):
-            return False
-        if time.monotonic() >= self.deadline:
-            return False
-        if not self.pool.budget.try_retry():
-            self._log.warning("retry budget spent: not retrying after %s", exc.kind)
-            return False
-        reason = exc.kind
-        self.pool.retries[reason] = self.pool.retries.get(reason, 0) + 1
-        self._log.info("backend %s refused (%s): trying another one", self.backend, exc)
-        return True
+        return self.pool.may_retry(exc, self.model, self._tried, self.deadline, self._log)
 
     def _release(self, error: LLMServiceError | None, *, judged: bool = True) -> None:
         """End the current attempt; ``judged``: its outcome counts for outlier detection."""

@@ -94,7 +94,10 @@ HTTP_ERRORS: dict[type[LLMServiceError], HttpError] = {
     ModelFetchError: HttpError(500, "server_error", "internal_error", INTERNAL_MESSAGE),
 }
 # The backend's names of request fields, as OpenAI's parameters.
-_PARAMS = {"sampling.json_schema": "response_format", "sampling.grammar": "response_format"}
+# (The gateway sends a response_format as a JSON schema, and its own grammar field as a grammar;
+# the chat's tool fields are OpenAI's top-level ones.)
+_PARAMS = {"sampling.json_schema": "response_format", "sampling.grammar": "grammar"}
+_PREFIXES = ("sampling.", "chat.")
 
 
 def error_body(
@@ -109,7 +112,9 @@ def http_error(exc: LLMServiceError) -> tuple[HttpError, dict[str, Any], dict[st
     mapping = next(HTTP_ERRORS[c] for c in type(exc).__mro__ if c in HTTP_ERRORS)
     param, message = None, mapping.message or str(exc)
     if isinstance(exc, InvalidRequestError):
-        param = _PARAMS.get(exc.field, exc.field.removeprefix("sampling."))
+        param = _PARAMS.get(exc.field, exc.field)
+        for prefix in _PREFIXES:
+            param = param.removeprefix(prefix)
         message = f"{param}: {exc.detail}"
     body = error_body(message, mapping.type, param=param, code=mapping.code)
     headers = {}

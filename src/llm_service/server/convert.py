@@ -212,7 +212,12 @@ _POOL_MODES: dict[PoolMode, pb.PoolMode.ValueType] = {
 
 
 def model_info_message(
-    info: LoadedModel, *, pool_size: int, pool_mode: PoolMode, http_port: int = 0
+    info: LoadedModel,
+    *,
+    pool_size: int,
+    pool_mode: PoolMode,
+    http_port: int = 0,
+    embedding_dimensions: int = 0,
 ) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=info.name,
@@ -229,4 +234,5 @@ def model_info_message(
         has_chat_template=info.chat_template is not None,
         server_version=__version__,
         http_port=http_port,
+        embedding_dimensions=embedding_dimensions,
     )

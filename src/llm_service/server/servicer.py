@@ -28,7 +28,7 @@ from llm_service.server import convert
 from llm_service.server.metrics import ServiceMetrics
 from llm_service.server.state import ServerState
 from llm_service.server.status import GrpcStatus, status_for
-from llm_service.types import new_request_id
+from llm_service.types import EmbeddingRequest, new_request_id
 
 __all__ = ["InferenceServicer"]
 
@@ -230,10 +230,11 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
         call: Callable[[Engine], Awaitable[T]],
         *,
         while_draining: bool = False,
+        request_id_given: str = "",
     ) -> T:
         request_id = "-"
         try:
-            request_id = _request_id("", context)
+            request_id = _request_id(request_id_given, context)
             await context.send_initial_metadata(((md.REQUEST_ID, request_id),))
             return await call(self._state.serving_engine(while_draining=while_draining))
         except Exception as exc:
@@ -270,6 +271,20 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
 
         return await self._unary(context, call)
 
+    async def Embed(self, request: pb.EmbedRequest, context: ServicerContext) -> pb.EmbedResponse:
+        async def call(engine: Engine) -> pb.EmbedResponse:
+            embedding = EmbeddingRequest(
+                texts=tuple(request.texts),
+                token_inputs=tuple(tuple(t.tokens) for t in request.token_inputs),
+                request_id=_request_id(request.request_id, context),
+            )
+            vectors, tokens = await engine.embed(embedding)
+            return pb.EmbedResponse(
+                embeddings=[pb.Embedding(values=v) for v in vectors], prompt_tokens=tokens
+            )
+
+        return await self._unary(context, call, request_id_given=request.request_id)
+
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: ServicerContext
     ) -> pb.ModelInfo:
@@ -279,6 +294,7 @@ class InferenceServicer(llm_pb2_grpc.InferenceServicer):
                 pool_size=self._state.pool_size,
                 pool_mode=engine.pool_mode,
                 http_port=self._state.http_port,
+                embedding_dimensions=engine.embedding_dimensions,
             )
 
         return await self._unary(context, call, while_draining=True)

@@ -799,6 +799,118 @@ class Done(_message.Message):
 Global___Done: _TypeAlias = Done  # noqa: Y015
 
 @_typing.final
+class EmbedRequest(_message.Message):
+    """What to embed: texts, or token ids (exactly one of the two; 1 to 2048 inputs, each 1 to the
+    context size tokens).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXTS_FIELD_NUMBER: _builtins.int
+    TOKEN_INPUTS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Id for logs; as GenerateRequest.request_id."""
+    @_builtins.property
+    def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Texts, tokenized as prompts are (BOS added where the model wants it)."""
+
+    @_builtins.property
+    def token_inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenIds]:
+        """Inputs already tokenized."""
+
+    def __init__(
+        self,
+        *,
+        texts: _abc.Iterable[_builtins.str] | None = ...,
+        token_inputs: _abc.Iterable[Global___TokenIds] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "texts", b"texts", "token_inputs", b"token_inputs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedRequest: _TypeAlias = EmbedRequest  # noqa: Y015
+
+@_typing.final
+class TokenIds(_message.Message):
+    """One input's token ids."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The ids, each in [0, n_vocab)."""
+
+    def __init__(
+        self,
+        *,
+        tokens: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenIds: _TypeAlias = TokenIds  # noqa: Y015
+
+@_typing.final
+class EmbedResponse(_message.Message):
+    """One unit vector per input, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMBEDDINGS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    prompt_tokens: _builtins.int
+    """Tokens of all inputs together."""
+    @_builtins.property
+    def embeddings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Embedding]:
+        """The vectors."""
+
+    def __init__(
+        self,
+        *,
+        embeddings: _abc.Iterable[Global___Embedding] | None = ...,
+        prompt_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["embeddings", b"embeddings", "prompt_tokens", b"prompt_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EmbedResponse: _TypeAlias = EmbedResponse  # noqa: Y015
+
+@_typing.final
+class Embedding(_message.Message):
+    """An embedding: ModelInfo.embedding_dimensions numbers, of length 1 (L2)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """The numbers."""
+
+    def __init__(
+        self,
+        *,
+        values: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Embedding: _TypeAlias = Embedding  # noqa: Y015
+
+@_typing.final
 class TokenizeRequest(_message.Message):
     """Text to split into tokens."""
 
@@ -992,6 +1104,7 @@ class ModelInfo(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
     POOL_MODE_FIELD_NUMBER: _builtins.int
     HTTP_PORT_FIELD_NUMBER: _builtins.int
+    EMBEDDING_DIMENSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The GGUF's general.name, or the file's stem."""
     path: _builtins.str
@@ -1022,6 +1135,8 @@ class ModelInfo(_message.Message):
     """Port of the server's plain-HTTP health port (/livez, /readyz, /metrics), on the same host
     as the gRPC port unless the deployment says otherwise (LLM_HTTP_ADDR).
     """
+    embedding_dimensions: _builtins.int
+    """Dimensions of the embeddings Embed returns; 0: embeddings are not served."""
     def __init__(
         self,
         *,
@@ -1039,10 +1154,11 @@ class ModelInfo(_message.Message):
         server_version: _builtins.str = ...,
         pool_mode: Global___PoolMode.ValueType = ...,
         http_port: _builtins.int = ...,
+        embedding_dimensions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_per_slot", b"context_per_slot", "description", b"description", "has_chat_template", b"has_chat_template", "http_port", b"http_port", "llama_cpp_commit", b"llama_cpp_commit", "n_ctx_train", b"n_ctx_train", "n_params", b"n_params", "n_vocab", b"n_vocab", "name", b"name", "path", b"path", "pool_mode", b"pool_mode", "pool_size", b"pool_size", "server_version", b"server_version", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_per_slot", b"context_per_slot", "description", b"description", "embedding_dimensions", b"embedding_dimensions", "has_chat_template", b"has_chat_template", "http_port", b"http_port", "llama_cpp_commit", b"llama_cpp_commit", "n_ctx_train", b"n_ctx_train", "n_params", b"n_params", "n_vocab", b"n_vocab", "name", b"name", "path", b"path", "pool_mode", b"pool_mode", "pool_size", b"pool_size", "server_version", b"server_version", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

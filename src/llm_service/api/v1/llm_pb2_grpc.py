@@ -55,6 +55,11 @@ class InferenceStub:
                 request_serializer=llm__service_dot_api_dot_v1_dot_llm__pb2.ApplyChatTemplateRequest.SerializeToString,
                 response_deserializer=llm__service_dot_api_dot_v1_dot_llm__pb2.ApplyChatTemplateResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/llm.v1.Inference/Embed',
+                request_serializer=llm__service_dot_api_dot_v1_dot_llm__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=llm__service_dot_api_dot_v1_dot_llm__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/llm.v1.Inference/GetModelInfo',
                 request_serializer=llm__service_dot_api_dot_v1_dot_llm__pb2.GetModelInfoRequest.SerializeToString,
@@ -101,6 +106,14 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed texts (or token ids) as unit vectors: served when the model is loaded for embeddings
+        (ModelInfo.embedding_dimensions > 0); otherwise INVALID_ARGUMENT naming "model".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """What model is served, and how.
         """
@@ -137,6 +150,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ApplyChatTemplate,
                     request_deserializer=llm__service_dot_api_dot_v1_dot_llm__pb2.ApplyChatTemplateRequest.FromString,
                     response_serializer=llm__service_dot_api_dot_v1_dot_llm__pb2.ApplyChatTemplateResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=llm__service_dot_api_dot_v1_dot_llm__pb2.EmbedRequest.FromString,
+                    response_serializer=llm__service_dot_api_dot_v1_dot_llm__pb2.EmbedResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -258,6 +276,33 @@ class Inference:
             '/llm.v1.Inference/ApplyChatTemplate',
             llm__service_dot_api_dot_v1_dot_llm__pb2.ApplyChatTemplateRequest.SerializeToString,
             llm__service_dot_api_dot_v1_dot_llm__pb2.ApplyChatTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm.v1.Inference/Embed',
+            llm__service_dot_api_dot_v1_dot_llm__pb2.EmbedRequest.SerializeToString,
+            llm__service_dot_api_dot_v1_dot_llm__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

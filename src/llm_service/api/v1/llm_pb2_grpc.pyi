@@ -66,6 +66,10 @@ class InferenceStub:
     """Turn token ids back into text."""
     ApplyChatTemplate: _grpc.UnaryUnaryMultiCallable[_llm_pb2.ApplyChatTemplateRequest, _llm_pb2.ApplyChatTemplateResponse]
     """Render chat messages with the model's chat template (the exact prompt Generate would use)."""
+    Embed: _grpc.UnaryUnaryMultiCallable[_llm_pb2.EmbedRequest, _llm_pb2.EmbedResponse]
+    """Embed texts (or token ids) as unit vectors: served when the model is loaded for embeddings
+    (ModelInfo.embedding_dimensions > 0); otherwise INVALID_ARGUMENT naming "model".
+    """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_llm_pb2.GetModelInfoRequest, _llm_pb2.ModelInfo]
     """What model is served, and how."""
     GetServerStatus: _grpc.UnaryUnaryMultiCallable[_llm_pb2.GetServerStatusRequest, _llm_pb2.ServerStatus]
@@ -87,6 +91,10 @@ class InferenceAsyncStub(InferenceStub):
     """Turn token ids back into text."""
     ApplyChatTemplate: _aio.UnaryUnaryMultiCallable[_llm_pb2.ApplyChatTemplateRequest, _llm_pb2.ApplyChatTemplateResponse]  # type: ignore[assignment]
     """Render chat messages with the model's chat template (the exact prompt Generate would use)."""
+    Embed: _aio.UnaryUnaryMultiCallable[_llm_pb2.EmbedRequest, _llm_pb2.EmbedResponse]  # type: ignore[assignment]
+    """Embed texts (or token ids) as unit vectors: served when the model is loaded for embeddings
+    (ModelInfo.embedding_dimensions > 0); otherwise INVALID_ARGUMENT naming "model".
+    """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_llm_pb2.GetModelInfoRequest, _llm_pb2.ModelInfo]  # type: ignore[assignment]
     """What model is served, and how."""
     GetServerStatus: _aio.UnaryUnaryMultiCallable[_llm_pb2.GetServerStatusRequest, _llm_pb2.ServerStatus]  # type: ignore[assignment]
@@ -129,6 +137,16 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_llm_pb2.ApplyChatTemplateResponse, _abc.Awaitable[_llm_pb2.ApplyChatTemplateResponse]]:
         """Render chat messages with the model's chat template (the exact prompt Generate would use)."""
+
+    @_abc_1.abstractmethod
+    def Embed(
+        self,
+        request: _llm_pb2.EmbedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_llm_pb2.EmbedResponse, _abc.Awaitable[_llm_pb2.EmbedResponse]]:
+        """Embed texts (or token ids) as unit vectors: served when the model is loaded for embeddings
+        (ModelInfo.embedding_dimensions > 0); otherwise INVALID_ARGUMENT naming "model".
+        """
 
     @_abc_1.abstractmethod
     def GetModelInfo(
