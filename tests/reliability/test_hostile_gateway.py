@@ -65,12 +65,14 @@ def _steer(body: dict[str, Any], served: bool, max_tokens: int) -> dict[str, Any
     body = dict(body)
     if served and isinstance(body.get("model"), str):
         body["model"] = MODEL
-    for name in ("max_tokens", "max_completion_tokens"):
+    # The Responses API's body has an input, and its limit has a name of its own.
+    limits = ("max_output_tokens",) if "input" in body else ("max_tokens", "max_completion_tokens")
+    for name in limits:
         value = body.get(name)
         if type(value) is int and value > 4:  # valid (>= 1): a few tokens, not thousands
             body[name] = max_tokens
-    if "max_tokens" not in body and "max_completion_tokens" not in body:
-        body["max_tokens"] = max_tokens  # the default is the whole context
+    if not any(name in body for name in limits):
+        body[limits[0]] = max_tokens  # the default is the whole context
     return body
 
 
@@ -96,6 +98,7 @@ OPERATIONS = [
     "POST /v1/chat/completions",
     "POST /v1/completions",
     "POST /v1/embeddings",
+    "POST /v1/responses",
     "GET /v1/models",
     "GET /v1/models/{model_id}",
     "GET /healthz",

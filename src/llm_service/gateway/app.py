@@ -52,6 +52,8 @@ from llm_service.gateway.openai import (
     to_generation,
 )
 from llm_service.gateway.replicas import ReplicaPool, RoutedStream
+from llm_service.gateway.responses import ResponsesRequest, ResponsesWire
+from llm_service.gateway.responses import to_generation as responses_generation
 from llm_service.gateway.status import INTERNAL_MESSAGE, error_body, http_error
 from llm_service.gateway.wire import Wire
 from llm_service.log import RequestLogger
@@ -64,11 +66,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Paths behind the API key (unknown ones too: a 401 comes before a 404).
-API_PREFIXES = ("/v1/", "/chat/", "/completions", "/models")
+API_PREFIXES = ("/v1/", "/chat/", "/completions", "/models", "/responses", "/embeddings")
 # The routes that generate, and so count against a caller's rate limits.
 GENERATION_ROUTES = frozenset(
     {"/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
-     "/v1/embeddings", "/embeddings"}
+     "/v1/responses", "/responses", "/v1/embeddings", "/embeddings"}
 )  # fmt: skip
 # Server-Sent Events, unbuffered by proxies (nginx honours X-Accel-Buffering).
 SSE_HEADERS = {
@@ -156,6 +158,14 @@ class Gateway:
         what = "chat" if chat else "completion"
         user = f" user={body.user!r}" if body.user else ""
         return await self.serve(gen, wire, body.model, request, f"{what}{user}")
+
+    async def respond(self, body: ResponsesRequest, request: Request) -> Response:
+        """Serve one Responses API request: the ``response`` object, or its events."""
+        gen = responses_generation(body)
+        logprobs = "logprobs" in gen.sampling
+        wire = ResponsesWire(body, request.state.request_id, logprobs=logprobs)
+        user = f" user={body.user!r}" if body.user else ""
+        return await self.serve(gen, wire, body.model, request, f"response{user}")
 
     async def serve(
         self, gen: Generation, wire: Wire, model: str, request: Request, what: str
@@ -544,6 +554,25 @@ _GENERATED: dict[int | str, dict[str, Any]] = {
 }
 
 
+# The Responses API's events are named: each has an ``event:`` line and its JSON ``data``.
+_RESPONDED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The response object; with ``stream``, Server-Sent Events, from"
+        " response.created to response.completed (or response.incomplete, response.failed)",
+        "content": {
+            "application/json": {},
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+                    "required": ["event", "data"],
+                }
+            },
+        },
+    },
+}
+
+
 def _unreadable_body(cause: BaseException) -> InvalidRequestError:
     """The error for a body FastAPI could not parse as JSON (it says only that it could not)."""
     if isinstance(cause, UnicodeDecodeError):
@@ -617,6 +646,11 @@ def create_app(gateway: Gateway) -> FastAPI:
         """Embeddings of texts or token-id lists (a model served for embeddings)."""
         return await gateway.embed(body, request)
 
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        """A response (OpenAI's Responses API, stateless), whole or streamed (``stream``:
+        Server-Sent Events)."""
+        return await gateway.respond(body, request)
+
     async def models() -> dict[str, Any]:
         """Models served by healthy backends."""
         return {"object": "list", "data": [_model(m) for m in gateway.pool.models()]}
@@ -638,6 +672,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         app.post(f"{prefix}/chat/completions", response_model=None, **generation)(chat)
         app.post(f"{prefix}/completions", response_model=None, **generation)(completions)
         app.post(f"{prefix}/embeddings", response_model=None, **kw)(embeddings)
+        responded = kw | {"responses": _RESPONDED | _ERRORS}
+        app.post(f"{prefix}/responses", response_model=None, **responded)(responses)
         app.get(f"{prefix}/models", **kw)(models)
         app.get(f"{prefix}/models/{{model_id:path}}", **kw)(model)
 

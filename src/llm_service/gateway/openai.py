@@ -42,7 +42,11 @@ __all__ = [
     "Generation",
     "OpenAIWire",
     "ResponseBuilder",
+    "chat_logprob",
+    "format_schema",
+    "function_tool",
     "invalid_request",
+    "offered_tools",
     "to_generation",
 ]
 
@@ -482,13 +486,8 @@ def _logprobs(body: ChatCompletionRequest | CompletionRequest) -> int | None:
 
 def _tools(body: ChatCompletionRequest) -> Tools | None:
     """The request's tools and how they may be called (None: no tools offered)."""
-    choice = body.tool_choice
-    if not body.tools:
-        if choice not in (None, "none", "auto"):
-            raise InvalidRequestError("tool_choice", "asks for a tool call, but tools is empty")
-        return None
     functions = []
-    for i, tool in enumerate(body.tools):
+    for i, tool in enumerate(body.tools or ()):
         if tool.type != "function" or tool.custom is not None:
             raise InvalidRequestError(
                 f"tools[{i}].type", f"only function tools are served, got {tool.type!r}"
@@ -496,27 +495,59 @@ def _tools(body: ChatCompletionRequest) -> Tools | None:
         f = tool.function
         if f is None:
             raise InvalidRequestError(f"tools[{i}].function", "is required")
-        try:
-            functions.append(
-                Tool(f.name, f.description or "", json.dumps(f.parameters))
-                if f.parameters is not None
-                else Tool(f.name, f.description or "")
-            )
-        except InvalidRequestError as exc:
-            raise InvalidRequestError(
-                exc.field.replace("tools", f"tools[{i}].function", 1), exc.detail
-            ) from None
-    parallel = body.parallel_tool_calls is not False
-    if isinstance(choice, NamedToolChoice):
-        if choice.type != "function":
-            raise InvalidRequestError("tool_choice.type", f"must be function, got {choice.type!r}")
-        if choice.function.name not in {t.name for t in functions}:
-            raise InvalidRequestError(
-                "tool_choice.function.name",
-                f"{choice.function.name[:80]!r} is not the name of one of the tools",
-            )
-        return Tools(functions, "required", choice.function.name, parallel)
-    return Tools(functions, choice or "auto", None, parallel)
+        functions.append(function_tool(f"tools[{i}].function", f.name, f.description, f.parameters))
+    choice, parallel = body.tool_choice, body.parallel_tool_calls
+    if not isinstance(choice, NamedToolChoice):
+        return offered_tools(functions, choice, None, parallel, name_field="")
+    if functions and choice.type != "function":
+        raise InvalidRequestError("tool_choice.type", f"must be function, got {choice.type!r}")
+    named = choice.function.name
+    return offered_tools(
+        functions, "required", named, parallel, name_field="tool_choice.function.name"
+    )
+
+
+def function_tool(
+    field: str, name: str, description: str | None, parameters: dict[str, Any] | None
+) -> Tool:
+    """A function tool as the backend takes it.
+
+    Raises:
+        InvalidRequestError: a bad name or parameter schema, naming ``field`` (``tools[2]``).
+    """
+    try:
+        if parameters is None:
+            return Tool(name, description or "")
+        return Tool(name, description or "", json.dumps(parameters))
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(exc.field.replace("tools", field, 1), exc.detail) from None
+
+
+def offered_tools(
+    functions: list[Tool],
+    choice: str | None,
+    name: str | None,
+    parallel: bool | None,
+    *,
+    name_field: str,
+) -> Tools | None:
+    """How ``functions`` may be called (None: no tools offered).
+
+    Args:
+        choice: "auto" (the default), "none" or "required".
+        name: the one function to call, if one is named (``name_field`` names it in an error).
+        parallel: ``parallel_tool_calls`` (default true).
+
+    Raises:
+        InvalidRequestError: a call is asked for without tools, or ``name`` is not a tool's.
+    """
+    if not functions:
+        if name is not None or choice not in (None, "none", "auto"):
+            raise InvalidRequestError("tool_choice", "asks for a tool call, but tools is empty")
+        return None
+    if name is not None and name not in {t.name for t in functions}:
+        raise InvalidRequestError(name_field, f"{name[:80]!r} is not the name of one of the tools")
+    return Tools(functions, choice or "auto", name, parallel is not False)
 
 
 def _logit_bias(given: dict[str, float]) -> dict[int, float]:
@@ -526,15 +557,26 @@ def _logit_bias(given: dict[str, float]) -> dict[int, float]:
 
 
 def _schema(fmt: ResponseFormat | None) -> str | None:
-    if fmt is None or fmt.type == "text":
+    if fmt is None:
         return None
-    if fmt.type == "json_object":
+    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+    return format_schema(fmt.type, schema, "response_format.json_schema")
+
+
+def format_schema(kind: str, schema: dict[str, Any] | None, field: str) -> str | None:
+    """The JSON schema (JSON text) an answer of format ``kind`` follows: none for ``text``,
+    any object for ``json_object``, ``schema`` for ``json_schema``.
+
+    Raises:
+        InvalidRequestError: ``json_schema`` without a schema, naming ``field``.
+    """
+    if kind == "text":
+        return None
+    if kind == "json_object":
         return json.dumps({"type": "object"})
-    if fmt.json_schema is None or not fmt.json_schema.schema_:
-        raise InvalidRequestError(
-            "response_format.json_schema", "is required when type is json_schema"
-        )
-    return json.dumps(fmt.json_schema.schema_)
+    if not schema:
+        raise InvalidRequestError(field, "is required when type is json_schema")
+    return json.dumps(schema)
 
 
 def _message(i: int, m: Message) -> ChatMessage:
@@ -604,10 +646,11 @@ def _token_text(piece: bytes) -> str:
     return piece.decode("utf-8", "replace")
 
 
-def _chat_logprob(lp: TokenLogprob, *, top: bool = True) -> dict[str, Any]:
+def chat_logprob(lp: TokenLogprob, *, top: bool = True) -> dict[str, Any]:
+    """One token's log probability in OpenAI's chat shape (and the Responses API's)."""
     out = {"token": _token_text(lp.piece), "logprob": lp.logprob, "bytes": list(lp.piece)}
     if top:
-        out["top_logprobs"] = [_chat_logprob(t, top=False) for t in lp.top]
+        out["top_logprobs"] = [chat_logprob(t, top=False) for t in lp.top]
     return out
 
 
@@ -708,7 +751,7 @@ class ResponseBuilder:
         if not self.logprobs:
             return None
         if self.chat:
-            return {"content": [_chat_logprob(lp) for lp in listed], "refusal": None}
+            return {"content": [chat_logprob(lp) for lp in listed], "refusal": None}
         tokens = [_token_text(lp.piece) for lp in listed]
         offsets = []
         offset = self._text_offset.get(index, 0)
