@@ -43,6 +43,7 @@ __all__ = [
     "OpenAIWire",
     "ResponseBuilder",
     "invalid_request",
+    "make_tool",
     "to_generation",
 ]
 
@@ -496,16 +497,7 @@ def _tools(body: ChatCompletionRequest) -> Tools | None:
         f = tool.function
         if f is None:
             raise InvalidRequestError(f"tools[{i}].function", "is required")
-        try:
-            functions.append(
-                Tool(f.name, f.description or "", json.dumps(f.parameters))
-                if f.parameters is not None
-                else Tool(f.name, f.description or "")
-            )
-        except InvalidRequestError as exc:
-            raise InvalidRequestError(
-                exc.field.replace("tools", f"tools[{i}].function", 1), exc.detail
-            ) from None
+        functions.append(make_tool(f"tools[{i}].function", f.name, f.description, f.parameters))
     parallel = body.parallel_tool_calls is not False
     if isinstance(choice, NamedToolChoice):
         if choice.type != "function":
@@ -517,6 +509,23 @@ def _tools(body: ChatCompletionRequest) -> Tools | None:
             )
         return Tools(functions, "required", choice.function.name, parallel)
     return Tools(functions, choice or "auto", None, parallel)
+
+
+def make_tool(
+    field: str, name: str, description: str | None, parameters: dict[str, Any] | None
+) -> Tool:
+    """A ``Tool`` from a request's definition; its errors name the definition's ``field``
+    (``tools[2].function.name``).
+
+    Raises:
+        InvalidRequestError: a bad name, or parameters that are not a schema the service serves.
+    """
+    try:
+        if parameters is None:
+            return Tool(name, description or "")
+        return Tool(name, description or "", json.dumps(parameters))
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(exc.field.replace("tools", field, 1), exc.detail) from None
 
 
 def _logit_bias(given: dict[str, float]) -> dict[int, float]:
@@ -755,6 +764,9 @@ class OpenAIWire:
 
     def whole(self, completions: Sequence[Completion]) -> dict[str, Any]:
         return self.builder.completion(completions)
+
+    def begin(self, prompt_tokens: int) -> list[bytes]:
+        return []  # the first chunk opens an OpenAI stream
 
     def events(self, index: int, chunk: Chunk) -> list[bytes]:
         if self._started and chunk.empty:
