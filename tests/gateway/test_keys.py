@@ -46,6 +46,16 @@ def test_the_scheme_is_case_insensitive(keys: ApiKeys) -> None:
     assert keys.identify(f"bearer {KEY}") == "key-3"
 
 
+def test_an_x_api_key_header_is_read_when_there_is_no_authorization(keys: ApiKeys) -> None:
+    assert keys.identify(None, OTHER_KEY) == "key-4"
+    assert keys.identify(f"Bearer {KEY}", OTHER_KEY) == "key-3"  # Authorization comes first
+    for wrong in ("", " ", f"{KEY}x", f"Bearer {KEY}"):
+        with pytest.raises(AuthenticationError):
+            keys.identify(None, wrong)
+    with pytest.raises(AuthenticationError):
+        keys.identify("Bearer sk-wrong", KEY)  # a wrong Authorization is not passed over
+
+
 @pytest.mark.parametrize(
     "header",
     [

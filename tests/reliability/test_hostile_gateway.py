@@ -101,6 +101,8 @@ OPERATIONS = [
     "POST /v1/responses",
     "GET /v1/models",
     "GET /v1/models/{model_id}",
+    "POST /v1/messages",
+    "POST /v1/messages/count_tokens",
     "GET /healthz",
     "GET /readyz",
     "GET /metrics",

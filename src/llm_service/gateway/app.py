@@ -1,7 +1,8 @@
-"""The gateway's HTTP side: OpenAI routes, health, metrics, and the serving object behind them.
+"""The gateway's HTTP side: OpenAI and Anthropic routes, health, metrics, and the serving
+object behind them.
 
 Three layers, as in the rest of the service: thin routes (``create_app``) call ``Gateway``,
-which checks the caller, converts the OpenAI body (``openai``), runs it on the replicas
+which checks the caller, converts the body (``openai``, ``anthropic``), runs it on the replicas
 (``replicas.RoutedStream``) and writes the answer, whole or as Server-Sent Events.
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -19,7 +22,7 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -36,6 +39,7 @@ from llm_service.errors import (
     ModelNotFoundError,
     RateLimitedError,
 )
+from llm_service.gateway import anthropic
 from llm_service.gateway.embeddings import (
     EmbeddingRequest,
     embedding_inputs,
@@ -54,7 +58,12 @@ from llm_service.gateway.openai import (
 from llm_service.gateway.replicas import ReplicaPool, RoutedStream
 from llm_service.gateway.responses import ResponsesRequest, ResponsesWire
 from llm_service.gateway.responses import to_generation as responses_generation
-from llm_service.gateway.status import INTERNAL_MESSAGE, error_body, http_error
+from llm_service.gateway.status import (
+    INTERNAL_MESSAGE,
+    anthropic_error_body,
+    error_body,
+    http_error,
+)
 from llm_service.gateway.wire import Wire
 from llm_service.log import RequestLogger
 from llm_service.settings import GatewaySettings
@@ -66,12 +75,17 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Paths behind the API key (unknown ones too: a 401 comes before a 404).
-API_PREFIXES = ("/v1/", "/chat/", "/completions", "/models", "/responses", "/embeddings")
-# The routes that generate, and so count against a caller's rate limits.
+API_PREFIXES = (
+    "/v1/", "/chat/", "/completions", "/models", "/responses", "/embeddings", "/messages"
+)  # fmt: skip
+# The routes that use a replica, and so count against a caller's rate limits.
 GENERATION_ROUTES = frozenset(
     {"/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
-     "/v1/responses", "/responses", "/v1/embeddings", "/embeddings"}
+     "/v1/responses", "/responses", "/v1/embeddings", "/embeddings",
+     "/v1/messages", "/messages", "/v1/messages/count_tokens", "/messages/count_tokens"}
 )  # fmt: skip
+# Paths whose errors are Anthropic's (``{"type": "error", "error": {type, message}}``).
+_ANTHROPIC_PATHS = re.compile(r"(/v1)?/messages(/.*)?")
 # Server-Sent Events, unbuffered by proxies (nginx honours X-Accel-Buffering).
 SSE_HEADERS = {
     "content-type": "text/event-stream",
@@ -87,9 +101,28 @@ GATEWAY_TLS = TlsOptionNames(
 )
 
 
-def error_response(exc: LLMServiceError) -> JSONResponse:
-    mapping, body, headers = http_error(exc)
+def is_anthropic(path: str) -> bool:
+    """Whether ``path`` is one of Anthropic's Messages API (its errors are Anthropic's)."""
+    return _ANTHROPIC_PATHS.fullmatch(path) is not None
+
+
+def error_response(exc: LLMServiceError, path: str) -> JSONResponse:
+    """The answer to a request for ``path`` that failed with ``exc``, in the path's API's
+    error shape."""
+    mapping, body, headers = http_error(exc, anthropic=is_anthropic(path))
     return JSONResponse(body, status_code=mapping.status, headers=headers)
+
+
+def _error_json(
+    path: str, status: int, message: str, type: str, code: str, headers: Any = None
+) -> JSONResponse:
+    """An error the table does not map (an unknown route, an internal failure), in the path's
+    API's shape (``type`` and ``code``: OpenAI's)."""
+    if is_anthropic(path):
+        body = anthropic_error_body(status, message)
+    else:
+        body = error_body(message, type, code=code)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _request_id(headers: Headers) -> str:
@@ -133,7 +166,7 @@ class Gateway:
         """
         caller = ANONYMOUS
         if self.keys is not None:
-            caller = self.keys.identify(headers.get("authorization"))
+            caller = self.keys.identify(headers.get("authorization"), headers.get("x-api-key"))
         if route in GENERATION_ROUTES:
             try:
                 self.limiter.admit(caller)
@@ -166,6 +199,44 @@ class Gateway:
         wire = ResponsesWire(body, request.state.request_id, logprobs=logprobs)
         user = f" user={body.user!r}" if body.user else ""
         return await self.serve(gen, wire, body.model, request, f"response{user}")
+
+    async def messages(self, body: anthropic.MessagesRequest, request: Request) -> Response:
+        """Serve one Anthropic Messages request: the whole message, or its event stream."""
+        gen = anthropic.to_generation(body)
+        wire = anthropic.AnthropicWire(
+            request_id=request.state.request_id,
+            model=body.model,
+            stop_sequences=body.stop_sequences or (),
+        )
+        user = body.metadata.user_id if body.metadata else None
+        what = "messages" + (f" user={user!r}" if user else "")
+        return await self.serve(gen, wire, body.model, request, what)
+
+    async def count_tokens(
+        self, body: anthropic.CountTokensRequest, request: Request
+    ) -> dict[str, int]:
+        """The prompt tokens of an Anthropic Messages request, rendered by a replica.
+
+        ``ApplyChatTemplate`` renders no tools: with tools, their definitions (JSON) are
+        tokenized apart and added, which leaves out the template's own words around them.
+
+        Raises:
+            LLMServiceError: a bad body, no replica for the model, a replica's failure.
+        """
+        messages = anthropic.chat_messages(body)
+        tools = anthropic.tool_list(body)
+        request.state.model = body.model if body.model in self.pool.models() else "-"
+        replica = self.pool.choose(body.model, set())
+        timeout = self.settings.request_timeout
+        _, tokens = await replica.client.apply_chat_template(messages, timeout=timeout)
+        if tools:
+            definitions = json.dumps(
+                [{"name": t.name, "description": t.description,
+                  "parameters": json.loads(t.parameters)} for t in tools]
+            )  # fmt: skip
+            ids = await replica.client.tokenize(definitions, add_special=False, timeout=timeout)
+            tokens += len(ids)
+        return {"input_tokens": tokens}
 
     async def serve(
         self, gen: Generation, wire: Wire, model: str, request: Request, what: str
@@ -368,6 +439,8 @@ class _Exchange:
                 if not done:
                     yield b": ping\n\n"
             index, chunk = self._first_token(self.first.result())
+            for event in self.wire.begin(self.streams[index].prompt_tokens):
+                yield event
             for event in self.wire.events(index, chunk):
                 yield event
             left = len(self.streams) - chunk.final
@@ -489,15 +562,15 @@ class _RequestContext:
                     state["caller"] = self.gateway.admit(headers, route)
                     receive = self._limited(headers, receive)
                 except LLMServiceError as exc:
-                    await error_response(exc)(scope, receive, send_with_id)
+                    await error_response(exc, path)(scope, receive, send_with_id)
                     return
             await self.app(scope, receive, send_with_id)
         except Exception as exc:
             if responded:
                 raise  # the response started: the server ends it (and logs the error)
             log.error("internal error", exc_info=exc)
-            body = error_body(INTERNAL_MESSAGE, "server_error", code="internal_error")
-            await JSONResponse(body, status_code=500)(scope, receive, send_with_id)
+            response = _error_json(path, 500, INTERNAL_MESSAGE, "server_error", "internal_error")
+            await response(scope, receive, send_with_id)
         finally:
             elapsed = time.monotonic() - started
             m = self.gateway.metrics
@@ -571,6 +644,18 @@ _RESPONDED: dict[int | str, dict[str, Any]] = {
         },
     },
 }
+_ANTHROPIC: dict[int | str, dict[str, Any]] = {
+    "4XX": {"description": 'Anthropic-style error: {"type": "error", "error": {type, message}}'},
+    "5XX": {"description": "Anthropic-style error; 503 when no backend is healthy"},
+}
+_MESSAGE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The message object; with ``stream``, Server-Sent Events named by type"
+        " (message_start, content_block_start, content_block_delta, content_block_stop,"
+        " message_delta, message_stop; error)",
+        "content": _GENERATED[200]["content"],
+    },
+}
 
 
 def _unreadable_body(cause: BaseException) -> InvalidRequestError:
@@ -610,7 +695,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.exception_handler(LLMServiceError)
     async def on_error(request: Request, exc: LLMServiceError) -> Response:
-        response = error_response(exc)
+        response = error_response(exc, request.url.path)
         if response.status_code >= 500:  # the client gets a generic message: the log has more
             RequestLogger(logger, request.state.request_id).warning(
                 "%d: %s (%s)", response.status_code, exc, exc.kind
@@ -619,20 +704,35 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> Response:
-        return error_response(invalid_request(exc.errors()))
+        return error_response(invalid_request(exc.errors()), request.url.path)
 
     @app.exception_handler(HTTPException)
     async def on_http(request: Request, exc: HTTPException) -> Response:
+        path = request.url.path
         if isinstance(exc.__cause__, LLMServiceError):  # raised while FastAPI read the body
-            return error_response(exc.__cause__)
+            return error_response(exc.__cause__, path)
         if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not parse it
-            return error_response(_unreadable_body(exc.__cause__))
+            return error_response(_unreadable_body(exc.__cause__), path)
         code = "not_found" if exc.status_code == 404 else "invalid_request"
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        body = error_body(message, "invalid_request_error", code=code)
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        message = f"{request.method} {path}: {exc.detail}"
+        return _error_json(
+            path, exc.status_code, message, "invalid_request_error", code, exc.headers
+        )
 
     auth = [Security(bearer)]
+    api_key = APIKeyHeader(
+        name="x-api-key",
+        auto_error=False,
+        description="An API key, as Anthropic's clients send it.",
+    )
+
+    async def messages(body: anthropic.MessagesRequest, request: Request) -> Response:
+        """Anthropic Messages API: a message, whole or streamed (``stream``: its events)."""
+        return await gateway.messages(body, request)
+
+    async def count_tokens(body: anthropic.CountTokensRequest, request: Request) -> dict[str, int]:
+        """Anthropic Messages API: the tokens of a request's prompt (see docs/gateway.md)."""
+        return await gateway.count_tokens(body, request)
 
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         """Chat completion, whole or streamed (``stream``: Server-Sent Events)."""
@@ -676,6 +776,10 @@ def create_app(gateway: Gateway) -> FastAPI:
         app.post(f"{prefix}/responses", response_model=None, **responded)(responses)
         app.get(f"{prefix}/models", **kw)(models)
         app.get(f"{prefix}/models/{{model_id:path}}", **kw)(model)
+        anthropic_kw = kw | {"dependencies": [*auth, Security(api_key)], "responses": _ANTHROPIC}
+        app.post(f"{prefix}/messages", response_model=None, **anthropic_kw | {
+            "responses": _MESSAGE | _ANTHROPIC})(messages)  # fmt: skip
+        app.post(f"{prefix}/messages/count_tokens", **anthropic_kw)(count_tokens)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

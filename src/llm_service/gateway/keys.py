@@ -64,8 +64,9 @@ class ApiKeys:
     def __len__(self) -> int:
         return len(self._digests)
 
-    def identify(self, authorization: str | None) -> str:
-        """The caller's name for an ``Authorization: Bearer KEY`` header.
+    def identify(self, authorization: str | None, api_key: str | None = None) -> str:
+        """The caller's name for an ``Authorization: Bearer KEY`` header or, when there is no
+        ``Authorization`` header, an ``x-api-key: KEY`` header (as Anthropic's clients send).
 
         Every stored digest is compared, each in constant time, so the time taken says nothing
         about which key (or how much of one) matched.
@@ -73,11 +74,15 @@ class ApiKeys:
         Raises:
             AuthenticationError: no bearer key, or an unknown one.
         """
-        scheme, _, key = (authorization or "").partition(" ")
+        if authorization is None and api_key is not None:
+            scheme, key = "bearer", api_key
+        else:
+            scheme, _, key = (authorization or "").partition(" ")
         key = key.strip(" \t")  # HTTP's whitespace only: a key's last byte may be 0x85 or 0xA0
         if scheme.lower() != "bearer" or not key:
             raise AuthenticationError(
                 "no API key: send it in the Authorization header as 'Bearer KEY'"
+                " (or as the x-api-key header)"
             )
         # Headers arrive decoded as latin-1; their bytes are the key's UTF-8 bytes.
         digest = hashlib.sha256(key.encode("latin-1", errors="replace")).digest()

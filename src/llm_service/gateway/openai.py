@@ -800,6 +800,9 @@ class OpenAIWire:
     def whole(self, completions: Sequence[Completion]) -> dict[str, Any]:
         return self.builder.completion(completions)
 
+    def begin(self, prompt_tokens: int) -> list[bytes]:
+        return []  # the first chunk opens an OpenAI stream
+
     def events(self, index: int, chunk: Chunk) -> list[bytes]:
         if self._started and chunk.empty:
             return []

@@ -564,6 +564,9 @@ class ResponsesWire:
         self._sequence += 1
         return sse(event, event=kind)
 
+    def begin(self, prompt_tokens: int) -> list[bytes]:
+        return self._start()
+
     def _start(self) -> list[bytes]:
         if self._started:
             return []

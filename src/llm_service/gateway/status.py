@@ -1,4 +1,5 @@
-"""The one table from llm_service's errors to HTTP statuses and OpenAI error bodies."""
+"""The one table from llm_service's errors to HTTP statuses and error bodies: OpenAI's, and
+Anthropic's for the Messages API (same statuses, its own error types)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,15 @@ from llm_service.errors import (
     UnsupportedError,
 )
 
-__all__ = ["HTTP_ERRORS", "INTERNAL_MESSAGE", "HttpError", "error_body", "http_error"]
+__all__ = [
+    "ANTHROPIC_ERROR_TYPES",
+    "HTTP_ERRORS",
+    "INTERNAL_MESSAGE",
+    "HttpError",
+    "anthropic_error_body",
+    "error_body",
+    "http_error",
+]
 
 INTERNAL_MESSAGE = "internal error; the gateway's log has the details"
 
@@ -107,8 +116,32 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def http_error(exc: LLMServiceError) -> tuple[HttpError, dict[str, Any], dict[str, str]]:
-    """The status, OpenAI error body and extra headers (``retry-after``) for ``exc``."""
+# Anthropic's error types by HTTP status (its own: 400, 401, 403, 404, 413, 429, 500, 529);
+# another 5xx is ``api_error``. An ``OverloadedError`` is ``overloaded_error`` whatever its status.
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_body(status: int, message: str, *, overloaded: bool = False) -> dict[str, Any]:
+    """Anthropic's error object for an answer with HTTP ``status``:
+    ``{"type": "error", "error": {"type", "message"}}``."""
+    kind = "overloaded_error" if overloaded else ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def http_error(
+    exc: LLMServiceError, *, anthropic: bool = False
+) -> tuple[HttpError, dict[str, Any], dict[str, str]]:
+    """The status, error body (OpenAI's, or with ``anthropic`` Anthropic's) and extra headers
+    (``retry-after``) for ``exc``."""
     mapping = next(HTTP_ERRORS[c] for c in type(exc).__mro__ if c in HTTP_ERRORS)
     param, message = None, mapping.message or str(exc)
     if isinstance(exc, InvalidRequestError):
@@ -116,7 +149,11 @@ def http_error(exc: LLMServiceError) -> tuple[HttpError, dict[str, Any], dict[st
         for prefix in _PREFIXES:
             param = param.removeprefix(prefix)
         message = f"{param}: {exc.detail}"
-    body = error_body(message, mapping.type, param=param, code=mapping.code)
+    if anthropic:
+        overloaded = isinstance(exc, OverloadedError)
+        body = anthropic_error_body(mapping.status, message, overloaded=overloaded)
+    else:
+        body = error_body(message, mapping.type, param=param, code=mapping.code)
     headers = {}
     if isinstance(exc, OverloadedError):
         headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))

@@ -1,8 +1,8 @@
 """How an API writes a generation's answer: the seam between the gateway's serving (routing,
 retries, cancellation, limits, metrics: ``app.Gateway.serve``) and each API's shapes.
 
-OpenAI's chat and text completions are one ``Wire`` (``openai.OpenAIWire``); any other API the
-gateway speaks over the same ``Generate`` call is another.
+OpenAI's chat and text completions are one ``Wire`` (``openai.OpenAIWire``), Anthropic's
+Messages API another (``anthropic.AnthropicWire``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ class Wire(Protocol):
 
     def whole(self, completions: Sequence[Completion]) -> dict[str, Any]:
         """The answer of a request that is not streamed (one completion per choice)."""
+        ...
+
+    def begin(self, prompt_tokens: int) -> list[bytes]:
+        """The events that open a stream, written once its first chunk came (``prompt_tokens``:
+        the prompt's length, as the replica serving the first chunk counted it)."""
         ...
 
     def events(self, index: int, chunk: Chunk) -> list[bytes]:
