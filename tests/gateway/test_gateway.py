@@ -559,3 +559,23 @@ def test_bad_embedding_requests_name_the_param(
     response = _post(gateway, {"model": MODEL} | body, "/v1/embeddings")
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_llama_servers_text_utilities(gateway: Gateway) -> None:
+    """POST /tokenize, /detokenize and /apply-template, shaped as llama-server's; ``model`` may
+    be left out when one model is served."""
+    ids = _post(gateway, {"content": "Hello world"}, "/tokenize").json()["tokens"]
+    assert ids and all(isinstance(i, int) for i in ids)
+    pieces = _post(gateway, {"content": "Hello world", "with_pieces": True}, "/tokenize").json()
+    assert [p["id"] for p in pieces["tokens"]] == ids
+    assert "".join(p["piece"] for p in pieces["tokens"]) == "Hello world"
+    back = _post(gateway, {"model": MODEL, "tokens": ids}, "/detokenize").json()
+    assert back == {"content": "Hello world"}
+    prompt = _post(gateway, {"messages": QUESTION}, "/apply-template").json()["prompt"]
+    assert "Name three colours." in prompt and prompt.endswith("assistant\n")
+    wrong = _post(gateway, {"model": "gpt-4", "content": "x"}, "/tokenize")
+    assert wrong.status_code == 404 and wrong.json()["error"]["param"] == "model"
+    unknown = _post(gateway, {"content": "x", "colour": 1}, "/tokenize")
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "colour"
+    no_key = httpx.post(gateway.url + "/tokenize", json={"content": "x"}, timeout=60)
+    assert no_key.status_code == 401

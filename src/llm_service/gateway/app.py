@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -52,6 +52,7 @@ from llm_service.gateway.openai import (
     CompletionRequest,
     Generation,
     OpenAIWire,
+    chat_message,
     invalid_request,
     to_generation,
 )
@@ -63,6 +64,11 @@ from llm_service.gateway.status import (
     anthropic_error_body,
     error_body,
     http_error,
+)
+from llm_service.gateway.tokenize import (
+    ApplyTemplateRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
 )
 from llm_service.gateway.wire import Wire
 from llm_service.log import RequestLogger
@@ -76,7 +82,8 @@ T = TypeVar("T")
 
 # Paths behind the API key (unknown ones too: a 401 comes before a 404).
 API_PREFIXES = (
-    "/v1/", "/chat/", "/completions", "/models", "/responses", "/embeddings", "/messages"
+    "/v1/", "/chat/", "/completions", "/models", "/responses", "/embeddings", "/messages",
+    "/tokenize", "/detokenize", "/apply-template",
 )  # fmt: skip
 # The routes that use a replica, and so count against a caller's rate limits.
 GENERATION_ROUTES = frozenset(
@@ -296,6 +303,25 @@ class Gateway:
         self.limiter.charge(state.caller, result.prompt_tokens)
         self.metrics.tokens.labels(body.model, "prompt").inc(result.prompt_tokens)
         return JSONResponse(embeddings_object(result, body.model, body.encoding_format))
+
+    async def on_replica(
+        self,
+        model: str | None,
+        request: Request,
+        call: Callable[[AsyncClient, float], Awaitable[T]],
+    ) -> T:
+        """A unary call on a replica serving ``model`` (None: the one model served)."""
+        if model is None:
+            served = self.pool.models()
+            if len(served) != 1:
+                raise InvalidRequestError(
+                    "model", f"is required: the gateway serves {len(served)} models"
+                )
+            model = served[0]
+        request.state.model = model if model in self.pool.models() else "-"
+        deadline = time.monotonic() + self.settings.request_timeout
+        work = self.pool.call(model, call, request_id=request.state.request_id, deadline=deadline)
+        return await _unless_disconnected(request, work)
 
     def account(self, stream: RoutedStream, caller: str, model: str) -> None:
         """Charge the caller's token allowance and count the tokens of a finished request."""
@@ -751,6 +777,41 @@ def create_app(gateway: Gateway) -> FastAPI:
         Server-Sent Events)."""
         return await gateway.respond(body, request)
 
+    async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+        """llama-server's: the model's token ids for ``content``."""
+
+        async def call(client: AsyncClient, seconds: float) -> dict[str, Any]:
+            ids = await client.tokenize(
+                body.content,
+                add_special=body.add_special,
+                parse_special=body.parse_special,
+                timeout=seconds,
+            )
+            if not body.with_pieces:
+                return {"tokens": ids}
+            pieces = [await client.detokenize([i], timeout=seconds) for i in ids]
+            return {"tokens": [{"id": i, "piece": p} for i, p in zip(ids, pieces, strict=True)]}
+
+        return await gateway.on_replica(body.model, request, call)
+
+    async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+        """llama-server's: the text of ``tokens``."""
+
+        async def call(client: AsyncClient, seconds: float) -> dict[str, Any]:
+            return {"content": await client.detokenize(body.tokens, timeout=seconds)}
+
+        return await gateway.on_replica(body.model, request, call)
+
+    async def apply_template(body: ApplyTemplateRequest, request: Request) -> dict[str, Any]:
+        """llama-server's: the prompt the model's chat template makes of ``messages``."""
+        messages = [chat_message(i, m) for i, m in enumerate(body.messages)]
+
+        async def call(client: AsyncClient, seconds: float) -> dict[str, Any]:
+            prompt, _ = await client.apply_chat_template(messages, timeout=seconds)
+            return {"prompt": prompt}
+
+        return await gateway.on_replica(body.model, request, call)
+
     async def models() -> dict[str, Any]:
         """Models served by healthy backends."""
         return {"object": "list", "data": [_model(m) for m in gateway.pool.models()]}
@@ -780,6 +841,10 @@ def create_app(gateway: Gateway) -> FastAPI:
         app.post(f"{prefix}/messages", response_model=None, **anthropic_kw | {
             "responses": _MESSAGE | _ANTHROPIC})(messages)  # fmt: skip
         app.post(f"{prefix}/messages/count_tokens", **anthropic_kw)(count_tokens)
+
+    for path, utility in (("/tokenize", tokenize), ("/detokenize", detokenize),
+                          ("/apply-template", apply_template)):  # fmt: skip
+        app.post(path, dependencies=auth, responses=_ERRORS)(utility)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -43,6 +43,7 @@ __all__ = [
     "OpenAIWire",
     "ResponseBuilder",
     "chat_logprob",
+    "chat_message",
     "format_schema",
     "function_tool",
     "invalid_request",
@@ -428,7 +429,7 @@ def to_generation(body: ChatCompletionRequest | CompletionRequest) -> Generation
     prompt: str | tuple[ChatMessage, ...]
     tools = None
     if isinstance(body, ChatCompletionRequest):
-        prompt = tuple(_message(i, m) for i, m in enumerate(body.messages))
+        prompt = tuple(chat_message(i, m) for i, m in enumerate(body.messages))
         tools = _tools(body)
         if tools is not None and tools.choice != "none" and "logprobs" in sampling:
             raise InvalidRequestError(
@@ -579,7 +580,7 @@ def format_schema(kind: str, schema: dict[str, Any] | None, field: str) -> str |
     return json.dumps(schema)
 
 
-def _message(i: int, m: Message) -> ChatMessage:
+def chat_message(i: int, m: Message) -> ChatMessage:
     role = _ROLES.get(m.role)
     if role is None:
         raise InvalidRequestError(
