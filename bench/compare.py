@@ -203,6 +203,53 @@ async def long_prompt_ttft(
     return {"target": name, "prompt_tokens": n_tokens, "ttft_ms": round(ttft, 1)}
 
 
+EMBED_BATCHES = (1, 32)
+EMBED_INPUTS = 64  # inputs embedded at each batch size (each a bench prompt, ~40 tokens)
+
+
+async def embedding_rates(
+    name: str, session: aiohttp.ClientSession, url: str, model_id: str
+) -> list[dict[str, Any]]:
+    """Embeddings per second through ``url``'s OpenAI ``/v1/embeddings``, one request at a
+    time, at each batch size (inputs per request)."""
+    texts = [bench_prompt(10_000 + i) for i in range(EMBED_INPUTS)]
+    rows = []
+    for batch in EMBED_BATCHES:
+        started = time.perf_counter()
+        for first in range(0, EMBED_INPUTS, batch):
+            body = {"model": model_id, "input": texts[first : first + batch]}
+            async with session.post(url + "/v1/embeddings", json=body) as response:
+                answer = await response.json()
+                if response.status != 200 or len(answer["data"]) != batch:
+                    raise RuntimeError(f"{name}: /v1/embeddings answered {response.status}")
+        rate = EMBED_INPUTS / (time.perf_counter() - started)
+        print(f"  {name:<18} batch {batch:>2}: {rate:.1f} embeddings/s", file=sys.stderr)
+        rows.append({"target": name, "batch": batch, "embeddings_per_s": round(rate, 1)})
+    return rows
+
+
+@contextlib.asynccontextmanager
+async def serving_embeddings(target: str, setup: Setup) -> AsyncIterator[str]:
+    """llama-server with mean-pooled embeddings, or llm-gateway over a replica serving them
+    (the same pooling); yields the base URL."""
+    if target == REFERENCE:
+        server, url = llama_server(setup, "--embeddings", "--pooling", "mean")
+        stack: Server | Stack = server
+    else:
+        service, grpc_target = llm_service(setup, "batched", env={"LLM_EMBEDDINGS": "1"})
+        gateway, url = llm_gateway(setup, grpc_target)
+        stack = Stack([service, gateway])
+    servers = stack.servers if isinstance(stack, Stack) else [stack]
+    try:
+        for server in servers:
+            server.start(setup.workdir)
+            server.wait_ready()
+        yield url
+    finally:
+        for server in reversed(servers):
+            server.stop()
+
+
 def _display(target: str) -> str:
     """A target's name in the figures ("llm_service-batched" is "llm_service batched")."""
     return target.replace("llm_service-", "llm_service ")
@@ -530,6 +577,14 @@ async def run(args: argparse.Namespace) -> int:
                                 _display(target), openers(prompts), n_tokens, first=1000 * (k + 1)
                             )
                         )
+        if args.embeddings:
+            print("bench: embeddings ...", file=sys.stderr)
+            report["embeddings"] = []
+            for target in (REFERENCE, "llm-gateway"):
+                async with serving_embeddings(target, setup) as url:
+                    report["embeddings"] += await embedding_rates(
+                        _display(target), session, url, model_id
+                    )
     print("bench: memory per slot ...", file=sys.stderr)
     one, many = idle_rss(setup, 1), idle_rss(setup, args.slots)
     report["memory"] = {
@@ -550,6 +605,10 @@ async def run(args: argparse.Namespace) -> int:
           f" ({args.ctx_per_slot} tokens of KV cache each)")  # fmt: skip
     report["physical_limit"] = physical_limit(report)
     print_long_and_limit(report)
+    if report.get("embeddings"):
+        print(f"\nembeddings/s, {EMBED_INPUTS} inputs one request at a time (mean pooling):")
+        for row in report["embeddings"]:
+            print(f"  {row['target']:<18} batch {row['batch']:>2}: {row['embeddings_per_s']:.1f}")
     report["gateway_overhead"] = gateway_overhead(report)
     if report["gateway_overhead"]:
         print("\nllm-gateway vs llm_service batched reached directly (same replica settings):")
@@ -592,6 +651,11 @@ def main() -> int:
         "--long-prompts", action=argparse.BooleanOptionalAction, default=True,
         help=f"also time the first token of one request alone with prompts of about"
         f" {' and '.join(map(str, LONG_PROMPTS))} tokens",
+    )  # fmt: skip
+    parser.add_argument(
+        "--embeddings", action=argparse.BooleanOptionalAction, default=True,
+        help=f"also measure embeddings/s at batch sizes {EMBED_BATCHES} (llama-server and"
+        " llm-gateway, mean pooling)",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     return asyncio.run(run(parser.parse_args()))

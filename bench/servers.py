@@ -159,15 +159,15 @@ class Stack:
         return sum(s.rss_mb() for s in self.servers)
 
 
-def llama_server(s: Setup) -> tuple[Server, str]:
-    """llama.cpp's server, and its base URL."""
+def llama_server(s: Setup, *extra: str) -> tuple[Server, str]:
+    """llama.cpp's server (with ``extra`` arguments), and its base URL."""
     assert s.tools is not None, "llama-server needs Setup.tools"
     port = free_port()
     server = Server(
         "llama-server",
         [str(s.tools / "llama-server"), "-m", str(s.model), "--host", "127.0.0.1",
          "--port", str(port), "-np", str(s.slots), "-c", str(s.slots * s.ctx_per_slot),
-         "-t", str(s.threads), "-tb", str(s.threads)],
+         "-t", str(s.threads), "-tb", str(s.threads), *extra],
         f"http://127.0.0.1:{port}/health",
         url=f"http://127.0.0.1:{port}",
     )  # fmt: skip
