@@ -300,7 +300,8 @@ def generate(args: argparse.Namespace, client: Client) -> int:
         completion = stream.completion
     assert completion is not None
     ended = time.perf_counter()
-    if not args.json and completion.text and not completion.text.endswith("\n"):
+    text_ended = completion.text.endswith("\n") or (completion.tool_calls and not completion.text)
+    if not args.json and not text_ended:
         sys.stdout.write("\n")
     if not args.json:
         for call in completion.tool_calls:
