@@ -186,8 +186,9 @@ def logprobs_of(logits: np.ndarray[Any, Any], token: int, n: int) -> Logprobs:
     """``token``'s log probability under ``logits`` (a log-softmax over the vocabulary, before
     any sampler changed them, as llama-server's ``n_probs``), and the ``n`` most likely tokens'.
 
-    About 0.1 ms for 49,152 tokens: the alternatives are looked for among the tokens near the
-    most likely one first (a whole-vocabulary partition takes 0.4 ms).
+    The alternatives are looked for among the tokens near the most likely one first (a
+    whole-vocabulary partition takes 0.4 ms): with the log-softmax, 0.15 to 0.25 ms a token for
+    49,152 tokens on a 2-core EPYC.
     """
     peak = float(logits.max())
     log_total = peak + math.log(float(np.exp(logits - peak).sum()))
