@@ -603,3 +603,33 @@ def test_bad_embedding_requests_name_their_field(fields: dict[str, object], fiel
     with pytest.raises(InvalidRequestError) as err:
         EmbeddingRequest(**fields)  # type: ignore[arg-type]
     assert err.value.field == field
+
+
+async def test_tools_reach_a_template_that_refuses_a_system_role() -> None:
+    """Gemma 2's template raises on a system message: the tools' text goes to the first user
+    turn instead; the request's own system message is still refused, naming messages."""
+    template = (
+        "{% for m in messages %}{% if m.role == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+    )
+    backend = FakeBackend(chat_template=template, n_ctx=4096, pool_mode="contexts", slots=1)
+    engine = await Engine.start(backend, EngineConfig(pool_size=1, max_queue=1))
+    try:
+        backend.enqueue('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}')
+        done = (await collect(engine, tool_request("required")))[-1]
+        assert isinstance(done, Finished) and done.finish_reason is FinishReason.TOOL_CALLS
+        prompt = backend.history[-1].prompt
+        assert (
+            prompt.startswith("<user>")
+            and "get_weather" in prompt
+            and "Weather in Paris?" in prompt
+        )
+        own = GenerationRequest(
+            messages=(ChatMessage("system", "Be brief."), ChatMessage("user", "Hi"))
+        )
+        with pytest.raises(InvalidRequestError, match="System role not supported") as err:
+            await collect(engine, own)
+        assert err.value.field == "messages"
+    finally:
+        await engine.aclose()

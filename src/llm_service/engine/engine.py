@@ -22,7 +22,7 @@ from llm_service.engine.backend import (
 from llm_service.engine.generation import Generation, deliver
 from llm_service.engine.pool import LlamaContextPool, PoolState
 from llm_service.engine.text import THINK_OPEN, ReasoningSplitter
-from llm_service.engine.tools import ToolPlan, plan, syntax_of
+from llm_service.engine.tools import ToolPlan, plan, syntax_of, system_as_user
 from llm_service.errors import (
     DeadlineExceededError,
     EngineError,
@@ -400,7 +400,18 @@ class Engine:
     def _chat_prompt(self, request: GenerationRequest) -> tuple[str, ToolPlan]:
         """A chat request rendered with the template (and its tools, see ``tools.plan``)."""
         tools = plan(request, self._tool_syntax, self.backend.schema_to_gbnf)
-        return self.backend.render_chat(tools.messages, tools.template_tools), tools
+        try:
+            return self.backend.render_chat(tools.messages, tools.template_tools), tools
+        except InvalidRequestError:
+            assert request.messages is not None
+            added = tools.messages[0]["role"] == "system" != request.messages[0].role
+            if not added:  # the request's own messages were refused: say so
+                raise
+            # The template refused the system message the tools added (as Gemma 2's refuses
+            # any): the text goes at the start of the first user turn instead.
+            messages = system_as_user(tools.messages)
+            text = self.backend.render_chat(messages, tools.template_tools)
+            return text, dataclasses.replace(tools, messages=messages)
 
     def _check_fits(self, request: GenerationRequest, n_prompt: int) -> int:
         n_ctx = self.backend.info.n_ctx

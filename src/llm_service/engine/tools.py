@@ -29,7 +29,7 @@ from llm_service.engine.text import partial_marker
 from llm_service.errors import InvalidRequestError
 from llm_service.types import ChatMessage, GenerationRequest, Tool, ToolCall, ToolCallDelta
 
-__all__ = ["Syntax", "ToolCallParser", "ToolPlan", "plan", "syntax_of"]
+__all__ = ["Syntax", "ToolCallParser", "ToolPlan", "plan", "syntax_of", "system_as_user"]
 
 Syntax = Literal["generic", "hermes"]
 
@@ -189,6 +189,17 @@ def _generic_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
         else:
             out.append({"role": m.role, "content": m.content})
     return out
+
+
+def system_as_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` with the first (system) message's text put at the start of the first user
+    turn instead: for a template that refuses a system role (Gemma 2's), the tools' system
+    text still reaches the model."""
+    system, rest = messages[0], messages[1:]
+    if rest and rest[0]["role"] == "user":
+        first = rest[0] | {"content": f"{system['content']}\n\n{rest[0]['content']}"}
+        return [first, *rest[1:]]
+    return [{"role": "user", "content": system["content"]}, *rest]
 
 
 def _add_system(messages: list[dict[str, Any]], text: str) -> None:
