@@ -195,11 +195,48 @@ def test_the_runtime_runs_as_a_non_root_user_without_compilers() -> None:
             assert not re.search(r"build-essential|\bgcc\b|\bg\+\+|cmake|-dev\b", text), name
 
 
+def _global_args() -> dict[str, str]:
+    """The default of each ARG before the first FROM, as written (not expanded)."""
+    return dict(a.partition("=")[::2] for i, a in dockerfile_stages()[""] if i == "ARG")
+
+
+def _base_image(stage: str) -> str:
+    """The image a stage starts from by default: its FROM with a base-image ARG replaced by that
+    ARG's default (the version ARGs are left as they are)."""
+    image = dockerfile_stages()[stage][0][1].split()[0]
+    if match := re.fullmatch(r"\$\{(\w+_IMAGE)\}", image):
+        return _global_args()[match[1]]
+    return image
+
+
+def test_every_base_image_is_a_build_argument() -> None:
+    """deploy/smoke builds on a host without a registry by overriding these (and PYTHON_PATH),
+    so every stage that is not another stage of this file starts from one."""
+    args = _global_args()
+    stages = dockerfile_stages()
+    for name, instructions in stages.items():
+        if not name:
+            continue
+        image = instructions[0][1].split()[0]
+        if image.startswith(("builder-", "runtime-")):
+            continue
+        match = re.fullmatch(r"\$\{(\w+_IMAGE)\}", image)
+        assert match and match[1] in args, f"stage {name}: FROM {image}"
+    for arg in (
+        "CPU_BUILDER_IMAGE",
+        "CPU_RUNTIME_IMAGE",
+        "CUDA_BUILDER_IMAGE",
+        "CUDA_RUNTIME_IMAGE",
+    ):
+        assert arg in args, arg
+    assert args["PYTHON_PATH"] == "/usr/local/bin/python3.11"  # that of the python images
+
+
 @pytest.mark.parametrize("variant", ["cpu-all", "cuda"])
 def test_builder_and_runtime_share_one_python(variant: str) -> None:
     """The venv is copied: its interpreter must be at the same path, the same version."""
     stages = dockerfile_stages()
-    builder, runtime = stages[f"builder-{variant}"][0][1], stages[f"runtime-{variant}"][0][1]
+    builder, runtime = (_base_image(f"builder-{variant}"), _base_image(f"runtime-{variant}"))
     if variant == "cpu-all":
         assert builder.startswith("python:${PYTHON_VERSION}-")
         assert runtime.startswith("python:${PYTHON_VERSION}-slim")
@@ -212,5 +249,9 @@ def test_builder_and_runtime_share_one_python(variant: str) -> None:
         text = " ".join(a for _, a in stages[f"runtime-{variant}"])
         assert "python3.11" in text
     env = dict(a.partition("=")[::2] for i, a in stages[f"builder-{variant}"] if i == "ENV")
-    assert env["PYTHON"].endswith("/python3.11")
+    assert (
+        env["PYTHON"]
+        .replace("${PYTHON_PATH}", _global_args()["PYTHON_PATH"])
+        .endswith("/python3.11")
+    )
     assert ROOT.joinpath("pyproject.toml").read_text().count('requires-python = ">=3.11"') == 1
