@@ -26,10 +26,18 @@ from pathlib import Path
 
 from llm_service.errors import ModelLoadError
 
-__all__ = ["BUILD_INFO", "BuildInfo", "check_build_fits_cpu", "cpu_extensions", "read_build_info"]
+__all__ = [
+    "BUILD_INFO",
+    "BuildInfo",
+    "check_build_fits_cpu",
+    "cpu_extensions",
+    "loaded_ggml_backends",
+    "read_build_info",
+]
 
 BUILD_INFO = "llama-build.info"
 CPUINFO = Path("/proc/cpuinfo")
+MAPS = Path("/proc/self/maps")
 
 
 class BuildInfo(dict[str, str]):
@@ -99,3 +107,16 @@ def check_build_fits_cpu(prefix: Path | None = None, cpuinfo: Path = CPUINFO) ->
         f" {', '.join(missing)}, which this CPU ({model}) lacks: it was built for {built_for}."
         f" Rebuild it for this machine: {rebuild}"
     )
+
+
+def loaded_ggml_backends(maps: Path = MAPS) -> list[str]:
+    """The ggml backends this process loaded at run time (a ``GGML_BACKEND_DL`` build, such as
+    the images' ``cpu-all``): the file names of the ``libggml-<name>.so`` mapped in it, e.g.
+    ``libggml-cpu-haswell.so``, the CPU variant ggml picked for this machine. Empty for a build
+    with its backends linked in, or where ``/proc`` cannot be read."""
+    try:
+        lines = maps.read_text().splitlines()
+    except OSError:
+        return []
+    names = {Path(line.split()[-1]).name for line in lines if line.rstrip().endswith(".so")}
+    return sorted(n for n in names if n.startswith("libggml-") and n != "libggml-base.so")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from llm_service.engine.cpu import check_build_fits_cpu
+from llm_service.engine.cpu import check_build_fits_cpu, loaded_ggml_backends
 
 # Before the library is loaded: a build for another CPU dies with SIGILL in it, with no message.
 check_build_fits_cpu()
@@ -703,6 +703,8 @@ class LlamaBackend:
             why = "; ".join(line for _, line in held[-3:]) or "no reason given"
             raise ModelLoadError(f"llama.cpp could not load {path}: {why}")
         logger.info("loaded model %s in %.2f s", path, time.monotonic() - started)
+        if loaded := loaded_ggml_backends():  # which CPU variant ggml picked here, if it picks
+            logger.info("llama.cpp backends loaded at run time: %s", ", ".join(loaded))
         backend = cls(
             model,
             path,
