@@ -628,6 +628,8 @@ async def test_auto_and_none_answer_in_text(engine: Engine) -> None:
             tool_choice=choice, sampling=SamplingParams(temperature=0, max_tokens=24),
         )  # fmt: skip
         done = final(await collect(engine, request))
+        if choice == "none":  # no tool offered: never a call
+            assert done.finish_reason is not FinishReason.TOOL_CALLS and not done.tool_calls
         if done.finish_reason is not FinishReason.TOOL_CALLS:
             assert not done.text.lstrip().startswith('{"'), done.text
 

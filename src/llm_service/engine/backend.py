@@ -151,10 +151,10 @@ class Backend(Protocol):
         ...
 
     def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
-        """A unit vector per input (each 1 to ``info.n_ctx`` tokens), in order.
+        """A unit vector per input (each 1 to ``info.n_ctx`` tokens), in order; called only
+        when ``embedding_dimensions`` is not 0 (the engine refuses the request otherwise).
 
         Raises:
-            InvalidRequestError: embeddings are not served (``model``).
             EngineError: llama.cpp failed.
         """
         ...

@@ -229,7 +229,11 @@ class Engine:
         if self._closing:
             raise EngineError("the engine is shutting down")
         if not self.backend.embedding_dimensions:
-            self.backend.embed([])  # (says why, naming the field)
+            raise InvalidRequestError(
+                "model",
+                "this model is not served for embeddings: start its service with"
+                " LLM_EMBEDDINGS=1 (an embedding model's GGUF turns them on by itself)",
+            )
         n_ctx, n_vocab = self.backend.info.n_ctx, self.backend.info.n_vocab
         if request.texts:
             chars = sum(len(t) for t in request.texts)

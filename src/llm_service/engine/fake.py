@@ -266,8 +266,7 @@ class FakeBackend:
         )
 
     def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
-        if not self.embedding_dimensions:
-            raise InvalidRequestError("model", "this model is not served for embeddings")
+        assert self.embedding_dimensions, "embed() without embeddings (embedding_dimensions 0)"
         vectors = []
         for tokens in inputs:
             vector = [0.0] * self.embedding_dimensions

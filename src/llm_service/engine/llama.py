@@ -759,12 +759,7 @@ class LlamaBackend:
         return self.embedder.n_embd if self.embedder is not None else 0
 
     def embed(self, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
-        if self.embedder is None:
-            raise InvalidRequestError(
-                "model",
-                "this model is not served for embeddings: start its service with"
-                " LLM_EMBEDDINGS=1 (an embedding model's GGUF turns them on by itself)",
-            )
+        assert self.embedder is not None, "embed() without embeddings (embedding_dimensions 0)"
         return self.embedder.embed(inputs)
 
     def close(self) -> None:
