@@ -502,7 +502,10 @@ class GatewaySettings(BaseSettings):
         2.0, gt=0, description="Seconds a health check may take before it counts as failed."
     )
     healthy_after: int = Field(
-        2, ge=1, description="Passed checks in a row that bring an unhealthy replica back."
+        2,
+        ge=1,
+        description="Passed checks in a row that bring an unhealthy replica back (one"
+        " never in rotation yet joins at its first).",
     )
     unhealthy_after: int = Field(
         2, ge=1, description="Failed checks in a row that take a replica out of rotation."

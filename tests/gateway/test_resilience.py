@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -21,7 +22,7 @@ import pytest
 from llm_service.client import Client
 from tests.harness.gateway import FAKE_MODEL as MODEL
 from tests.harness.gateway import HASHED_KEY, KEY, Gateway, running_gateway, running_replicas
-from tests.harness.service import Certs, Service
+from tests.harness.service import Certs, Service, free_port
 
 COUNT = "1, 2, 3,"  # a stream that runs to max_tokens (the fake's reply is longer than any)
 
@@ -201,6 +202,29 @@ def test_a_killed_replica_is_taken_out_and_rejoins_after_restart(
         assert s.finish_reason() == "length"
     time.sleep(0.2)
     assert requests_served(restarted) > before, "the restarted replica gets no traffic"
+
+
+def test_a_replica_started_after_the_gateway_takes_over_when_the_other_stops(
+    start_backend: Callable[..., Service], start_gateway: Callable[..., Gateway]
+) -> None:
+    """A replica never in rotation joins at its first passed check (not after
+    ``healthy_after`` of them: here 100), so the gateway can send it the requests of one that
+    SIGTERM stopped (found by deploy/smoke: a 503 when the second replica had just started)."""
+    first = start_backend()
+    late_ports = (free_port(), free_port())
+    gw = start_gateway(
+        [first, SimpleNamespace(grpc_port=late_ports[0])],
+        env={"LLM_GATEWAY_HEALTHY_AFTER": "100", "LLM_GATEWAY_UNHEALTHY_AFTER": "100"},
+    )
+    assert gw.states()[str(late_ports[0])] == "unhealthy"  # nothing listens there yet
+    late = start_backend(ports=late_ports)
+    gw.wait_state(late, "healthy", timeout=10)
+    first.process.send_signal(signal.SIGTERM)
+    assert first.process.wait(30) == 0
+    assert gw.states()[str(first.grpc_port)] == "healthy"  # (the checks have not noticed)
+    client = gw.client()
+    for _ in range(4):  # each sent to the stopped replica is retried on the late one
+        assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices
 
 
 def test_keepalive_pings_and_disconnect_while_queued(

@@ -85,7 +85,7 @@ def make_pool() -> MakePool:
         )
         for backend in pool.backends:
             backend.model = model_info()
-            backend.healthy = True
+            backend.healthy = backend.joined = True
         return pool
 
     return make
@@ -217,13 +217,31 @@ def test_the_first_check_decides_at_once(make_pool: MakePool) -> None:
     pool = make_pool(2, healthy_after=3, unhealthy_after=3)
     passing, failing = pool.backends
     for backend in pool.backends:
-        backend.healthy = None
+        backend.healthy, backend.joined = None, False
     assert passing.state() is ReplicaState.UNKNOWN
     pool._record_check(passing, None)
     pool._record_check(failing, "refused")
     assert passing.state() is ReplicaState.HEALTHY
     assert failing.state() is ReplicaState.UNHEALTHY
     assert failing.last_error == "refused"
+
+
+def test_a_replica_never_in_rotation_joins_at_its_first_passed_check(
+    make_pool: MakePool,
+) -> None:
+    pool = make_pool(1, healthy_after=3)
+    backend = pool.backends[0]
+    backend.healthy, backend.joined = None, False
+    pool._record_check(backend, "refused")  # still starting
+    pool._record_check(backend, "refused")
+    assert backend.state() is ReplicaState.UNHEALTHY
+    pool._record_check(backend, None)
+    assert backend.state() is ReplicaState.HEALTHY
+    pool._record_check(backend, "down")  # once it has served, passes in a row bring it back
+    pool._record_check(backend, "down")
+    pool._record_check(backend, "down")
+    pool._record_check(backend, None)
+    assert backend.state() is ReplicaState.UNHEALTHY
 
 
 def test_a_healthy_replica_leaves_after_failures_in_a_row(make_pool: MakePool) -> None:

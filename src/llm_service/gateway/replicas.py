@@ -3,7 +3,8 @@
 Each replica (``Replica``) is checked every ``health_interval`` seconds on both of its ports
 (gRPC health of ``llm.v1.Inference`` and HTTP ``/readyz``). A replica enters rotation after
 ``healthy_after`` passed checks in a row and leaves it after ``unhealthy_after`` failures in a
-row (its first check decides at once). Independently, ``eject_after`` failed requests in a row
+row (its first check decides at once, and a replica never in rotation yet, still starting,
+joins at its first passed check). Independently, ``eject_after`` failed requests in a row
 (refused connections, unavailable, engine failures) eject it for ``ejection_time``, doubled at
 each ejection in a row; at most half of the replicas are ejected at once.
 
@@ -83,6 +84,7 @@ class Replica:
         self.model: ModelInfo | None = None
         self.outstanding = 0
         self.healthy: bool | None = None  # the health checks' verdict; None: not checked yet
+        self.joined = False  # whether it has ever been in rotation
         self.passes = 0
         self.fails = 0
         self.request_failures = 0
@@ -312,8 +314,10 @@ class ReplicaPool:
         before = backend.state()
         if failure is None:
             backend.passes, backend.fails = backend.passes + 1, 0
-            if backend.healthy is None or backend.passes >= self.settings.healthy_after:
-                backend.healthy = True
+            # A replica that has never been in rotation was starting, not flapping: it joins at
+            # once (a request refused by the others' last replica would find none else).
+            if not backend.joined or backend.passes >= self.settings.healthy_after:
+                backend.healthy = backend.joined = True
         else:
             backend.passes, backend.fails = 0, backend.fails + 1
             backend.last_error = failure
