@@ -96,48 +96,77 @@ async def measure(
     name: str,
     opener: StreamOpener,
     server: Server | Stack,
+    level: int,
+    requests: int,
+    first: int,
+    max_tokens: int,
+) -> dict[str, Any]:
+    """One concurrency level against one server: ``requests`` requests, prompts ``first``
+    on (the same prompts for every server)."""
+    peak = server.rss_mb()
+
+    async def sample_rss() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, server.rss_mb())
+            await asyncio.sleep(0.25)
+
+    sampler = asyncio.create_task(sample_rss())
+    result: BenchResult = await run_load(
+        lambda i: opener(first + i, max_tokens),
+        concurrency=level,
+        requests=requests,
+        progress=sys.stderr.isatty(),
+        label=f"{name}, {level} streams",
+    )
+    sampler.cancel()
+    figures = result.figures()
+    figures["target"] = name
+    figures["peak_rss_mb"] = round(peak, 1)
+    figures["cut_off"] = sum(1 for s in result.samples if s.ok and s.tokens < max_tokens)
+    print(
+        f"  {name:<18} {level:>3} streams: {figures['tokens_per_s']:7.1f} tokens/s,"
+        f" TTFT p50 {figures['ttft_ms']['p50']} ms, errors {figures['errors'] or 0}",
+        file=sys.stderr,
+    )
+    return figures
+
+
+async def measure_all(
+    targets: list[str],
+    setup: Setup,
+    session: aiohttp.ClientSession,
+    model_id: str,
     levels: list[int],
     per_stream: int,
     max_tokens: int,
 ) -> list[dict[str, Any]]:
-    """Run every concurrency level against one server; the same prompts for every server."""
-    await _drain(opener(10_000, 8))  # warm-up, outside the figures
-    rows = []
-    offset = 0
-    for level in levels:
-        requests = max(6, per_stream * level)
-        peak = server.rss_mb()
+    """Every level against every target, the targets taking turns at each level (in reverse
+    order every other level).
 
-        async def sample_rss() -> None:
-            nonlocal peak
-            while True:
-                peak = max(peak, server.rss_mb())
-                await asyncio.sleep(0.25)
-
-        def request(i: int, base: int = offset) -> AsyncIterator[int]:
-            return opener(base + i, max_tokens)
-
-        sampler = asyncio.create_task(sample_rss())
-        result: BenchResult = await run_load(
-            request,
-            concurrency=level,
-            requests=requests,
-            progress=sys.stderr.isatty(),
-            label=f"{name}, {level} streams",
-        )
-        sampler.cancel()
-        offset += requests
-        figures = result.figures()
-        figures["target"] = name
-        figures["peak_rss_mb"] = round(peak, 1)
-        figures["cut_off"] = sum(1 for s in result.samples if s.ok and s.tokens < max_tokens)
-        rows.append(figures)
-        print(
-            f"  {name:<18} {level:>3} streams: {figures['tokens_per_s']:7.1f} tokens/s,"
-            f" TTFT p50 {figures['ttft_ms']['p50']} ms, errors {figures['errors'] or 0}",
-            file=sys.stderr,
-        )
-    return rows
+    These machines' speed drifts by 10-20 % over minutes (other tenants of the host): measured
+    one target after another, each over all levels, a ratio would compare two different
+    machines. So every server runs from the start (idle ones cost nothing), and the runs a
+    ratio compares are minutes apart at most.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        started = []
+        for target in targets:
+            server, openers = await stack.enter_async_context(
+                serving(target, setup, session, model_id)
+            )
+            opener = openers(bench_prompt)
+            await _drain(opener(10_000, 8))  # warm-up, outside the figures
+            started.append((_display(target), opener, server))
+        rows = []
+        first = 0
+        for k, level in enumerate(levels):
+            requests = max(6, per_stream * level)
+            for name, opener, server in started if k % 2 == 0 else started[::-1]:
+                rows.append(await measure(name, opener, server, level, requests, first, max_tokens))
+            first += requests
+    order = [_display(t) for t in targets]
+    return sorted(rows, key=lambda r: (r["concurrency"], order.index(r["target"])))
 
 
 async def _drain(stream: AsyncIterator[int]) -> None:
@@ -556,12 +585,9 @@ async def run(args: argparse.Namespace) -> int:
     connector = aiohttp.TCPConnector(force_close=True)
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        for target in targets:
-            async with serving(target, setup, session, model_id) as (server, openers):
-                report["runs"] += await measure(
-                    _display(target), openers(bench_prompt), server, levels,
-                    args.requests_per_stream, args.max_tokens,
-                )  # fmt: skip
+        report["runs"] = await measure_all(
+            targets, setup, session, model_id, levels, args.requests_per_stream, args.max_tokens
+        )
         if args.long_prompts:
             # Servers with room for the longest prompt in every slot.
             long_setup = Setup(**{**setup.__dict__, "ctx_per_slot": max(LONG_PROMPTS) + 256})

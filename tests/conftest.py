@@ -14,7 +14,7 @@ pytest_plugins = ["tests.harness.fixtures"]
 
 TEST_N_CTX = 1024
 # Batched mode: slots of the session's shared context (engines on it use the first ones), and
-# prompt tokens per step.
+# prompt tokens a running stream waits for at most between two of its tokens.
 TEST_SLOTS = 4
 TEST_PREFILL_CHUNK = 64
 

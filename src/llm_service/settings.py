@@ -157,19 +157,17 @@ class ServiceSettings(BaseSettings):
     n_batch: int = Field(
         512,
         ge=1,
-        description="Prompt tokens evaluated per llama_decode call: in contexts mode, and in"
-        " batched mode for prompts with no stream decoding beside them.",
+        description="Prompt tokens evaluated per llama_decode call, in either pool mode.",
     )
     prefill_chunk: int = Field(
-        4,
+        512,
         ge=1,
         le=65_536,
-        description="Batched mode: prompt tokens evaluated per step at most while streams are"
-        " decoding (or one per decoding stream, if more), shared by the prompts being admitted"
-        " in order of arrival. Every prompt token in a step delays the running streams' next"
-        " token, so a long prompt goes in small chunks beside them instead of stalling them"
-        " for its whole evaluation. With no stream decoding, prompts are evaluated LLM_N_BATCH"
-        " tokens a step.",
+        description="Batched mode: prompt tokens the decoding streams wait for at most between"
+        " two of their tokens. New prompts are evaluated first, LLM_N_BATCH tokens a step, so"
+        " that requests arriving together start together; past this many prompt tokens the"
+        " streams decode a step before the prompts go on. Lower: a long prompt stretches the"
+        " streams' inter-token time less, and waits longer for its first token.",
     )
     n_threads: int | None = Field(
         None,

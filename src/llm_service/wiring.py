@@ -93,8 +93,8 @@ def _load(settings: ServiceSettings, template: ChatTemplate | None, *, progress:
             default_reply=FAKE_REPLY,
             pool_mode=settings.pool_mode,
             slots=settings.llama_service_threads,
+            step_tokens=settings.n_batch,
             prefill_chunk=settings.prefill_chunk,
-            lone_prompt_chunk=settings.n_batch,
             chat_template=source,
             embeddings=bool(settings.embeddings),
         )

@@ -30,7 +30,7 @@ from tests.support import collect, final
 
 @pytest.fixture
 async def batched() -> AsyncIterator[tuple[FakeBackend, FakeBatchDecoder, Engine]]:
-    backend = FakeBackend(n_ctx=256, pool_mode="batched", slots=3, prefill_chunk=4)
+    backend = FakeBackend(n_ctx=256, pool_mode="batched", slots=3, step_tokens=4, prefill_chunk=8)
     assert backend.decoder is not None
     engine = await Engine.start(backend, EngineConfig(pool_size=3, max_queue=4))
     yield backend, backend.decoder, engine
@@ -45,7 +45,10 @@ def req(prompt: str, max_tokens: int, **sampling: object) -> GenerationRequest:
     )
 
 
-async def test_a_long_prompt_is_chunked_while_the_running_streams_decode(batched) -> None:  # type: ignore[no-untyped-def]
+async def test_a_long_prompt_goes_in_chunks_between_the_running_streams_steps(batched) -> None:  # type: ignore[no-untyped-def]
+    """Prompt steps (4 tokens each: step_tokens) and the running stream's steps alternate: the
+    stream waits for 8 prompt tokens (prefill_chunk) at most between two of its tokens; no step
+    mixes the two."""
     backend, decoder, engine = batched
     backend.token_delay_s = 0.002
     backend.enqueue("a" * 200, "b" * 3)
@@ -59,17 +62,17 @@ async def test_a_long_prompt_is_chunked_while_the_running_streams_decode(batched
         assert final(long).text == "bbb"
         long_steps = decoder.steps[first_long_step:]
     long_slot = long[0].slot if isinstance(long[0], Started) else -1
-    chunks = [e for step in long_steps for e in step if e.seq == long_slot]
-    prefill = [e for e in chunks if e.pos < 40]
-    # Ten chunks of 4 tokens, in order; and the running stream decoded a token in every one
-    # of those steps, instead of waiting for the whole prompt.
+    prefill = [e for step in long_steps for e in step if e.seq == long_slot and e.pos < 40]
     assert [(e.pos, len(e.tokens)) for e in prefill] == [(p, 4) for p in range(0, 40, 4)]
     assert [e.output for e in prefill] == [False] * 9 + [True]
-    prefill_steps = [step for step in long_steps if any(e in prefill for e in step)]
-    assert len(prefill_steps) == 10
-    for step in prefill_steps:
-        assert [len(e.tokens) for e in step if e.seq != long_slot] == [1]
-        assert sum(len(e.tokens) for e in step) <= 4 + 3  # the chunk, and a token per slot
+    # From the prompt's first step to its last: P P S P P S ... (P: 4 prompt tokens alone,
+    # S: the stream's token alone).
+    start = next(i for i, step in enumerate(long_steps) if step[0] is prefill[0])
+    end = next(i for i, step in enumerate(long_steps) if step[0] is prefill[-1])
+    kinds = ["P" if step[0].seq == long_slot else "S" for step in long_steps[start : end + 1]]
+    assert "".join(kinds) == "PPSPPSPPSPPSPP"
+    for step in long_steps:  # a prompt step holds nothing else
+        assert not any(e in prefill for e in step) or len(step) == 1
 
 
 async def test_prompts_admitted_together_share_the_chunk_in_order_of_arrival(batched) -> None:  # type: ignore[no-untyped-def]
@@ -407,12 +410,10 @@ async def test_contexts_failing_decode_after_decode_make_the_engine_say_it_faile
         await engine.aclose()
 
 
-async def test_a_prompt_with_no_stream_beside_it_takes_the_lone_prompt_chunk() -> None:
-    """Nobody waits on its steps but itself: n_batch tokens a step, not the small chunk; a
-    prompt admitted while a stream decodes still goes in small chunks."""
-    backend = FakeBackend(
-        n_ctx=256, pool_mode="batched", slots=2, prefill_chunk=4, lone_prompt_chunk=32
-    )
+async def test_a_prompt_takes_whole_steps_and_waits_for_the_streams_past_the_chunk() -> None:
+    """Alone, a prompt goes step_tokens (32) a step; beside a decoding stream too, but the
+    stream decodes a step after every prefill_chunk (48) prompt tokens."""
+    backend = FakeBackend(n_ctx=256, pool_mode="batched", slots=2, step_tokens=32, prefill_chunk=48)
     assert backend.decoder is not None
     decoder = backend.decoder
     engine = await Engine.start(backend, EngineConfig(pool_size=2, max_queue=1))
@@ -422,21 +423,25 @@ async def test_a_prompt_with_no_stream_beside_it_takes_the_lone_prompt_chunk() -
         first = len(decoder.steps)
         alone = await collect(engine, req("x" * 79, 1))  # 80 prompt tokens with BOS
         slot = alone[0].slot if isinstance(alone[0], Started) else -1
-        prefill = [e for step in decoder.steps[first:] for e in step if e.seq == slot]
-        assert [(e.pos, len(e.tokens)) for e in prefill if e.pos < 80] == [
-            (0, 32), (32, 32), (64, 16),
-        ]  # fmt: skip
+        steps = [[(e.seq, e.pos, len(e.tokens)) for e in step] for step in decoder.steps[first:]]
+        assert steps == [[(slot, 0, 32)], [(slot, 32, 32)], [(slot, 64, 16)]]
 
         backend.token_delay_s = 0.002
         async with contextlib.aclosing(engine.generate(req("hi", 100))) as running:
             async for event in running:
+                if isinstance(event, Started):
+                    stream_slot = event.slot
                 if isinstance(event, TokenDelta):
                     break  # a stream is decoding
             first = len(decoder.steps)
-            beside = await collect(engine, req("y" * 15, 1))  # 16 prompt tokens
+            beside = await collect(engine, req("y" * 79, 1))  # 80 prompt tokens
         slot = beside[0].slot if isinstance(beside[0], Started) else -1
-        prefill = [e for step in decoder.steps[first:] for e in step if e.seq == slot]
-        assert [len(e.tokens) for e in prefill if e.pos < 16] == [4, 4, 4, 4]
+        steps = [[(e.seq, len(e.tokens)) for e in step] for step in decoder.steps[first:]]
+        start = steps.index([(slot, 32)])
+        # 32 + 16 prompt tokens (the chunk's 48), the stream's token, then the other 32.
+        assert steps[start : start + 4] == [
+            [(slot, 32)], [(slot, 16)], [(stream_slot, 1)], [(slot, 32)],
+        ]  # fmt: skip
     finally:
         await engine.aclose()
 
@@ -468,11 +473,11 @@ async def test_a_bug_in_one_request_fails_that_request_not_the_scheduler(
         await engine.aclose()
 
 
-async def test_a_paused_stream_does_not_shrink_the_next_prompts_chunks() -> None:
-    """A stream whose client stops reading waits on its client, not on the step: a prompt
-    beside it alone takes the lone-prompt chunk."""
+async def test_a_paused_stream_does_not_interrupt_the_next_prompt() -> None:
+    """A stream whose client stops reading waits on its client, not on the prompts: a prompt
+    beside it goes as if alone, step_tokens a step, with no step for the stream between."""
     backend = FakeBackend(
-        n_ctx=512, pool_mode="batched", slots=2, prefill_chunk=4, lone_prompt_chunk=32,
+        n_ctx=512, pool_mode="batched", slots=2, step_tokens=32, prefill_chunk=4,
         token_delay_s=0.001,
     )  # fmt: skip
     decoder = backend.decoder

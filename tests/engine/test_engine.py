@@ -38,7 +38,7 @@ from tests.support import collect
 @pytest.fixture(params=["contexts", "batched"])
 async def fake(request: pytest.FixtureRequest) -> AsyncIterator[tuple[FakeBackend, Engine]]:
     """A pool of 2 on the fake, in both modes (batched: prompts of 4 tokens a step)."""
-    backend = FakeBackend(n_ctx=64, pool_mode=request.param, slots=2, prefill_chunk=4)
+    backend = FakeBackend(n_ctx=64, pool_mode=request.param, slots=2, step_tokens=4)
     engine = await Engine.start(backend, EngineConfig(pool_size=2, max_queue=1, queue_timeout_s=5))
     yield backend, engine
     await engine.aclose()
@@ -361,7 +361,7 @@ WEATHER = Tool(
 @pytest.fixture(params=["contexts", "batched"])
 async def roomy(request: pytest.FixtureRequest) -> AsyncIterator[tuple[FakeBackend, Engine]]:
     """A pool of 1 on the fake, in both modes, with room for the tools' system message."""
-    backend = FakeBackend(n_ctx=4096, pool_mode=request.param, slots=1, prefill_chunk=512)
+    backend = FakeBackend(n_ctx=4096, pool_mode=request.param, slots=1, step_tokens=512)
     engine = await Engine.start(backend, EngineConfig(pool_size=1, max_queue=1))
     yield backend, engine
     await engine.aclose()

@@ -702,9 +702,9 @@ def token_ids(events: list[GenerationEvent]) -> list[int]:
 async def test_a_long_prompt_does_not_stall_a_running_stream(engine: Engine) -> None:
     """While a long prompt is evaluated, a running stream goes on producing tokens.
 
-    Counted in tokens, not timed: the prompt is evaluated in chunks of
-    TEST_PREFILL_CHUNK tokens, one chunk a step, and the running stream gets a token in each
-    of those steps; without chunking it would get one or two in all.
+    Counted in tokens, not timed: the running stream waits for TEST_PREFILL_CHUNK prompt
+    tokens at most between two of its tokens, so it gets a token after each chunk of the
+    prompt; without that it would get one or two in all.
     """
     running = GenerationRequest(
         prompt=COUNTING, sampling=SamplingParams(temperature=0, max_tokens=600)
@@ -737,7 +737,7 @@ async def test_a_long_prompt_does_not_stall_a_running_stream(engine: Engine) -> 
     chunks = -(-started.prompt_tokens // TEST_PREFILL_CHUNK)
     assert chunks >= 8, started.prompt_tokens
     during = [t for t in arrivals if started_at < t < first_token_at]
-    # A token in most of those steps; a third of them leaves room for a slow worker thread.
+    # A token after most chunks; a third of them leaves room for a slow event loop.
     assert len(during) >= chunks // 3 + 1, (len(during), chunks)
     print(f"{len(during)} tokens of the running stream during {chunks} chunks of prompt")
 

@@ -7,10 +7,10 @@ step, the scheduler thread:
 
 1. finishes the requests that were cancelled or passed their deadline (the flag is set from
    the event loop; it is read here, between steps);
-2. builds one batch: the last sampled token of every decoding request, plus chunks of the
-   prompts being admitted, in order of arrival (``_prompt_budget``: about as many prompt
-   tokens as there are streams decoding, so that a long prompt never stalls them;
-   ``lone_prompt_chunk`` when none is);
+2. builds one batch: either prompt tokens of the requests being admitted, in order of arrival
+   (up to ``step_tokens``), or the last sampled token of every decoding request; prompts go
+   first, but the decoding streams wait for ``prefill_chunk`` prompt tokens at most between two
+   of their tokens (``_plan``);
 3. evaluates it with one decode;
 4. samples every request that needs a token with its own sampler (the logits are valid only
    until the next step), and advances each request's text and finish state (``accept``);
@@ -21,8 +21,8 @@ So no thread runs per request, and a token crosses threads once, on its way to t
 A request whose consumer stops reading pauses (``Generation.paused``) without holding up the
 others. A failed decode fails the requests of its step (and only those) with EngineError;
 resets (``llama_memory_seq_rm`` and the check that the sequence is empty) run between steps, on
-the same thread. A step of lone prompts (no stream decoding) may be long: it stops as soon as
-every prompt in it is cancelled (llama.cpp's abort callback).
+the same thread. A step of prompts may be long: it stops as soon as every prompt in it is
+cancelled (llama.cpp's abort callback).
 
 This module knows nothing of llama.cpp: the model side is a ``BatchDecoder``
 (``llm_service.engine.llama.LlamaBatchDecoder``, or the fake backend's).
@@ -160,23 +160,20 @@ class BatchScheduler:
 
     Args:
         decoder: the model side (owned: closed by ``close``).
-        prefill_chunk: prompt tokens per step at most, over every prompt being admitted, while
-            streams are decoding, or one per decoding stream if there are more (see
-            ``_prompt_budget``).
-        lone_prompt_chunk: the same when no stream is decoding (default: ``prefill_chunk``):
-            nobody waits on those steps but the prompts themselves, so llama.cpp's own batch
-            size evaluates them fastest.
+        step_tokens: prompt tokens one step evaluates at most (llama.cpp's batch size).
+        prefill_chunk: prompt tokens the decoding streams wait for at most between two of their
+            tokens (see ``_plan``).
     """
 
-    def __init__(
-        self, decoder: BatchDecoder, *, prefill_chunk: int, lone_prompt_chunk: int | None = None
-    ) -> None:
-        if prefill_chunk < 1:
-            raise ValueError("prefill_chunk must be at least 1")
+    def __init__(self, decoder: BatchDecoder, *, step_tokens: int, prefill_chunk: int) -> None:
+        if step_tokens < 1 or prefill_chunk < 1:
+            raise ValueError("step_tokens and prefill_chunk must be at least 1")
         self.slots = decoder.slots
         self._decoder = decoder
+        self._step_tokens = step_tokens
         self._prefill_chunk = prefill_chunk
-        self._lone_prompt_chunk = max(prefill_chunk, lone_prompt_chunk or 0)
+        # Prompt tokens evaluated since the decoding streams' last step (the scheduler's own).
+        self._held = 0
         self._lock = threading.Condition()
         # Handed over by other threads, taken by the scheduler thread between steps.
         self._arrivals: list[_Running] = []
@@ -353,8 +350,8 @@ class BatchScheduler:
             future.set_result(None)
 
     def _step(self) -> None:
-        """One batch: every decoding request's token, plus prompt chunks in order of arrival
-        within the budget; then sampling, and every request's events to the event loop."""
+        """One batch (``_plan``), then sampling, and every request's events to the event
+        loop."""
         touched: list[_Running] = []  # whose events go out after this step
         decoding: list[_Running] = []
         prompts: list[_Running] = []
@@ -367,28 +364,9 @@ class BatchScheduler:
                 prompts.append(request)
             elif not generation.paused():
                 decoding.append(request)
-        # A decoding stream waits on this step: a big prompt chunk would hold up its next
-        # token. With none (a paused one waits on its client, not on us), prompts take
-        # llama.cpp's batch size.
-        streams = len(decoding)
-        budget = self._prompt_budget(streams)
-        chunks: list[tuple[_Running, Sequence[int], bool]] = []  # request, tokens, output
-        for request in decoding:
-            assert request.token is not None
-            chunks.append((request, (request.token,), True))
-        for request in prompts:
-            if not budget:
-                break
-            tokens = request.generation.prompt_tokens
-            take = min(budget, len(tokens) - request.evaluated)
-            budget -= take
-            end = request.evaluated + take
-            chunks.append((request, tokens[request.evaluated : end], end == len(tokens)))
-        # In sequence order: llama.cpp evaluates a run of consecutive sequences in one ubatch
-        # when the KV cache is not unified, and splits the batch wherever the run breaks.
-        chunks.sort(key=lambda chunk: chunk[0].slot.index)
+        chunks = self._plan(decoding, prompts)
         if chunks:
-            self._evaluate(chunks, lone_prompts=streams == 0)
+            self._evaluate(chunks, prompts_only=chunks[0][0].token is None)
             touched.extend(request for request, _, _ in chunks)
         deliver(request.generation for request in touched)
         for request in touched:
@@ -396,20 +374,52 @@ class BatchScheduler:
                 del self._running[request.slot.index]
                 request.done.set_result(None)
 
-    def _prompt_budget(self, streams: int) -> int:
-        """Prompt tokens this step may evaluate beside ``streams`` running streams.
+    def _plan(
+        self, decoding: list[_Running], prompts: list[_Running]
+    ) -> list[tuple[_Running, Sequence[int], bool]]:
+        """This step's chunks (request, tokens, whether to sample after them): prompts, or the
+        decoding streams' tokens, never both.
 
-        On a CPU a step costs about the same per token, prompt or not, so each prompt token in
-        a step delays every running stream's next token. ``prefill_chunk``, or one per stream
-        if there are more, keeps a step with prompts at about twice the tokens (and time) of
-        one without, whatever the load: a long prompt can stretch the streams' inter-token time
-        by about 2x at most, instead of by its whole evaluation. With no stream decoding,
-        nobody waits but the prompts: llama.cpp's own batch size is fastest.
+        On a CPU a step costs about the sum of its tokens' costs (with the KV cache not
+        unified, llama.cpp evaluates a prompt beside the streams in a ubatch of its own), so
+        mixing a prompt into the streams' step saves nothing, and a stream waits for the same
+        prompt tokens either way. Prompts first, in steps of ``step_tokens``: requests that
+        arrive together start together, in the same step, and then decode in step with each
+        other (and with the streams already running, which a mixed step would put a token
+        ahead of them). The streams wait for ``prefill_chunk`` prompt tokens at most between
+        two of their tokens: past it they decode a step, and the prompts go on after it, so a
+        long prompt stretches their inter-token time instead of stalling them for its whole
+        evaluation. A paused stream waits on its client, not on the prompts.
         """
-        return max(self._prefill_chunk, streams) if streams else self._lone_prompt_chunk
+        chunks: list[tuple[_Running, Sequence[int], bool]] = []
+        if not decoding:
+            self._held = 0
+        if prompts and self._held < self._prefill_chunk:
+            budget = self._step_tokens
+            if decoding:
+                budget = min(budget, self._prefill_chunk - self._held)
+            for request in prompts:
+                if not budget:
+                    break
+                tokens = request.generation.prompt_tokens
+                take = min(budget, len(tokens) - request.evaluated)
+                budget -= take
+                end = request.evaluated + take
+                chunks.append((request, tokens[request.evaluated : end], end == len(tokens)))
+                if decoding:
+                    self._held += take
+            # In sequence order: llama.cpp evaluates a run of consecutive sequences in one
+            # ubatch when the KV cache is not unified, and splits the batch where it breaks.
+            chunks.sort(key=lambda chunk: chunk[0].slot.index)
+        else:
+            self._held = 0
+            for request in decoding:
+                assert request.token is not None
+                chunks.append((request, (request.token,), True))
+        return chunks
 
     def _evaluate(
-        self, chunks: list[tuple[_Running, Sequence[int], bool]], *, lone_prompts: bool
+        self, chunks: list[tuple[_Running, Sequence[int], bool]], *, prompts_only: bool
     ) -> None:
         entries: list[BatchEntry] = []
         samples: list[tuple[_Running, int]] = []  # request, index of its output token
@@ -421,13 +431,13 @@ class BatchScheduler:
                 samples.append((request, n_tokens - 1))
         included = [request.generation for request, _, _ in chunks]
 
-        # A step of lone prompts may take a while and holds up nobody else: it stops as soon as
-        # every prompt in it is cancelled (a step beside streams is short: it runs to its end).
+        # A step of prompts may take a while: it stops as soon as every prompt in it is
+        # cancelled (a step of streams is short: it runs to its end).
         def every_prompt_aborted() -> bool:
             return all(generation.should_abort() for generation in included)
 
         try:
-            self._decoder.decode(entries, every_prompt_aborted if lone_prompts else None)
+            self._decoder.decode(entries, every_prompt_aborted if prompts_only else None)
         except GenerationAborted as exc:
             for generation in included:
                 generation.fail(exc)

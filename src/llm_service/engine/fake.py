@@ -196,10 +196,9 @@ class FakeBackend:
         default_reply: the reply when nothing is enqueued.
         pool_mode: ``batched`` runs the pool's slots on the real ``BatchScheduler``, over a
             ``FakeBatchDecoder`` of ``slots`` sequences (see ``decoder``).
-        prefill_chunk: batched mode: prompt tokens per step while streams decode (or one per
-            decoding stream, if more).
-        lone_prompt_chunk: batched mode: prompt tokens per step when none does (default:
-            ``prefill_chunk``).
+        step_tokens: batched mode: prompt tokens per step at most (llama.cpp's batch size).
+        prefill_chunk: batched mode: prompt tokens the decoding streams wait for at most
+            between two of their tokens.
         chat_template: Jinja source of a chat template, rendered as the llama backend renders
             it (with no BOS or EOS text: the fake has none), instead of the fake's own
             ``<role>content`` lines.
@@ -219,8 +218,8 @@ class FakeBackend:
         default_reply: str = "Hello from the fake backend.",
         pool_mode: PoolMode = "contexts",
         slots: int = 2,
+        step_tokens: int = 8,
         prefill_chunk: int = 8,
-        lone_prompt_chunk: int | None = None,
         chat_template: str | None = None,
         embeddings: bool = False,
     ) -> None:
@@ -231,7 +230,7 @@ class FakeBackend:
         if pool_mode == "batched":
             self.decoder = FakeBatchDecoder(self, slots)
             self.scheduler = BatchScheduler(
-                self.decoder, prefill_chunk=prefill_chunk, lone_prompt_chunk=lone_prompt_chunk
+                self.decoder, step_tokens=step_tokens, prefill_chunk=prefill_chunk
             )
         self.token_delay_s = token_delay_s
         self.prefill_delay_s = prefill_delay_s

@@ -382,13 +382,12 @@ class LlamaBatchDecoder:
     crowd out another. The scheduler thread drives it; ``pos_max`` may be called from anywhere.
     """
 
-    def __init__(self, backend: LlamaBackend, slots: int, prefill_chunk: int) -> None:
+    def __init__(self, backend: LlamaBackend, slots: int) -> None:
         self.slots = slots
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = backend.n_ctx * slots
-        # Room for a step: one token per slot plus the prompt budget, or a lone prompt's
-        # n_batch tokens (see BatchScheduler._prompt_budget).
-        self._capacity = slots + max(prefill_chunk, slots, backend.n_batch)
+        # Room for a step: a token per slot, or n_batch prompt tokens (BatchScheduler._plan).
+        self._capacity = max(slots, backend.n_batch)
         params.n_batch = self._capacity
         params.n_ubatch = min(self._capacity, MAX_UBATCH)
         params.n_seq_max = slots
@@ -649,7 +648,7 @@ class LlamaBackend:
         n_gpu_layers: int = 0,
         pool_mode: PoolMode = "contexts",
         slots: int = 1,
-        prefill_chunk: int = 4,
+        prefill_chunk: int = 512,
         chat_template: str | None = None,
         embeddings: bool | None = None,
         progress: Callable[[float], None] | None = None,
@@ -658,11 +657,10 @@ class LlamaBackend:
 
         Args:
             n_ctx: tokens of one pool entry (a context, or a slot of the shared context).
-            n_batch: prompt tokens per llama_decode: contexts mode's, and batched mode's for a
-                prompt with no stream decoding beside it.
+            n_batch: prompt tokens per llama_decode, in either mode.
             pool_mode: ``batched`` also creates the shared context, of ``slots`` sequences,
-                and its scheduler, evaluating at most ``prefill_chunk`` prompt tokens a step
-                (or one per stream, if more) while streams are decoding.
+                and its scheduler, under which the decoding streams wait for ``prefill_chunk``
+                prompt tokens at most between two of their tokens.
             chat_template: Jinja source of the chat template to use instead of the GGUF's
                 own (None: the GGUF's, if it has one).
             embeddings: also serve embeddings (an embedding context beside the pool); None:
@@ -727,14 +725,14 @@ class LlamaBackend:
             )  # fmt: skip
         if pool_mode == "batched":
             try:
-                decoder = LlamaBatchDecoder(backend, slots, prefill_chunk)
+                decoder = LlamaBatchDecoder(backend, slots)
             except BaseException:
                 backend.close()
                 raise
             backend.pool_mode = "batched"
             backend.decoder = decoder
             backend.scheduler = BatchScheduler(
-                decoder, prefill_chunk=prefill_chunk, lone_prompt_chunk=backend.n_batch
+                decoder, step_tokens=backend.n_batch, prefill_chunk=prefill_chunk
             )
             logger.info(
                 "batched mode: one context of %d tokens, %s of %d tokens each",
