@@ -132,9 +132,21 @@ async def test_a_failed_decode_fails_the_requests_of_its_step_and_nothing_else(b
     assert decoder.kv == [[], [], []]
 
 
+async def test_a_slot_is_cleared_once_as_its_request_ends(batched) -> None:  # type: ignore[no-untyped-def]
+    """The scheduler clears and verifies the sequence in the step the request ends in; the
+    pool's reset then finds it done instead of waiting for the scheduler again."""
+    backend, decoder, engine = batched
+    await engine.pool.wait_idle()
+    before = backend.resets
+    events = await collect(engine, req("hi", 2))
+    await engine.pool.wait_idle()
+    slot = events[0].slot if isinstance(events[0], Started) else -1
+    assert backend.resets == before + 1 and decoder.kv[slot] == []
+
+
 async def test_a_slot_that_fails_its_reset_is_made_again_on_its_sequence(batched) -> None:  # type: ignore[no-untyped-def]
     backend, decoder, engine = batched
-    backend.fail_resets = 1
+    backend.fail_resets = 2  # the scheduler's clear as the request ends, then the pool's
     events = await collect(engine, req("hi", 2))
     slot = events[0].slot if isinstance(events[0], Started) else -1
     await engine.pool.wait_idle()

@@ -131,12 +131,15 @@ class BatchSlot:
     Attributes:
         index: the slot's number, also its sequence id.
         n_past: tokens in the sequence (touched by the scheduler thread only).
+        cleared: the scheduler cleared the sequence and verified it empty as its last request
+            ended, and nothing ran on it since (under the scheduler's lock).
     """
 
     def __init__(self, scheduler: BatchScheduler, index: int) -> None:
         self.index = index
         self.n_past = 0
         self.closed = False
+        self.cleared = False
         self._scheduler = scheduler
 
     def start(self, generation: Generation) -> concurrent.futures.Future[None]:
@@ -147,7 +150,8 @@ class BatchSlot:
         return self._scheduler._start(self, generation)
 
     def reset(self) -> None:
-        """Clear the slot's sequence (between two steps) and verify it is empty."""
+        """Clear the slot's sequence (between two steps) and verify it is empty; at once if
+        the scheduler did as the last request ended."""
         self._scheduler._reset(self)
 
     def close(self) -> None:
@@ -240,6 +244,7 @@ class BatchScheduler:
         generation.attach(self._wake)
         with self._lock:
             self._check_open(slot)
+            slot.cleared = False
             self._arrivals.append(running)
             self._lock.notify()
         return running.done
@@ -248,6 +253,8 @@ class BatchScheduler:
         future: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
             self._check_open(slot)
+            if slot.cleared:
+                return
             self._resets.append((slot, future))
             self._lock.notify()
         future.result()
@@ -372,7 +379,23 @@ class BatchScheduler:
         for request in touched:
             if request.generation.finished:
                 del self._running[request.slot.index]
+                self._clear_ended(request.slot)
                 request.done.set_result(None)
+
+    def _clear_ended(self, slot: BatchSlot) -> None:
+        """Clear the sequence of a request that ended, and verify it is empty, here and now: the
+        pool's reset then has nothing to wait for, and the next request on the slot (often
+        waiting in the queue) starts with the others that ended in this step. If it fails, the
+        pool's reset tries again (and replaces the slot if that fails too)."""
+        try:
+            self._decoder.clear(slot.index)
+        except Exception:
+            logger.debug("slot %d: clearing it as its request ended failed", slot.index,
+                         exc_info=True)  # fmt: skip
+            return
+        slot.n_past = 0
+        with self._lock:
+            slot.cleared = True
 
     def _plan(
         self, decoding: list[_Running], prompts: list[_Running]
