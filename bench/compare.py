@@ -221,15 +221,33 @@ async def time_to_first_token(opener: StreamOpener, prompt_index: int) -> float:
         await _drain(stream)
 
 
-async def long_prompt_ttft(
-    name: str, opener: StreamOpener, n_tokens: int, first: int
-) -> dict[str, Any]:
-    """TTFT of one request at a time with a prompt of about ``n_tokens`` tokens, the median of
-    LONG_PROMPT_RUNS (each prompt new to the server)."""
-    times = sorted([await time_to_first_token(opener, first + r) for r in range(LONG_PROMPT_RUNS)])
-    ttft = times[len(times) // 2] * 1000
-    print(f"  {name:<18} {n_tokens:>5}-token prompt: TTFT {ttft:.0f} ms", file=sys.stderr)
-    return {"target": name, "prompt_tokens": n_tokens, "ttft_ms": round(ttft, 1)}
+async def long_prompt_ttfts(
+    targets: list[str], setup: Setup, session: aiohttp.ClientSession, model_id: str
+) -> list[dict[str, Any]]:
+    """TTFT of one request alone with a prompt of about each LONG_PROMPTS tokens, the median of
+    LONG_PROMPT_RUNS (each prompt new to the server), the targets taking turns run by run (as
+    in ``measure_all``: these machines drift)."""
+    async with contextlib.AsyncExitStack() as stack:
+        openers: dict[str, Callable[[Prompts], StreamOpener]] = {}
+        for target in targets:
+            _, openers[target] = await stack.enter_async_context(
+                serving(target, setup, session, model_id)
+            )
+        rows = []
+        for k, n_tokens in enumerate(LONG_PROMPTS):
+            prompts = functools.partial(long_prompt, n_tokens=n_tokens)
+            times: dict[str, list[float]] = {target: [] for target in targets}
+            for r in range(LONG_PROMPT_RUNS):
+                for target in targets if r % 2 == 0 else targets[::-1]:
+                    opener = openers[target](prompts)
+                    times[target].append(await time_to_first_token(opener, 1000 * (k + 1) + r))
+            for target in targets:
+                ttft = sorted(times[target])[LONG_PROMPT_RUNS // 2] * 1000
+                name = _display(target)
+                print(f"  {name:<18} {n_tokens:>5}-token prompt: TTFT {ttft:.0f} ms",
+                      file=sys.stderr)  # fmt: skip
+                rows.append({"target": name, "prompt_tokens": n_tokens, "ttft_ms": round(ttft, 1)})
+    return rows
 
 
 EMBED_BATCHES = (1, 32)
@@ -591,18 +609,8 @@ async def run(args: argparse.Namespace) -> int:
         if args.long_prompts:
             # Servers with room for the longest prompt in every slot.
             long_setup = Setup(**{**setup.__dict__, "ctx_per_slot": max(LONG_PROMPTS) + 256})
-            report["long_prompts"] = []
-            for target in (REFERENCE, "llm_service-batched", "llm-gateway"):
-                if target not in targets:
-                    continue
-                async with serving(target, long_setup, session, model_id) as (_, openers):
-                    for k, n_tokens in enumerate(LONG_PROMPTS):
-                        prompts = functools.partial(long_prompt, n_tokens=n_tokens)
-                        report["long_prompts"].append(
-                            await long_prompt_ttft(
-                                _display(target), openers(prompts), n_tokens, first=1000 * (k + 1)
-                            )
-                        )
+            chosen = [t for t in (REFERENCE, "llm_service-batched", "llm-gateway") if t in targets]
+            report["long_prompts"] = await long_prompt_ttfts(chosen, long_setup, session, model_id)
         if args.embeddings:
             print("bench: embeddings ...", file=sys.stderr)
             report["embeddings"] = []
