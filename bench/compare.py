@@ -100,9 +100,9 @@ async def measure(
     requests: int,
     first: int,
     max_tokens: int,
-) -> dict[str, Any]:
-    """One concurrency level against one server: ``requests`` requests, prompts ``first``
-    on (the same prompts for every server)."""
+) -> tuple[BenchResult, float]:
+    """``requests`` requests against one server, ``level`` at a time, prompts ``first`` on
+    (the same prompts for every server); its samples, and the server's peak RSS in MB."""
     peak = server.rss_mb()
 
     async def sample_rss() -> None:
@@ -112,24 +112,17 @@ async def measure(
             await asyncio.sleep(0.25)
 
     sampler = asyncio.create_task(sample_rss())
-    result: BenchResult = await run_load(
-        lambda i: opener(first + i, max_tokens),
-        concurrency=level,
-        requests=requests,
-        progress=sys.stderr.isatty(),
-        label=f"{name}, {level} streams",
-    )
-    sampler.cancel()
-    figures = result.figures()
-    figures["target"] = name
-    figures["peak_rss_mb"] = round(peak, 1)
-    figures["cut_off"] = sum(1 for s in result.samples if s.ok and s.tokens < max_tokens)
-    print(
-        f"  {name:<18} {level:>3} streams: {figures['tokens_per_s']:7.1f} tokens/s,"
-        f" TTFT p50 {figures['ttft_ms']['p50']} ms, errors {figures['errors'] or 0}",
-        file=sys.stderr,
-    )
-    return figures
+    try:
+        result: BenchResult = await run_load(
+            lambda i: opener(first + i, max_tokens),
+            concurrency=level,
+            requests=requests,
+            progress=sys.stderr.isatty(),
+            label=f"{name}, {level} streams",
+        )
+    finally:
+        sampler.cancel()
+    return result, peak
 
 
 async def measure_all(
@@ -141,13 +134,13 @@ async def measure_all(
     per_stream: int,
     max_tokens: int,
 ) -> list[dict[str, Any]]:
-    """Every level against every target, the targets taking turns at each level (in reverse
-    order every other level).
+    """Every level against every target, in two halves taken in turns A B C C B A.
 
-    These machines' speed drifts by 10-20 % over minutes (other tenants of the host): measured
-    one target after another, each over all levels, a ratio would compare two different
-    machines. So every server runs from the start (idle ones cost nothing), and the runs a
-    ratio compares are minutes apart at most.
+    These machines' speed drifts by 10-20 % over minutes, and in bursts (other tenants of the
+    host): measured one target after another, each over all levels, a ratio would compare two
+    different machines. So every server runs from the start (idle ones cost nothing), the runs
+    a ratio compares are a minute or two apart at most, and the mirrored order cancels a drift
+    that goes one way over the level.
     """
     async with contextlib.AsyncExitStack() as stack:
         started = []
@@ -160,13 +153,38 @@ async def measure_all(
             started.append((_display(target), opener, server))
         rows = []
         first = 0
-        for k, level in enumerate(levels):
+        for level in levels:
             requests = max(6, per_stream * level)
-            for name, opener, server in started if k % 2 == 0 else started[::-1]:
-                rows.append(await measure(name, opener, server, level, requests, first, max_tokens))
+            halves = [(first, requests // 2), (first + requests // 2, requests - requests // 2)]
+            samples: dict[str, list[BenchResult]] = {name: [] for name, _, _ in started}
+            peaks: dict[str, float] = {name: 0.0 for name, _, _ in started}
+            for half, order in zip(halves, (started, started[::-1]), strict=True):
+                for name, opener, server in order:
+                    result, peak = await measure(name, opener, server, level, half[1], half[0],
+                                                 max_tokens)  # fmt: skip
+                    samples[name].append(result)
+                    peaks[name] = max(peaks[name], peak)
+            for name, results in samples.items():
+                merged = BenchResult(
+                    level,
+                    [sample for result in results for sample in result.samples],
+                    sum(result.wall_s for result in results),
+                )
+                figures = merged.figures()
+                figures["target"] = name
+                figures["peak_rss_mb"] = round(peaks[name], 1)
+                figures["cut_off"] = sum(
+                    1 for s in merged.samples if s.ok and s.tokens < max_tokens
+                )
+                rows.append(figures)
+                print(
+                    f"  {name:<18} {level:>3} streams: {figures['tokens_per_s']:7.1f} tokens/s,"
+                    f" TTFT p50 {figures['ttft_ms']['p50']} ms, errors {figures['errors'] or 0}",
+                    file=sys.stderr,
+                )
             first += requests
-    order = [_display(t) for t in targets]
-    return sorted(rows, key=lambda r: (r["concurrency"], order.index(r["target"])))
+    names = [_display(t) for t in targets]
+    return sorted(rows, key=lambda r: (r["concurrency"], names.index(r["target"])))
 
 
 async def _drain(stream: AsyncIterator[int]) -> None:
@@ -185,10 +203,12 @@ def llama_bench_tg(setup: Setup, n: int = 128) -> float:
     return float(json.loads(out.stdout)[0]["avg_ts"])
 
 
-def llama_batched_bench(setup: Setup, sizes: list[int]) -> dict[int, float]:
+def llama_batched_bench(setup: Setup, sizes: list[int]) -> dict[str, dict[int, float]]:
     """The physical limit of batched decoding, with no server at all: llama-batched-bench on
     the same build and model, B sequences of BATCHED_BENCH_PP prompt tokens decoding
-    BATCHED_BENCH_TG tokens each in one batch per step. Generated tokens/s by B."""
+    BATCHED_BENCH_TG tokens each in one batch per step. By B: generated tokens/s of the decode
+    steps alone (``tg``, llama-batched-bench's S_TG), and over the whole run, the prompts'
+    evaluation included (``end_to_end``: B x TG / T, what a server's tokens/s counts)."""
     assert setup.tools is not None
     per_seq = 2 * (BATCHED_BENCH_PP + BATCHED_BENCH_TG)
     out = subprocess.run(
@@ -200,7 +220,13 @@ def llama_batched_bench(setup: Setup, sizes: list[int]) -> dict[int, float]:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    return {int(row["pl"]): round(float(row["speed_tg"]), 1) for row in rows}
+    return {
+        "tg": {int(row["pl"]): round(float(row["speed_tg"]), 1) for row in rows},
+        "end_to_end": {
+            int(row["pl"]): round(int(row["pl"]) * int(row["tg"]) / float(row["t"]), 1)
+            for row in rows
+        },
+    }
 
 
 def long_prompt(i: int, n_tokens: int) -> str:
@@ -401,14 +427,17 @@ def print_long_and_limit(report: dict[str, Any]) -> None:
     if report["physical_limit"]:
         print(
             "\nagainst llama-batched-bench (same build, no server; prompt"
-            f" {BATCHED_BENCH_PP}, {BATCHED_BENCH_TG} generated; generated tokens/s):"
+            f" {BATCHED_BENCH_PP}, {BATCHED_BENCH_TG} generated; generated tokens/s of its decode"
+            " steps alone, and over its whole run with the prompts, as a server's count):"
         )
         for row in report["physical_limit"]:
             server = row["llama_server"] or 0.0
+            whole, ratio = row["llama_batched_bench_end_to_end"], row["ratio_end_to_end"]
             print(
                 f"  batch {row['batch']:>3}: {row['llama_batched_bench']:7.1f};"
                 f" llm_service {row['llm_service']:7.1f} (x{row['ratio']:.2f});"
-                f" llama-server {server:7.1f} (x{row['llama_server_ratio'] or 0:.2f})"
+                f" llama-server {server:7.1f} (x{row['llama_server_ratio'] or 0:.2f});"
+                f" whole run {whole or 0:7.1f}, llm_service x{ratio or 0:.2f}"
             )
     if report.get("long_prompts"):
         print(f"\nfirst token of one request alone, long prompts (median of {LONG_PROMPT_RUNS}):")
@@ -503,15 +532,19 @@ def physical_limit(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Each server's tokens/s at B streams as a ratio to llama-batched-bench at batch B."""
     by = {(r["target"], r["concurrency"]): r for r in report["runs"]}
     rows = []
+    whole = report.get("llama_batched_bench_end_to_end", {})
     for batch, limit in sorted(report.get("llama_batched_bench_tg", {}).items()):
         ours, ref = by.get(("llm_service batched", batch)), by.get((REFERENCE, batch))
         if ours is None or not limit:
             continue
+        end_to_end = whole.get(batch)
         rows.append({
             "batch": batch,
             "llama_batched_bench": limit,
+            "llama_batched_bench_end_to_end": end_to_end,
             "llm_service": ours["tokens_per_s"],
             "ratio": round(ours["tokens_per_s"] / limit, 3),
+            "ratio_end_to_end": round(ours["tokens_per_s"] / end_to_end, 3) if end_to_end else None,
             "llama_server": ref["tokens_per_s"] if ref else None,
             "llama_server_ratio": round(ref["tokens_per_s"] / limit, 3) if ref else None,
         })  # fmt: skip
@@ -595,7 +628,9 @@ async def run(args: argparse.Namespace) -> int:
     report["llama_bench_tg128"] = round(llama_bench_tg(setup), 2)
     print("bench: llama-batched-bench ...", file=sys.stderr)
     sizes = [c for c in levels if c <= 16]
-    report["llama_batched_bench_tg"] = llama_batched_bench(setup, sizes) if sizes else {}
+    limits = llama_batched_bench(setup, sizes) if sizes else {"tg": {}, "end_to_end": {}}
+    report["llama_batched_bench_tg"] = limits["tg"]
+    report["llama_batched_bench_end_to_end"] = limits["end_to_end"]
     targets = [t for t in args.targets.split(",") if t]
     model_id = model.name.removesuffix(".gguf")  # the gateway's id of it; the others ignore it
     # A fresh connection per request: llama-server closes a connection after a stream, and a
