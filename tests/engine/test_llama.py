@@ -32,6 +32,7 @@ from llm_service.engine import (
     llama,
 )
 from llm_service.engine.backend import ContextResetError
+from llm_service.engine.batching import BatchSlot
 from llm_service.engine.chat_template import ChatTemplate
 from llm_service.engine.llama import (
     LLAMA_CPP_COMMIT,
@@ -199,8 +200,12 @@ async def test_isolation_check_fails_when_the_cache_is_not_cleared(
 ) -> None:
     """Proves the isolation tests can fail: skip the KV clear and the probe output changes."""
     before = await probe_each_context(engine)
-    # A context of its own (contexts mode) or a slot of the shared one (batched mode).
-    monkeypatch.setattr(type(engine.pool._free[0]), "reset", lambda self: None)
+    # A context of its own (contexts mode), or the shared one's clear of a sequence (batched
+    # mode: the scheduler clears a slot as its request ends, and the pool's reset after it).
+    if isinstance(engine.pool._free[0], BatchSlot):
+        monkeypatch.setattr(llama.LlamaBatchDecoder, "clear", lambda self, seq: None)
+    else:
+        monkeypatch.setattr(type(engine.pool._free[0]), "reset", lambda self: None)
     await collect(
         engine, GenerationRequest(prompt=LONG_PROMPTS[0], sampling=SamplingParams(max_tokens=40))
     )
