@@ -16,6 +16,7 @@ from llm_service.engine import (
     FakeBackend,
     Finished,
     FinishReason,
+    GenerationEvent,
     GenerationRequest,
     RequestLimits,
     SamplingParams,
@@ -367,6 +368,23 @@ async def roomy(request: pytest.FixtureRequest) -> AsyncIterator[tuple[FakeBacke
     await engine.aclose()
 
 
+@contextlib.asynccontextmanager
+async def templated(template: str) -> AsyncIterator[tuple[FakeBackend, Engine]]:
+    """A pool of 1 on the fake (contexts mode) with its own chat ``template``."""
+    backend = FakeBackend(chat_template=template, n_ctx=4096, pool_mode="contexts", slots=1)
+    engine = await Engine.start(backend, EngineConfig(pool_size=1, max_queue=1))
+    try:
+        yield backend, engine
+    finally:
+        await engine.aclose()
+
+
+async def required_call(backend: FakeBackend, engine: Engine) -> GenerationEvent:
+    """The last event of a ``tool_choice: required`` request the fake answers with a call."""
+    backend.enqueue('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}')
+    return (await collect(engine, tool_request("required")))[-1]
+
+
 def tool_request(choice: str = "auto", **fields: object) -> GenerationRequest:
     return GenerationRequest(
         messages=(ChatMessage("user", "Weather in Paris?"),),
@@ -552,13 +570,8 @@ async def test_a_required_call_after_a_template_that_opens_the_think_block() -> 
     template = (
         "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}<|assistant|><think>\n"
     )
-    backend = FakeBackend(chat_template=template, n_ctx=4096, pool_mode="contexts", slots=1)
-    engine = await Engine.start(backend, EngineConfig(pool_size=1, max_queue=1))
-    try:
-        backend.enqueue('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}')
-        done = (await collect(engine, tool_request("required")))[-1]
-    finally:
-        await engine.aclose()
+    async with templated(template) as (backend, engine):
+        done = await required_call(backend, engine)
     assert isinstance(done, Finished) and done.finish_reason is FinishReason.TOOL_CALLS
     assert done.reasoning == "" and done.tool_calls[0].name == "get_weather"
 
@@ -613,11 +626,8 @@ async def test_tools_reach_a_template_that_refuses_a_system_role() -> None:
         "{{ raise_exception('System role not supported') }}{% endif %}"
         "<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
     )
-    backend = FakeBackend(chat_template=template, n_ctx=4096, pool_mode="contexts", slots=1)
-    engine = await Engine.start(backend, EngineConfig(pool_size=1, max_queue=1))
-    try:
-        backend.enqueue('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Oslo"}}]}')
-        done = (await collect(engine, tool_request("required")))[-1]
+    async with templated(template) as (backend, engine):
+        done = await required_call(backend, engine)
         assert isinstance(done, Finished) and done.finish_reason is FinishReason.TOOL_CALLS
         prompt = backend.history[-1].prompt
         assert (
@@ -631,5 +641,3 @@ async def test_tools_reach_a_template_that_refuses_a_system_role() -> None:
         with pytest.raises(InvalidRequestError, match="System role not supported") as err:
             await collect(engine, own)
         assert err.value.field == "messages"
-    finally:
-        await engine.aclose()
