@@ -136,12 +136,18 @@ async def test_a_slot_is_cleared_once_as_its_request_ends(batched) -> None:  # t
     """The scheduler clears and verifies the sequence in the step the request ends in; the
     pool's reset then finds it done instead of waiting for the scheduler again."""
     backend, decoder, engine = batched
+    scheduler = backend.scheduler
+    assert scheduler is not None
     await engine.pool.wait_idle()
+    queued = []  # the resets the pool had to queue for the scheduler thread
+    real_clear = scheduler._clear
+    scheduler._clear = lambda slot, future: (queued.append(slot.index), real_clear(slot, future))  # type: ignore[method-assign]
     before = backend.resets
     events = await collect(engine, req("hi", 2))
     await engine.pool.wait_idle()
     slot = events[0].slot if isinstance(events[0], Started) else -1
     assert backend.resets == before + 1 and decoder.kv[slot] == []
+    assert queued == []
 
 
 async def test_a_slot_that_fails_its_reset_is_made_again_on_its_sequence(batched) -> None:  # type: ignore[no-untyped-def]
