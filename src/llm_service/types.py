@@ -30,6 +30,7 @@ __all__ = [
     "RequestLimits",
     "SamplingParams",
     "Started",
+    "StepCounts",
     "Timings",
     "TokenDelta",
     "TokenLogprob",
@@ -647,3 +648,19 @@ class PoolState:
     leased: int
     waiting: int
     replaced: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepCounts:
+    """Batched mode's steps of one kind (prompt tokens, or one token of every decoding stream)
+    since the engine started.
+
+    Attributes:
+        steps: steps evaluated (failed and cancelled ones not counted).
+        tokens: tokens those steps evaluated.
+        seconds: time llama.cpp took to evaluate them (``llama_decode``; not sampling).
+    """
+
+    steps: int
+    tokens: int
+    seconds: float

@@ -18,12 +18,13 @@ from llm_service.engine import (
     GenerationRequest,
     SamplingParams,
     Started,
+    StepCounts,
     TokenDelta,
 )
 from llm_service.engine.backend import ContextResetError, DecodeFailures
 from llm_service.engine.batching import BatchScheduler
 from llm_service.engine.fake import FakeBatchDecoder
-from llm_service.engine.generation import MAX_BACKLOG
+from llm_service.engine.generation import MAX_BACKLOG, Mailbox
 from llm_service.errors import EngineError
 from tests.support import collect, final
 
@@ -89,6 +90,25 @@ async def test_prompts_admitted_together_share_the_chunk_in_order_of_arrival(bat
     # Entries are in sequence order within a step (llama.cpp needs consecutive runs).
     for step in decoder.steps:
         assert [e.seq for e in step] == sorted(e.seq for e in step)
+
+
+async def test_the_step_counts_are_the_steps_the_decoder_evaluated(batched) -> None:  # type: ignore[no-untyped-def]
+    _, decoder, engine = batched
+    assert engine.step_counts() == {
+        "prompt": StepCounts(0, 0, 0.0),
+        "decode": StepCounts(0, 0, 0.0),
+    }
+    await asyncio.gather(collect(engine, req("x" * 9, 5)), collect(engine, req("y" * 2, 7)))
+    counts = engine.step_counts()
+    assert counts["prompt"].steps + counts["decode"].steps == len(decoder.steps)
+    tokens = sum(len(entry.tokens) for step in decoder.steps for entry in step)
+    assert counts["prompt"].tokens + counts["decode"].tokens == tokens
+    assert counts["prompt"].tokens == 10 + 3  # with BOS
+    assert counts["prompt"].steps >= 4  # 4 tokens a step
+    assert counts["decode"].tokens == (5 - 1) + (7 - 1)  # every token but the first (sampled
+    assert counts["decode"].steps >= 6  # after the prompt), a stream's token a step
+    assert counts["prompt"].seconds > 0 and counts["decode"].seconds > 0
+    assert FakeBackend().step_counts() == {}  # contexts mode: no batch
 
 
 async def test_cancelling_a_prefill_stops_it_between_chunks(batched) -> None:  # type: ignore[no-untyped-def]
@@ -244,24 +264,27 @@ async def test_each_token_is_evaluated_once_in_order_and_nothing_past_the_end() 
         await engine.aclose()
 
 
-async def test_no_thread_runs_per_request_and_each_step_reaches_the_loop_at_once() -> None:
+async def test_no_thread_runs_per_request_and_each_step_reaches_the_loop_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """8 streams on the scheduler: while they run, no thread but the engine's fixed ones is
-    alive; every stream gets its tokens in order; the event loop is called once per step,
+    alive; every stream gets its tokens in order; the event loop is woken once per step,
     however many streams the step served."""
     backend = FakeBackend(pool_mode="batched", slots=8, token_delay_s=0.002)
     decoder = backend.decoder
     assert decoder is not None
     engine = await Engine.start(backend, EngineConfig(pool_size=8))
-    loop = asyncio.get_running_loop()
     calls = 0
-    original = loop.call_soon_threadsafe
+    counting = False
+    original = Mailbox.post
 
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def counted(self: Mailbox, batch: list) -> None:  # type: ignore[type-arg]
         nonlocal calls
-        if threading.current_thread().name == "llm-batch":
+        if counting and threading.current_thread().name == "llm-batch":
             calls += 1
-        return original(*args, **kwargs)
+        original(self, batch)
 
+    monkeypatch.setattr(Mailbox, "post", counted)
     try:
         await engine.pool.wait_idle()
         before = {t.name for t in threading.enumerate()}
@@ -270,7 +293,7 @@ async def test_no_thread_runs_per_request_and_each_step_reaches_the_loop_at_once
         streams = [engine.generate(req(f"p{i}", 100)) for i in range(8)]
         texts = [""] * 8
         names: set[str] = set()
-        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        counting = True
         first_step = len(decoder.steps)
         for round_ in range(41):
             for i, stream in enumerate(streams):
@@ -283,15 +306,14 @@ async def test_no_thread_runs_per_request_and_each_step_reaches_the_loop_at_once
         for stream in streams:
             await stream.aclose()
         steps = len(decoder.steps) - first_step
-        loop.call_soon_threadsafe = original  # type: ignore[method-assign]
+        counting = False
         assert texts == replies
         # New since the engine started: only threads of the executor that tokenizes requests
         # before they are admitted (4 at most, idle by now), none that runs one.
         assert all(name.startswith("llm-prepare_") for name in names - before), names - before
         assert "llm-batch" in names
-        assert calls <= steps + 8  # one per step (plus each stream's last, as it stops)
+        assert 41 <= calls <= steps + 8  # one per step (plus each stream's last, as it stops)
     finally:
-        loop.call_soon_threadsafe = original  # type: ignore[method-assign]
         await engine.aclose()
 
 

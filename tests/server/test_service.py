@@ -167,6 +167,8 @@ async def test_health_reflection_and_metrics(service: Service) -> None:
         replies = [r async for r in reflect.ServerReflectionInfo(iter([request]))]
         names = {s.name for s in replies[0].list_services_response.service}
         assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+        steps_before = step_counts(service)
+        prompt_before = service.metric("llm_prompt_tokens_total")
         await run_stream(service.stub(channel), greedy("Hi", 3))
     assert service.http_get("/livez")[0] == 200
     status, body = service.readyz()
@@ -187,6 +189,27 @@ async def test_health_reflection_and_metrics(service: Service) -> None:
         "llm_requests_cancelled_total",
     ):
         assert series in text, series
+    steps = step_counts(service)
+    if service.pool_mode == "contexts":
+        assert "llm_batch_steps" not in text  # no batch, no series
+    else:  # its prompt in a step, then a step for each token but the first (sampled after it)
+        prompt_tokens = service.metric("llm_prompt_tokens_total") - prompt_before
+        assert steps["prompt"][1] - steps_before["prompt"][1] == prompt_tokens > 0
+        assert steps["decode"][0] - steps_before["decode"][0] == 2
+        assert steps["decode"][1] - steps_before["decode"][1] == 2
+        for kind in ("prompt", "decode"):
+            assert steps[kind][2] > steps_before[kind][2]
+
+
+def step_counts(service: Service) -> dict[str, tuple[float, float, float]]:
+    """The batch steps' counters by kind: steps, tokens, seconds."""
+    return {
+        kind: tuple(  # type: ignore[misc]
+            service.metric(f"llm_batch_{name}_total", kind=kind)
+            for name in ("steps", "step_tokens", "step_seconds")
+        )
+        for kind in ("prompt", "decode")
+    }
 
 
 async def test_deadline_ends_the_stream_and_frees_the_context(service: Service) -> None:

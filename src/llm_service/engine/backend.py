@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from llm_service.types import PoolMode, SamplingParams
+from llm_service.types import PoolMode, SamplingParams, StepCounts
 
 if TYPE_CHECKING:
     from llm_service.engine.generation import Generation
@@ -211,6 +211,11 @@ class Backend(Protocol):
     def failure(self) -> str | None:
         """Why the backend can serve no more requests (batched mode's scheduler thread died,
         llama.cpp failed ``DecodeFailures.LIMIT`` evaluations in a row), or None while it can."""
+        ...
+
+    def step_counts(self) -> dict[str, StepCounts]:
+        """Batched mode's steps so far, by kind (``prompt``, ``decode``); empty in contexts
+        mode. Cheap, callable from any thread."""
         ...
 
     def close(self) -> None:

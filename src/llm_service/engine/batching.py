@@ -14,8 +14,8 @@ step, the scheduler thread:
 3. evaluates it with one decode;
 4. samples every request that needs a token with its own sampler (the logits are valid only
    until the next step), and advances each request's text and finish state (``accept``);
-5. hands every request's new events to the event loop at once (``deliver``: one
-   ``call_soon_threadsafe`` per step).
+5. hands every request's new events to the event loop at once (``deliver``: one post to its
+   ``Mailbox`` per step).
 
 So no thread runs per request, and a token crosses threads once, on its way to the event loop.
 A request whose consumer stops reading pauses (``Generation.paused``) without holding up the
@@ -48,6 +48,7 @@ from llm_service.engine.backend import (
 from llm_service.engine.generation import Generation, deliver
 from llm_service.errors import EngineError
 from llm_service.log import plural
+from llm_service.types import StepCounts
 
 __all__ = ["BatchDecoder", "BatchEntry", "BatchScheduler", "BatchSlot"]
 
@@ -190,6 +191,9 @@ class BatchScheduler:
         # The scheduler thread's own: the requests on their slots, in order of arrival.
         self._running: dict[int, _Running] = {}
         self._decode_failures = DecodeFailures()
+        # Steps evaluated, by kind: [steps, tokens, seconds] (the scheduler thread's; read
+        # without the lock, a snapshot for metrics).
+        self._counts: dict[str, list[float]] = {"prompt": [0, 0, 0.0], "decode": [0, 0, 0.0]}
         self._thread = threading.Thread(target=self._loop, name="llm-batch", daemon=True)
         self._thread.start()
 
@@ -218,6 +222,14 @@ class BatchScheduler:
         """Why no request can be served any more (the thread died of a bug, or the last steps
         all failed), or None."""
         return self._died or self._decode_failures.failure()
+
+    def step_counts(self) -> dict[str, StepCounts]:
+        """The steps evaluated so far, by kind: ``prompt`` (prompt tokens of the requests being
+        admitted) and ``decode`` (one token of every decoding stream)."""
+        return {
+            kind: StepCounts(int(steps), int(tokens), seconds)
+            for kind, (steps, tokens, seconds) in self._counts.items()
+        }
 
     def close(self) -> None:
         """Stop the thread (requests still running finish with EngineError), then close the
@@ -459,6 +471,7 @@ class BatchScheduler:
         def every_prompt_aborted() -> bool:
             return all(generation.should_abort() for generation in included)
 
+        started = time.perf_counter()
         try:
             self._decoder.decode(entries, every_prompt_aborted if prompts_only else None)
         except GenerationAborted as exc:
@@ -478,6 +491,10 @@ class BatchScheduler:
                 generation.fail(EngineError(message))
             return
         self._decode_failures.succeeded()
+        counts = self._counts["prompt" if prompts_only else "decode"]
+        counts[0] += 1
+        counts[1] += n_tokens
+        counts[2] += time.perf_counter() - started
         for request, tokens, _ in chunks:
             request.slot.n_past += len(tokens)
             if request.token is None:

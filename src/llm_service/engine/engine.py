@@ -19,7 +19,7 @@ from llm_service.engine.backend import (
     PoolMode,
     Sampler,
 )
-from llm_service.engine.generation import Generation, deliver
+from llm_service.engine.generation import Generation, Mailbox, deliver
 from llm_service.engine.pool import LlamaContextPool, PoolState
 from llm_service.engine.text import THINK_OPEN, ReasoningSplitter
 from llm_service.engine.tools import ToolPlan, plan, syntax_of, system_as_user
@@ -40,6 +40,7 @@ from llm_service.types import (
     RequestLimits,
     SamplingParams,
     Started,
+    StepCounts,
 )
 
 __all__ = ["Engine", "EngineConfig"]
@@ -99,6 +100,8 @@ class Engine:
         self._pool_executor = pool_executor
         # Embedding batches, one at a time (the backend's embedding context is one).
         self._embedding = concurrent.futures.ThreadPoolExecutor(1, "llm-embed")
+        # Where the contexts' threads (or the batch scheduler's) post requests' events.
+        self._mailbox = Mailbox(asyncio.get_running_loop())
         self._closing = False
         self._closed = False
 
@@ -166,6 +169,11 @@ class Engine:
     def pool_state(self) -> PoolState:
         return self.pool.state()
 
+    def step_counts(self) -> dict[str, StepCounts]:
+        """Batched mode's steps so far, by kind (see ``BatchScheduler.step_counts``); empty in
+        contexts mode."""
+        return self.backend.step_counts()
+
     def failure(self) -> str | None:
         """Why this engine can serve no more requests, or None while it can: batched mode's
         scheduler died, llama.cpp failed its last evaluations (``DecodeFailures``), or no
@@ -197,6 +205,7 @@ class Engine:
             self.backend.close()
 
         await asyncio.to_thread(free_everything)
+        self._mailbox.close()  # (after the threads that post to it are gone)
 
     # -- text utilities ------------------------------------------------------------------
 
@@ -316,7 +325,7 @@ class Engine:
                     sampler,
                     arrived=arrived,
                     queue_wait_s=lease.queue_wait_s,
-                    loop=asyncio.get_running_loop(),
+                    mailbox=self._mailbox,
                     tool_calls=tools.parser,
                     reasoning=reasoning,
                 )

@@ -28,7 +28,7 @@ from llm_service.engine.batching import BatchEntry, BatchScheduler, BatchSlot
 from llm_service.engine.chat_template import ChatTemplate, render_messages
 from llm_service.engine.generation import ThreadContext
 from llm_service.errors import EngineError, InvalidRequestError
-from llm_service.types import SamplingParams
+from llm_service.types import SamplingParams, StepCounts
 
 __all__ = ["FakeBackend", "FakeBatchDecoder", "FakeCall", "FakeContext"]
 
@@ -333,6 +333,9 @@ class FakeBackend:
         if self.scheduler is not None:
             return self.scheduler.failure()
         return self.decode_failures.failure()
+
+    def step_counts(self) -> dict[str, StepCounts]:
+        return self.scheduler.step_counts() if self.scheduler is not None else {}
 
     def close(self) -> None:
         if self.scheduler is not None:

@@ -44,7 +44,7 @@ from llm_service.engine.batching import BatchEntry, BatchScheduler, BatchSlot
 from llm_service.engine.generation import ThreadContext
 from llm_service.errors import EngineError, InvalidRequestError, ModelLoadError
 from llm_service.log import plural
-from llm_service.types import SamplingParams
+from llm_service.types import SamplingParams, StepCounts
 
 __all__ = [
     "LLAMA_CPP_COMMIT",
@@ -602,6 +602,11 @@ class LlamaBackend:
         self.embedder: LlamaEmbedder | None = None  # loaded for embeddings
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        # Each generated token's bytes and whether it ends generation, looked up once per token
+        # id: every llama.cpp call releases and takes back the GIL, and the scheduler makes two
+        # per stream and step otherwise.
+        self._pieces: dict[int, bytes] = {}
+        self._ends: dict[int, bool] = {}
         template_ptr = llama_cpp.llama_model_chat_template(model, None)
         template = template_ptr.decode("utf-8") if template_ptr else None
         if chat_template is not None:
@@ -752,6 +757,9 @@ class LlamaBackend:
             return self.scheduler.failure()
         return self.decode_failures.failure()
 
+    def step_counts(self) -> dict[str, StepCounts]:
+        return self.scheduler.step_counts() if self.scheduler is not None else {}
+
     @property
     def embedding_dimensions(self) -> int:
         return self.embedder.n_embd if self.embedder is not None else 0
@@ -799,10 +807,16 @@ class LlamaBackend:
             capacity = -n
 
     def token_bytes(self, token: int) -> bytes:
-        return self._piece(token, special=False)
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self._piece(token, special=False)
+        return piece
 
     def is_end_of_generation(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        ends = self._ends.get(token)
+        if ends is None:
+            ends = self._ends[token] = bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return ends
 
     def render_chat(
         self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -12,6 +12,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from llm_service.engine import Finished
 from llm_service.server.state import ServerState
@@ -96,6 +98,7 @@ class ServiceMetrics:
             ("replaced", "Contexts replaced since start after a failed reset check"),
         ):
             Gauge(f"llm_pool_{name}", doc, registry=r).set_function(pool_value(name))
+        r.register(_StepCollector(state))
 
     def finished(self, event: Finished) -> None:
         """Account the tokens and timings of a stream that ended with ``event``."""
@@ -108,3 +111,32 @@ class ServiceMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return generate_latest(self.registry)
+
+
+class _StepCollector(Collector):
+    """Batched mode's steps, by kind (``prompt``: prompt tokens of the requests being admitted;
+    ``decode``: one token of every decoding stream): tokens per step is how full the batch is,
+    tokens per second of ``decode`` steps the speed of batched decoding itself. No series in
+    contexts mode."""
+
+    def __init__(self, state: ServerState) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._state.engine.step_counts() if self._state.engine is not None else {}
+        if not counts:
+            return
+        families = (
+            ("llm_batch_steps", "Steps evaluated, by kind", "steps"),
+            ("llm_batch_step_tokens", "Tokens those steps evaluated, by kind", "tokens"),
+            (
+                "llm_batch_step_seconds",
+                "Time llama.cpp took to evaluate those steps (not sampling), by kind",
+                "seconds",
+            ),
+        )
+        for name, doc, field in families:
+            family = CounterMetricFamily(name, doc, labels=["kind"])
+            for kind, step in counts.items():
+                family.add_metric([kind], getattr(step, field))
+            yield family
