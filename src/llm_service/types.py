@@ -658,7 +658,8 @@ class StepCounts:
     Attributes:
         steps: steps evaluated (failed and cancelled ones not counted).
         tokens: tokens those steps evaluated.
-        seconds: time llama.cpp took to evaluate them (``llama_decode``; not sampling).
+        seconds: time their evaluation took (filling the batch and ``llama_decode``; not
+            sampling).
     """
 
     steps: int

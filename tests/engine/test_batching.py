@@ -37,6 +37,8 @@ async def batched() -> AsyncIterator[tuple[FakeBackend, FakeBatchDecoder, Engine
     yield backend, backend.decoder, engine
     await engine.aclose()
     assert backend.decoder.closed
+    with pytest.raises(RuntimeError, match="closed"):  # nothing is listening any more
+        engine._mailbox.post([])
 
 
 def req(prompt: str, max_tokens: int, **sampling: object) -> GenerationRequest:

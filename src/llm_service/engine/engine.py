@@ -88,6 +88,7 @@ class Engine:
         *,
         prep: concurrent.futures.ThreadPoolExecutor,
         pool_executor: concurrent.futures.ThreadPoolExecutor,
+        mailbox: Mailbox,
         limits: RequestLimits,
     ) -> None:
         self.backend = backend
@@ -101,7 +102,7 @@ class Engine:
         # Embedding batches, one at a time (the backend's embedding context is one).
         self._embedding = concurrent.futures.ThreadPoolExecutor(1, "llm-embed")
         # Where the contexts' threads (or the batch scheduler's) post requests' events.
-        self._mailbox = Mailbox(asyncio.get_running_loop())
+        self._mailbox = mailbox
         self._closing = False
         self._closed = False
 
@@ -116,6 +117,7 @@ class Engine:
         pool_executor = concurrent.futures.ThreadPoolExecutor(2, "llm-pool")
         loop = asyncio.get_running_loop()
         contexts: list[Context] = []
+        mailbox = Mailbox(loop)
         try:
             for i in range(config.pool_size):
                 contexts.append(
@@ -127,6 +129,7 @@ class Engine:
                 c.close()
             for executor in (prep, pool_executor):
                 executor.shutdown(wait=False)
+            mailbox.close()
             raise
         n_ctx = backend.info.n_ctx
         if backend.pool_mode == "batched":
@@ -155,6 +158,7 @@ class Engine:
             pool,
             prep=prep,
             pool_executor=pool_executor,
+            mailbox=mailbox,
             limits=config.limits,
         )
 
@@ -204,8 +208,10 @@ class Engine:
                 executor.shutdown(wait=True)
             self.backend.close()
 
-        await asyncio.to_thread(free_everything)
-        self._mailbox.close()  # (after the threads that post to it are gone)
+        try:
+            await asyncio.to_thread(free_everything)
+        finally:
+            self._mailbox.close()  # (after the threads that post to it are gone)
 
     # -- text utilities ------------------------------------------------------------------
 

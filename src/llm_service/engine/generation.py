@@ -59,15 +59,26 @@ MAX_BACKLOG = 64
 
 Event = TokenDelta | Finished
 
-# write(2) called without releasing the GIL (ctypes.PyDLL keeps it; os.write releases it). A
-# driver thread wakes the event loop's thread with it: released during the write, the GIL went
-# to the loop's thread as it woke, and the driver then waited for the loop's Python work (0.1 to
-# 0.2 ms a step, measured) before it could start its next step; kept, the loop's thread takes
-# the GIL when the driver enters llama.cpp's next evaluation (which releases it) and runs in
-# parallel with it.
-_write_keeping_gil = ctypes.PyDLL(None).write
-_write_keeping_gil.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
-_write_keeping_gil.restype = ctypes.c_ssize_t
+
+def _libc_write() -> Callable[[int, bytes, int], int]:
+    """write(2) called without releasing the GIL (ctypes.PyDLL keeps it; os.write releases it).
+
+    A driver thread wakes the event loop's thread with it. Released during the write, the GIL
+    went to the loop's thread as it woke, and the driver then waited for the loop's Python work
+    (0.1 to 0.2 ms a step, measured) before its next step; kept, the loop's thread mostly takes
+    it once the driver is inside llama.cpp's next evaluation (which releases it), and runs in
+    parallel with it. Where the C library cannot be opened so (Windows), os.write.
+    """
+    try:
+        write = ctypes.PyDLL(None).write
+    except (OSError, TypeError, AttributeError):
+        return lambda fd, data, size: os.write(fd, data[:size])
+    write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+    write.restype = ctypes.c_ssize_t
+    return write
+
+
+_write_keeping_gil = _libc_write()
 
 
 class Generation:
@@ -353,9 +364,10 @@ class Mailbox:
     """Where driver threads post events for one event loop's requests.
 
     A post wakes the loop through a pipe of the mailbox's own (``call_soon_threadsafe`` writes
-    to the loop's with the GIL released: see ``_write_keeping_gil``); the loop then hands every
-    post waiting to its requests, in order. Made and closed on the loop's thread; close it once
-    no driver can post any more.
+    to the loop's with the GIL released: see ``_libc_write``); the loop then hands every post
+    waiting to its requests, in order. Made and closed on the loop's thread. A post is either
+    handed over or refused (RuntimeError: the mailbox is closed, or its loop is), never lost:
+    ``close`` hands over what is waiting.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -373,13 +385,14 @@ class Mailbox:
         """Queue ``batch`` (requests and their new events) for the loop and wake it; any
         thread. Raises RuntimeError once closed."""
         with self._lock:
-            if self._closed:
+            if self._closed or self._loop.is_closed():
                 raise RuntimeError("the mailbox is closed")
             self._posts.append(batch)
             _write_keeping_gil(self._wake_w, b"\0", 1)
 
     def close(self) -> None:
-        """Stop listening (on the loop's thread); posts after it raise RuntimeError."""
+        """Hand over the posts waiting, and stop listening (on the loop's thread); posts after
+        it raise RuntimeError."""
         with self._lock:
             if self._closed:
                 return
@@ -387,12 +400,16 @@ class Mailbox:
             self._loop.remove_reader(self._wake_r)
             os.close(self._wake_r)
             os.close(self._wake_w)
+        self._hand_over()
 
     def _receive(self) -> None:
         # The wake-ups first, then the posts: a post is queued before its wake-up is written,
         # so none is left waiting without one.
         with contextlib.suppress(BlockingIOError):
-            os.read(self._wake_r, 4096)
+            os.read(self._wake_r, 65536)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
         while self._posts:
             for generation, events in self._posts.popleft():
                 generation._receive(events)

@@ -131,7 +131,7 @@ class _StepCollector(Collector):
             ("llm_batch_step_tokens", "Tokens those steps evaluated, by kind", "tokens"),
             (
                 "llm_batch_step_seconds",
-                "Time llama.cpp took to evaluate those steps (not sampling), by kind",
+                "Time those steps took to evaluate (llama_decode; not sampling), by kind",
                 "seconds",
             ),
         )
