@@ -14,8 +14,8 @@ step, the scheduler thread:
 3. evaluates it with one decode;
 4. samples every request that needs a token with its own sampler (the logits are valid only
    until the next step), and advances each request's text and finish state (``accept``);
-5. hands every request's new events to the event loop at once (``deliver``: one post to its
-   ``Mailbox`` per step).
+5. hands every request's new events to the event loop at once (``deliver``: one
+   ``call_soon_threadsafe`` per step).
 
 So no thread runs per request, and a token crosses threads once, on its way to the event loop.
 A request whose consumer stops reading pauses (``Generation.paused``) without holding up the

@@ -19,7 +19,7 @@ from llm_service.engine.backend import (
     PoolMode,
     Sampler,
 )
-from llm_service.engine.generation import Generation, Mailbox, deliver
+from llm_service.engine.generation import Generation, deliver
 from llm_service.engine.pool import LlamaContextPool, PoolState
 from llm_service.engine.text import THINK_OPEN, ReasoningSplitter
 from llm_service.engine.tools import ToolPlan, plan, syntax_of, system_as_user
@@ -88,7 +88,6 @@ class Engine:
         *,
         prep: concurrent.futures.ThreadPoolExecutor,
         pool_executor: concurrent.futures.ThreadPoolExecutor,
-        mailbox: Mailbox,
         limits: RequestLimits,
     ) -> None:
         self.backend = backend
@@ -101,8 +100,6 @@ class Engine:
         self._pool_executor = pool_executor
         # Embedding batches, one at a time (the backend's embedding context is one).
         self._embedding = concurrent.futures.ThreadPoolExecutor(1, "llm-embed")
-        # Where the contexts' threads (or the batch scheduler's) post requests' events.
-        self._mailbox = mailbox
         self._closing = False
         self._closed = False
 
@@ -117,7 +114,6 @@ class Engine:
         pool_executor = concurrent.futures.ThreadPoolExecutor(2, "llm-pool")
         loop = asyncio.get_running_loop()
         contexts: list[Context] = []
-        mailbox = Mailbox(loop)
         try:
             for i in range(config.pool_size):
                 contexts.append(
@@ -129,7 +125,6 @@ class Engine:
                 c.close()
             for executor in (prep, pool_executor):
                 executor.shutdown(wait=False)
-            mailbox.close()
             raise
         n_ctx = backend.info.n_ctx
         if backend.pool_mode == "batched":
@@ -158,7 +153,6 @@ class Engine:
             pool,
             prep=prep,
             pool_executor=pool_executor,
-            mailbox=mailbox,
             limits=config.limits,
         )
 
@@ -208,10 +202,7 @@ class Engine:
                 executor.shutdown(wait=True)
             self.backend.close()
 
-        try:
-            await asyncio.to_thread(free_everything)
-        finally:
-            self._mailbox.close()  # (after the threads that post to it are gone)
+        await asyncio.to_thread(free_everything)
 
     # -- text utilities ------------------------------------------------------------------
 
@@ -331,7 +322,7 @@ class Engine:
                     sampler,
                     arrived=arrived,
                     queue_wait_s=lease.queue_wait_s,
-                    mailbox=self._mailbox,
+                    loop=asyncio.get_running_loop(),
                     tool_calls=tools.parser,
                     reasoning=reasoning,
                 )

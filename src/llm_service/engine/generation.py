@@ -5,8 +5,8 @@ running request of the shared context, one step at a time, see ``batching.py``),
 contexts mode the context's own thread (``ThreadContext``, one request at a time). The driver
 feeds it sampled tokens (``accept``); it turns them into text (whole UTF-8 characters, stop
 strings never half-emitted), applies the limits, and queues the request's events, which the
-driver hands to the event loop in bulk (``deliver``: one post to the loop's ``Mailbox`` for
-every request's events of a step). The request's consumer reads them with ``next_event``.
+driver hands to the event loop in bulk (``deliver``: one ``call_soon_threadsafe`` for every
+request's events of a step). The request's consumer reads them with ``next_event``.
 
 The consumer's backlog is bounded: past ``MAX_BACKLOG`` unread events the driver stops
 evaluating that request (``paused``) until it reads again, so a client that stops reading holds
@@ -19,10 +19,7 @@ import abc
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
-import ctypes
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -50,7 +47,7 @@ from llm_service.types import (
     Usage,
 )
 
-__all__ = ["MAX_BACKLOG", "Generation", "Mailbox", "ThreadContext", "deliver"]
+__all__ = ["MAX_BACKLOG", "Generation", "ThreadContext", "deliver"]
 
 logger = logging.getLogger("llm_service.engine.engine")
 
@@ -58,27 +55,6 @@ logger = logging.getLogger("llm_service.engine.engine")
 MAX_BACKLOG = 64
 
 Event = TokenDelta | Finished
-
-
-def _libc_write() -> Callable[[int, bytes, int], int]:
-    """write(2) called without releasing the GIL (ctypes.PyDLL keeps it; os.write releases it).
-
-    A driver thread wakes the event loop's thread with it. Released during the write, the GIL
-    went to the loop's thread as it woke, and the driver then waited for the loop's Python work
-    (0.1 to 0.2 ms a step, measured) before its next step; kept, the loop's thread mostly takes
-    it once the driver is inside llama.cpp's next evaluation (which releases it), and runs in
-    parallel with it. Where the C library cannot be opened so (Windows), os.write.
-    """
-    try:
-        write = ctypes.PyDLL(None).write
-    except (OSError, TypeError, AttributeError):
-        return lambda fd, data, size: os.write(fd, data[:size])
-    write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
-    write.restype = ctypes.c_ssize_t
-    return write
-
-
-_write_keeping_gil = _libc_write()
 
 
 class Generation:
@@ -104,13 +80,13 @@ class Generation:
         *,
         arrived: float,
         queue_wait_s: float,
-        mailbox: Mailbox,
+        loop: asyncio.AbstractEventLoop,
         tool_calls: ToolCallParser | None = None,
         reasoning: ReasoningSplitter | None = None,
     ) -> None:
         self.prompt_tokens = prompt_tokens
         self.sampler = sampler
-        self.mailbox = mailbox
+        self.loop = loop
         self.finished = False
         self._backend = backend
         self._request = request
@@ -346,73 +322,23 @@ class Generation:
 
 
 def deliver(generations: Iterable[Generation]) -> None:
-    """Hand the queued events of ``generations`` to their event loops: one post per loop's
-    mailbox (in a server, one), whatever the number of requests."""
-    by_mailbox: dict[Mailbox, list[tuple[Generation, list[Event]]]] = {}
+    """Hand the queued events of ``generations`` to their event loops: one
+    ``call_soon_threadsafe`` per loop (in a server, one), whatever the number of requests."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, list[Event]]]] = {}
     for generation in generations:
         if events := generation.take_events():
-            by_mailbox.setdefault(generation.mailbox, []).append((generation, events))
-    for mailbox, batch in by_mailbox.items():
+            by_loop.setdefault(generation.loop, []).append((generation, events))
+    for loop, batch in by_loop.items():
         try:
-            mailbox.post(batch)
-        except RuntimeError:  # the mailbox is closed: nobody is listening any more
+            loop.call_soon_threadsafe(_receive, batch)
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
             for generation, _ in batch:
                 generation.cancel()
 
 
-class Mailbox:
-    """Where driver threads post events for one event loop's requests.
-
-    A post wakes the loop through a pipe of the mailbox's own (``call_soon_threadsafe`` writes
-    to the loop's with the GIL released: see ``_libc_write``); the loop then hands every post
-    waiting to its requests, in order. Made and closed on the loop's thread. A post is either
-    handed over or refused (RuntimeError: the mailbox is closed, or its loop is), never lost:
-    ``close`` hands over what is waiting.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._posts: collections.deque[list[tuple[Generation, list[Event]]]] = collections.deque()
-        self._lock = threading.Lock()  # a post and close: never a write to a closed pipe
-        self._closed = False
-        self._wake_r, self._wake_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w):
-            # (a full pipe already holds a wake-up: a post needs no more)
-            os.set_blocking(fd, False)
-        loop.add_reader(self._wake_r, self._receive)
-
-    def post(self, batch: list[tuple[Generation, list[Event]]]) -> None:
-        """Queue ``batch`` (requests and their new events) for the loop and wake it; any
-        thread. Raises RuntimeError once closed."""
-        with self._lock:
-            if self._closed or self._loop.is_closed():
-                raise RuntimeError("the mailbox is closed")
-            self._posts.append(batch)
-            _write_keeping_gil(self._wake_w, b"\0", 1)
-
-    def close(self) -> None:
-        """Hand over the posts waiting, and stop listening (on the loop's thread); posts after
-        it raise RuntimeError."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._loop.remove_reader(self._wake_r)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-        self._hand_over()
-
-    def _receive(self) -> None:
-        # The wake-ups first, then the posts: a post is queued before its wake-up is written,
-        # so none is left waiting without one.
-        with contextlib.suppress(BlockingIOError):
-            os.read(self._wake_r, 65536)
-        self._hand_over()
-
-    def _hand_over(self) -> None:
-        while self._posts:
-            for generation, events in self._posts.popleft():
-                generation._receive(events)
+def _receive(batch: list[tuple[Generation, list[Event]]]) -> None:
+    for generation, events in batch:
+        generation._receive(events)
 
 
 def _nothing() -> None:
