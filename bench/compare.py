@@ -747,15 +747,23 @@ async def run(args: argparse.Namespace) -> int:
           f" {machine['cmake_args']}", file=sys.stderr)  # fmt: skip
     print("bench: llama-bench tg128 ...", file=sys.stderr)
     report["llama_bench_tg128"] = round(llama_bench_tg(setup), 2)
-    print("bench: llama-batched-bench ...", file=sys.stderr)
     sizes = [c for c in levels if c <= 16]
-    limits = llama_batched_bench(setup, sizes) if sizes else {"tg": {}, "end_to_end": {}}
+    # Batch size by batch size, llama-batched-bench then the engine alone: the two figures a
+    # ratio compares are seconds apart, not minutes (the machine's speed drifts).
+    limits: dict[str, dict[int, float]] = {"tg": {}, "end_to_end": {}}
+    alone: dict[str, Any] = {"tg": {}, "end_to_end": {}, "prompt_tokens_mean": 0.0}
+    for size in sizes:
+        print(f"bench: batch {size}, and llm_service's engine alone in its shape ...",
+              file=sys.stderr)  # fmt: skip
+        for into, figures in ((limits, llama_batched_bench(setup, [size])),
+                              (alone, engine_alone(setup, [size]))):  # fmt: skip
+            for key in ("tg", "end_to_end"):
+                into[key].update(figures[key])
+        alone["prompt_tokens_mean"] = figures["prompt_tokens_mean"]
     report["llama_batched_bench_tg"] = limits["tg"]
     report["llama_batched_bench_end_to_end"] = limits["end_to_end"]
     if sizes:
-        print("bench: llm_service's engine alone, in llama-batched-bench's shape ...",
-              file=sys.stderr)  # fmt: skip
-        report["engine_alone"] = engine_alone(setup, sizes)
+        report["engine_alone"] = alone
     targets = [t for t in args.targets.split(",") if t]
     model_id = model.name.removesuffix(".gguf")  # the gateway's id of it; the others ignore it
     # A fresh connection per request: llama-server closes a connection after a stream, and a

@@ -5,7 +5,8 @@ own), greedy, ``--generate`` tokens each, through ``Engine.generate`` in this pr
 mode, B slots at least), run ``--runs`` times. Prints one JSON object: by B, the generated
 tokens/s over the whole run (B x generated / T, prompts included: llama-batched-bench's
 B x TG / T) and of the decode steps alone (the engine's step counters: llama-batched-bench's
-S_TG), each the median of the runs. ``compare.py`` runs it right after llama-batched-bench.
+S_TG), each the median of the runs. ``compare.py`` runs it after llama-batched-bench, batch
+size by batch size.
 """
 
 from __future__ import annotations
