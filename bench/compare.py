@@ -660,7 +660,6 @@ def physical_limit(report: dict[str, Any]) -> list[dict[str, Any]]:
             "ratio": round(ours["tokens_per_s"] / limit, 3),
             "ratio_end_to_end": round(ours["tokens_per_s"] / end_to_end, 3) if end_to_end else None,
             "llm_service_decode_steps": decoding,
-            "ratio_decode_steps": round(decoding / limit, 3) if decoding else None,
             "engine_alone_tg": alone_tg,
             "engine_alone_ratio_tg": round(alone_tg / limit, 3) if alone_tg else None,
             "engine_alone_end_to_end": alone_whole,
@@ -755,11 +754,11 @@ async def run(args: argparse.Namespace) -> int:
     for size in sizes:
         print(f"bench: batch {size}, and llm_service's engine alone in its shape ...",
               file=sys.stderr)  # fmt: skip
-        for into, figures in ((limits, llama_batched_bench(setup, [size])),
-                              (alone, engine_alone(setup, [size]))):  # fmt: skip
-            for key in ("tg", "end_to_end"):
-                into[key].update(figures[key])
-        alone["prompt_tokens_mean"] = figures["prompt_tokens_mean"]
+        limit, mine = llama_batched_bench(setup, [size]), engine_alone(setup, [size])
+        for key in ("tg", "end_to_end"):
+            limits[key].update(limit[key])
+            alone[key].update(mine[key])
+        alone["prompt_tokens_mean"] = mine["prompt_tokens_mean"]
     report["llama_batched_bench_tg"] = limits["tg"]
     report["llama_batched_bench_end_to_end"] = limits["end_to_end"]
     if sizes:

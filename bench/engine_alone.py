@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from compare import long_prompt
+
 from llm_service.engine import (
     Engine,
     EngineConfig,
@@ -30,27 +32,19 @@ from llm_service.engine import (
 from llm_service.engine.llama import LlamaBackend
 
 
-def prompt(i: int, n_tokens: int, count: int) -> str:
-    """A count from ``i``'s own start, about ``n_tokens`` tokens (``count``: tokens of a
-    number and its comma, about), that the model goes on counting."""
-    start = 1000 + 997 * i
-    return ", ".join(str(n) for n in range(start, start + max(1, n_tokens // count))) + ","
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [int(b) for b in args.sizes.split(",")]
     backend = LlamaBackend.load(
         args.model, n_ctx=args.ctx, n_threads=args.threads, pool_mode="batched", slots=max(sizes)
     )
     engine = await Engine.start(backend, EngineConfig(pool_size=max(sizes), max_queue=0))
-    per_number = len(backend.tokenize("1234, ", add_special=False, parse_special=False))
     sampling = SamplingParams(max_tokens=args.generate, temperature=0)
     first = 0
 
     prompt_tokens: list[int] = []
 
     async def one(i: int) -> int:
-        request = GenerationRequest(prompt=prompt(i, args.prompt, per_number), sampling=sampling)
+        request = GenerationRequest(prompt=long_prompt(i, args.prompt), sampling=sampling)
         tokens = 0
         async for event in engine.generate(request):
             if isinstance(event, Started):

@@ -191,9 +191,9 @@ class BatchScheduler:
         # The scheduler thread's own: the requests on their slots, in order of arrival.
         self._running: dict[int, _Running] = {}
         self._decode_failures = DecodeFailures()
-        # Steps evaluated, by kind: [steps, tokens, seconds] (the scheduler thread's; read
-        # without the lock, a snapshot for metrics).
-        self._counts: dict[str, list[float]] = {"prompt": [0, 0, 0.0], "decode": [0, 0, 0.0]}
+        # Steps evaluated, by kind (the scheduler thread replaces an entry after each step;
+        # other threads read them without the lock).
+        self._counts = {kind: StepCounts(0, 0, 0.0) for kind in ("prompt", "decode")}
         self._thread = threading.Thread(target=self._loop, name="llm-batch", daemon=True)
         self._thread.start()
 
@@ -226,10 +226,7 @@ class BatchScheduler:
     def step_counts(self) -> dict[str, StepCounts]:
         """The steps evaluated so far, by kind: ``prompt`` (prompt tokens of the requests being
         admitted) and ``decode`` (one token of every decoding stream)."""
-        return {
-            kind: StepCounts(int(steps), int(tokens), seconds)
-            for kind, (steps, tokens, seconds) in self._counts.items()
-        }
+        return dict(self._counts)
 
     def close(self) -> None:
         """Stop the thread (requests still running finish with EngineError), then close the
@@ -357,16 +354,25 @@ class BatchScheduler:
         )
 
     def _clear(self, slot: BatchSlot, future: concurrent.futures.Future[None]) -> None:
+        """A reset the pool queued: ``future`` gets its outcome."""
+        try:
+            self._clear_sequence(slot)
+        except ContextResetError as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+
+    def _clear_sequence(self, slot: BatchSlot) -> None:
+        """Clear the slot's sequence and verify it is empty. Raises ContextResetError."""
         try:
             if slot.index in self._running:  # the pool makes this impossible
                 raise ContextResetError(f"slot {slot.index} is still running a request")
             self._decoder.clear(slot.index)
+        except ContextResetError:
+            raise
         except Exception as exc:
-            error = exc if isinstance(exc, ContextResetError) else ContextResetError(str(exc))
-            future.set_exception(error)
-        else:
-            slot.n_past = 0
-            future.set_result(None)
+            raise ContextResetError(str(exc)) from exc
+        slot.n_past = 0
 
     def _step(self) -> None:
         """One batch (``_plan``), then sampling, and every request's events to the event
@@ -400,12 +406,10 @@ class BatchScheduler:
         waiting in the queue) starts with the others that ended in this step. If it fails, the
         pool's reset tries again (and replaces the slot if that fails too)."""
         try:
-            self._decoder.clear(slot.index)
-        except Exception:
-            logger.debug("slot %d: clearing it as its request ended failed", slot.index,
-                         exc_info=True)  # fmt: skip
+            self._clear_sequence(slot)
+        except ContextResetError as exc:
+            logger.debug("slot %d: clearing it as its request ended failed: %s", slot.index, exc)
             return
-        slot.n_past = 0
         with self._lock:
             slot.cleared = True
 
@@ -491,10 +495,12 @@ class BatchScheduler:
                 generation.fail(EngineError(message))
             return
         self._decode_failures.succeeded()
-        counts = self._counts["prompt" if prompts_only else "decode"]
-        counts[0] += 1
-        counts[1] += n_tokens
-        counts[2] += time.perf_counter() - started
+        kind = "prompt" if prompts_only else "decode"
+        seconds = time.perf_counter() - started
+        counts = self._counts[kind]
+        self._counts[kind] = StepCounts(
+            counts.steps + 1, counts.tokens + n_tokens, counts.seconds + seconds
+        )
         for request, tokens, _ in chunks:
             request.slot.n_past += len(tokens)
             if request.token is None:
